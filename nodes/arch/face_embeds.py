@@ -1,0 +1,133 @@
+"""FACE_EMBEDS: ArcFace identity vectors with the face geometry they came from, and their file format.
+
+Files are safetensors (never pickle) with ``__metadata__["format"] = "face_embeds/1"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ModelFileError
+
+FORMAT = "face_embeds/1"
+COMBINE_MODES = ("mean", "norm-mean", "concat")
+
+
+@dataclass(frozen=True)
+class FaceEmbeds:
+    """F faces. ``embeds`` [F, D] float32 (unit norm when they come from Face Embed).
+
+    Geometry is per face and in the source image's pixels: ``boxes`` [F, 4] (x1, y1, x2, y2), ``landmarks``
+    [F, 5, 2], ``scores`` [F] detector confidence, ``image_index`` [F] which batch image the face is from.
+    Averaged embeddings describe no single face, so their geometry is None.
+    """
+
+    embeds: torch.Tensor
+    boxes: torch.Tensor | None = None
+    landmarks: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    image_index: torch.Tensor | None = None
+
+    def __post_init__(self):
+        validate(self, "FACE_EMBEDS")
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @property
+    def has_geometry(self) -> bool:
+        return self.boxes is not None
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeds.shape[1])
+
+
+_GEOMETRY = {"boxes": (4,), "landmarks": (5, 2), "scores": (), "image_index": ()}
+
+
+def validate(fe: FaceEmbeds, source: str) -> None:
+    e = fe.embeds
+    if not isinstance(e, torch.Tensor) or e.ndim != 2 or e.shape[1] == 0:
+        shape = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+        raise ModelFileError(f"{source}: embeds must be a [faces, dim] tensor, got {shape}")
+    if not torch.isfinite(e).all():
+        raise ModelFileError(f"{source}: embeds contain NaN or infinite values")
+    present = [name for name in _GEOMETRY if getattr(fe, name) is not None]
+    if present and len(present) != len(_GEOMETRY):
+        raise ModelFileError(f"{source}: face geometry is partial ({present}); expected all of {list(_GEOMETRY)}")
+    for name in present:
+        value = getattr(fe, name)
+        expected = (e.shape[0], *_GEOMETRY[name])
+        if tuple(value.shape) != expected:
+            raise ModelFileError(f"{source}: {name} has shape {tuple(value.shape)}, expected {expected}")
+
+
+def combine(items: list[FaceEmbeds], mode: str) -> FaceEmbeds:
+    """mean: the average vector; norm-mean: the average rescaled to unit length; concat: all faces kept."""
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"combine mode must be one of {COMBINE_MODES}, got {mode!r}")
+    items = [fe for fe in items if fe is not None and len(fe) > 0]
+    if not items:
+        raise ValueError("nothing to combine: every FACE_EMBEDS input is empty (no face was found)")
+    dims = sorted({fe.dim for fe in items})
+    if len(dims) > 1:
+        raise ValueError(f"cannot combine FACE_EMBEDS of different sizes {dims}: use one recognition model")
+    embeds = torch.cat([fe.embeds for fe in items])
+    if mode == "concat":
+        if all(fe.has_geometry for fe in items):
+            geometry = {name: torch.cat([getattr(fe, name) for fe in items]) for name in _GEOMETRY}
+            return FaceEmbeds(embeds, **geometry)
+        return FaceEmbeds(embeds)
+    mean = embeds.mean(dim=0, keepdim=True)
+    if mode == "norm-mean":
+        mean = torch.nn.functional.normalize(mean, dim=-1)
+    return FaceEmbeds(mean)
+
+
+def save_face_embeds(fe: FaceEmbeds, path: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"embeds": fe.embeds.float().contiguous().cpu()}
+    if fe.has_geometry:
+        for name in _GEOMETRY:
+            value = getattr(fe, name)
+            tensors[name] = (value.long() if name == "image_index" else value.float()).contiguous().cpu()
+    meta = {"format": FORMAT, "faces": str(len(fe)), "dim": str(fe.dim), "geometry": json.dumps(fe.has_geometry)}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_face_embeds(path: str) -> FaceEmbeds:
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise ModelFileError(f"face embeds file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise ModelFileError(
+            f"{path} is not a readable safetensors file ({type(exc).__name__}); expected a file written by "
+            "Save Face Embeds"
+        ) from exc
+    if meta.get("format") != FORMAT:
+        raise ModelFileError(
+            f"{path} has format {meta.get('format')!r}, expected {FORMAT!r} (a file written by Save Face Embeds)"
+        )
+    if "embeds" not in tensors:
+        raise ModelFileError(f"{path} has no 'embeds' tensor (keys: {sorted(tensors)})")
+    unknown = sorted(set(tensors) - {"embeds", *_GEOMETRY})
+    if unknown:
+        raise ModelFileError(f"{path} has unexpected tensors {unknown}")
+    try:
+        return FaceEmbeds(**tensors)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{path}: {exc}") from exc

@@ -1,0 +1,14 @@
+"""The ComfyExtension that lists every node of the pack."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .face_nodes import FACE_NODES
+
+
+class IDAdapterExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*FACE_NODES]
+
+
+async def comfy_entrypoint() -> IDAdapterExtension:
+    return IDAdapterExtension()

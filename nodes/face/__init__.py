@@ -1,0 +1,1 @@
+"""Face detection, alignment and ArcFace embedding (insightface + onnxruntime, imported lazily)."""

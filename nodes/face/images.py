@@ -1,0 +1,48 @@
+"""ComfyUI IMAGE tensors <-> the BGR uint8 arrays insightface works on, with the checks users need."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import ImageInputError
+
+MIN_SIDE = 32  # below this no face detector finds anything; say so instead of "no face"
+
+
+def to_bgr_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    """[B, H, W, C] floats in 0..1 (C = 1, 3 or 4) -> B arrays [H, W, 3] uint8 in BGR order.
+
+    Greyscale is replicated to three channels, alpha is dropped.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise ImageInputError(f"expected an IMAGE tensor, got {type(images).__name__}")
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4:
+        raise ImageInputError(f"IMAGE must be [batch, height, width, channels], got shape {tuple(images.shape)}")
+    batch, height, width, channels = images.shape
+    if batch == 0:
+        raise ImageInputError("the IMAGE batch is empty: connect a node that outputs at least one image")
+    if channels not in (1, 3, 4):
+        raise ImageInputError(
+            f"IMAGE has {channels} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA) in the last dimension"
+        )
+    if min(height, width) < MIN_SIDE:
+        raise ImageInputError(
+            f"image is {width}x{height} px; face detection needs at least {MIN_SIDE}x{MIN_SIDE} "
+            "(upscale it, or use a larger crop around the face)"
+        )
+    images = images.detach().float().cpu()
+    if not torch.isfinite(images).all():
+        raise ImageInputError("IMAGE contains NaN or infinite values (check the node that produced it)")
+    if channels == 1:
+        images = images.expand(-1, -1, -1, 3)
+    rgb = (images[..., :3].clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    return [np.ascontiguousarray(img[..., ::-1]) for img in rgb]
+
+
+def bgr_uint8_to_image(crops: list[np.ndarray]) -> torch.Tensor:
+    """B arrays [H, W, 3] BGR uint8 -> IMAGE [B, H, W, 3] RGB float 0..1."""
+    stacked = np.stack([c[..., ::-1] for c in crops]).astype(np.float32) / 255.0
+    return torch.from_numpy(stacked)

@@ -1,0 +1,274 @@
+"""Face detection, alignment and ArcFace embedding through insightface + onnxruntime.
+
+insightface and onnxruntime are imported lazily so the pack loads without them; the face functions then
+raise an error that names the install command. Nothing here downloads anything: a model pack is a folder
+the user placed under ``models/insightface/models/<pack>/``, checked here before insightface sees it.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..arch.face_embeds import FaceEmbeds
+from ..errors import MissingDependencyError, ModelFileError, ModelFolderError, NoFaceError
+from .images import bgr_uint8_to_image, to_bgr_uint8
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "pip install insightface onnxruntime   (NVIDIA GPU: pip install onnxruntime-gpu instead of onnxruntime; "
+    "never both)"
+)
+# UI name -> onnxruntime execution provider; "auto" takes the first available in this order.
+PROVIDERS = {
+    "CUDA": "CUDAExecutionProvider",
+    "ROCm": "ROCMExecutionProvider",
+    "DirectML": "DmlExecutionProvider",
+    "CoreML": "CoreMLExecutionProvider",
+    "CPU": "CPUExecutionProvider",
+}
+PROVIDER_CHOICES = ("auto", *PROVIDERS)
+FACE_SELECTIONS = ("largest", "index", "all")
+NO_FACE_POLICIES = ("error", "skip")
+CROP_SIZE = 112
+
+
+def import_insightface():
+    try:
+        import onnxruntime  # noqa: F401
+        from insightface.app import FaceAnalysis
+        from insightface.utils import face_align
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"the face nodes need insightface and onnxruntime ({exc.name or exc} is missing): {INSTALL_HINT}"
+        ) from exc
+    return FaceAnalysis, face_align
+
+
+def resolve_providers(choice: str) -> list[str]:
+    """The provider list for a UI choice; errors when onnxruntime lacks the one asked for."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if choice == "auto":
+        wanted = next((p for p in PROVIDERS.values() if p in available), None)
+        if wanted is None:
+            raise MissingDependencyError(f"onnxruntime offers no provider this pack knows (it has {available})")
+    elif choice in PROVIDERS:
+        wanted = PROVIDERS[choice]
+        if wanted not in available:
+            hint = {
+                "CUDA": "pip uninstall -y onnxruntime && pip install onnxruntime-gpu",
+                "ROCm": "install the onnxruntime-rocm build in place of onnxruntime",
+                "DirectML": "pip uninstall -y onnxruntime && pip install onnxruntime-directml",
+                "CoreML": "use the standard onnxruntime wheel on macOS",
+            }.get(choice, "")
+            raise MissingDependencyError(
+                f"provider {choice} ({wanted}) is not in this onnxruntime build (available: {available}). "
+                f"To use it: {hint}; or pick 'auto' or 'CPU'."
+            )
+    else:
+        raise ValueError(f"provider must be one of {PROVIDER_CHOICES}, got {choice!r}")
+    return [wanted] if wanted == PROVIDERS["CPU"] else [wanted, PROVIDERS["CPU"]]
+
+
+def _onnx_files(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "*.onnx")))
+
+
+def list_packs(insightface_roots: list[str]) -> list[str]:
+    """Pack names under ``<root>/models/``, as shown in the Load InsightFace dropdown."""
+    names = set()
+    for root in insightface_roots:
+        models = os.path.join(root, "models")
+        if os.path.isdir(models):
+            names.update(d for d in os.listdir(models) if os.path.isdir(os.path.join(models, d)))
+    return sorted(names)
+
+
+def find_pack_dir(insightface_roots: list[str], pack: str) -> str:
+    """``<root>/models/<pack>`` holding the .onnx files, or an error that says exactly where they must go."""
+    if not pack or os.sep in pack or (os.altsep and os.altsep in pack) or pack in (".", ".."):
+        raise ModelFolderError(f"invalid insightface pack name {pack!r}: use a folder name such as antelopev2")
+    for root in insightface_roots:
+        expected = os.path.join(root, "models", pack)
+        if os.path.isdir(expected):
+            if _onnx_files(expected):
+                return expected
+            nested = [d for d in glob.glob(os.path.join(expected, "*")) if os.path.isdir(d) and _onnx_files(d)]
+            if nested:
+                raise ModelFolderError(
+                    f"the .onnx files are one folder too deep (the zip was extracted into a folder of its own): "
+                    f"found them in {nested[0]}; move them up into {expected}"
+                )
+            raise ModelFolderError(
+                f"{expected} has no .onnx files; put the pack's detector and recognizer there "
+                f"(antelopev2: scrfd_10g_bnkps.onnx and glintr100.onnx; buffalo_l: det_10g.onnx and w600k_r50.onnx)"
+            )
+        misplaced = os.path.join(root, pack)
+        if os.path.isdir(misplaced) and _onnx_files(misplaced):
+            raise ModelFolderError(f"found the pack at {misplaced}; it must be at {expected} (note the models/ level)")
+    expected = [os.path.join(r, "models", pack) for r in insightface_roots]
+    raise ModelFolderError(
+        f"insightface pack {pack!r} not found; expected its .onnx files in {' or '.join(expected) or '(no folder)'}"
+    )
+
+
+@dataclass
+class FaceAnalyzer:
+    """A loaded insightface detector + recognizer, and the execution provider really in use."""
+
+    app: object
+    pack_dir: str
+    providers_requested: list[str]
+    provider_in_use: str
+
+    @property
+    def report(self) -> str:
+        text = f"insightface pack {os.path.basename(self.pack_dir)}: running on {self.provider_in_use}"
+        if self.provider_in_use != self.providers_requested[0]:
+            text += (
+                f" (asked for {self.providers_requested[0]}, which failed to start; onnxruntime-gpu usually "
+                "needs the CUDA/cuDNN versions it was built for - see the README)"
+            )
+        return text
+
+    def get(self, bgr: np.ndarray) -> list:
+        """insightface's own call, so analyzers from other packs' loaders and ours are interchangeable."""
+        return self.app.get(bgr)
+
+
+_cache: dict = {}
+_cache_lock = threading.Lock()
+
+
+def load_analyzer(pack_dir: str, provider: str = "auto", det_size: int = 640) -> FaceAnalyzer:
+    """Loads (or reuses) the detector and recognizer of a pack folder."""
+    FaceAnalysis, _ = import_insightface()
+    providers = resolve_providers(provider)
+    files = _onnx_files(pack_dir)
+    key = (pack_dir, tuple((f, os.path.getmtime(f), os.path.getsize(f)) for f in files), tuple(providers), det_size)
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+    try:
+        app = FaceAnalysis(name=pack_dir, providers=providers, allowed_modules=["detection", "recognition"])
+    except AssertionError as exc:  # insightface's own check: no detector among the files
+        raise ModelFolderError(
+            f"no face detector in {pack_dir} (files: {[os.path.basename(f) for f in files]}); the pack needs an "
+            "SCRFD/RetinaFace detector such as scrfd_10g_bnkps.onnx or det_10g.onnx next to the recognizer"
+        ) from exc
+    except Exception as exc:
+        raise ModelFileError(
+            f"could not load the models in {pack_dir} ({type(exc).__name__}: {exc}). A file may be corrupt or "
+            "incompletely downloaded: download the pack again"
+        ) from exc
+    if "recognition" not in app.models:
+        raise ModelFolderError(
+            f"no ArcFace recognizer in {pack_dir} (files: {[os.path.basename(f) for f in files]}); the pack needs "
+            "one such as glintr100.onnx (antelopev2) or w600k_r50.onnx (buffalo_l)"
+        )
+    on_cpu = providers[0] == PROVIDERS["CPU"]
+    app.prepare(ctx_id=-1 if on_cpu else 0, det_size=(det_size, det_size))
+    in_use = app.models["detection"].session.get_providers()[0]
+    analyzer = FaceAnalyzer(app, pack_dir, providers, in_use)
+    if in_use != providers[0]:
+        log.warning(analyzer.report)
+    with _cache_lock:
+        _cache[key] = analyzer
+    return analyzer
+
+
+def _as_analyzer(obj) -> FaceAnalyzer:
+    if isinstance(obj, FaceAnalyzer):
+        return obj
+    if hasattr(obj, "get") and hasattr(obj, "models"):  # a FaceAnalysis from another pack's loader
+        return FaceAnalyzer(obj, getattr(obj, "model_dir", "?"), ["?"], "?")
+    raise ValueError(f"expected an INSIGHTFACE model from Load InsightFace, got {type(obj).__name__}")
+
+
+def _select(faces: list, selection: str, index: int) -> list:
+    if selection == "all":
+        return sorted(faces, key=lambda f: float(f.bbox[0]))
+    if selection == "largest":
+        return [max(faces, key=lambda f: float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])))]
+    if selection == "index":
+        ordered = sorted(faces, key=lambda f: float(f.bbox[0]))  # left to right
+        return [ordered[index]] if 0 <= index < len(ordered) else []
+    raise ValueError(f"face selection must be one of {FACE_SELECTIONS}, got {selection!r}")
+
+
+def embed_faces(
+    analyzer,
+    images: torch.Tensor,
+    selection: str = "largest",
+    index: int = 0,
+    on_no_face: str = "error",
+    progress=None,
+) -> tuple[FaceEmbeds, torch.Tensor]:
+    """Detects, selects, aligns and embeds faces in an IMAGE batch.
+
+    Returns the FACE_EMBEDS (faces in image order; left to right within an image for "all"/"index") and the
+    aligned 112x112 crops as an IMAGE. With ``on_no_face="skip"`` images without a (selected) face are left
+    out; if no image has one the embeds are empty and the crops are one black image.
+    """
+    if on_no_face not in NO_FACE_POLICIES:
+        raise ValueError(f"on_no_face must be one of {NO_FACE_POLICIES}, got {on_no_face!r}")
+    if selection not in FACE_SELECTIONS:
+        raise ValueError(f"face selection must be one of {FACE_SELECTIONS}, got {selection!r}")
+    analyzer = _as_analyzer(analyzer)
+    _, face_align = import_insightface()
+    bgr_images = to_bgr_uint8(images)
+    embeds, boxes, landmarks, scores, image_index, crops = [], [], [], [], [], []
+    for i, bgr in enumerate(bgr_images):
+        faces = analyzer.get(bgr)
+        chosen = _select(faces, selection, index) if faces else []
+        if not chosen:
+            found = f"{len(faces)} face(s), none at index {index}" if faces else "no face"
+            if on_no_face == "error":
+                raise NoFaceError(
+                    f"image {i} of the batch: {found}. Use a clearer, larger or less tightly cropped photo, "
+                    "or set on_no_face to 'skip'"
+                )
+            log.info("Face Embed: skipping image %d (%s)", i, found)
+        for face in chosen:
+            if face.kps is None or face.normed_embedding is None:
+                raise ModelFileError("the detector gives no landmarks, so faces cannot be aligned for ArcFace")
+            embeds.append(np.asarray(face.normed_embedding, dtype=np.float32))
+            boxes.append(np.asarray(face.bbox[:4], dtype=np.float32))
+            landmarks.append(np.asarray(face.kps, dtype=np.float32))
+            scores.append(float(face.det_score))
+            image_index.append(i)
+            crops.append(face_align.norm_crop(bgr, landmark=face.kps, image_size=CROP_SIZE))
+        if progress is not None:
+            progress(i + 1, len(bgr_images))
+    if not embeds:
+        dim = _embedding_dim(analyzer)
+        empty = FaceEmbeds(
+            torch.zeros(0, dim),
+            torch.zeros(0, 4),
+            torch.zeros(0, 5, 2),
+            torch.zeros(0),
+            torch.zeros(0, dtype=torch.long),
+        )
+        return empty, torch.zeros(1, CROP_SIZE, CROP_SIZE, 3)
+    result = FaceEmbeds(
+        torch.from_numpy(np.stack(embeds)),
+        torch.from_numpy(np.stack(boxes)),
+        torch.from_numpy(np.stack(landmarks)),
+        torch.tensor(scores, dtype=torch.float32),
+        torch.tensor(image_index, dtype=torch.long),
+    )
+    return result, bgr_uint8_to_image(crops)
+
+
+def _embedding_dim(analyzer: FaceAnalyzer) -> int:
+    shape = getattr(analyzer.app.models.get("recognition"), "output_shape", None)
+    return int(shape[-1]) if shape and isinstance(shape[-1], int) else 512

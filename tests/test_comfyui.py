@@ -1,0 +1,113 @@
+"""The pack inside ComfyUI: imports without it, registers its nodes and runs graphs with it.
+
+Tests that need ComfyUI run it from COMFYUI_PATH (a checkout) in a subprocess, with COMFYUI_PYTHON (default:
+this interpreter), and are skipped when COMFYUI_PATH is not set.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from nodes.arch.face_embeds import load_face_embeds
+from tiny_face_models import expected_box, face_image, make_pack
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+needs_comfyui = pytest.mark.skipif(
+    not COMFYUI_PATH, reason="COMFYUI_PATH is not set (point it at a ComfyUI checkout to run this test)"
+)
+NODE_IDS = ["IDA_FaceEmbed", "IDA_FaceEmbedsCombine", "IDA_LoadFaceEmbeds", "IDA_LoadInsightFace", "IDA_SaveFaceEmbeds"]
+
+
+def test_pack_modules_import_without_comfyui_or_insightface():
+    code = (
+        "import sys\n"
+        "sys.modules['insightface'] = None; sys.modules['onnxruntime'] = None\n"
+        "import importlib.util\n"
+        "spec = importlib.util.spec_from_file_location('pack', 'nodes/__init__.py'.replace('nodes/__init__.py', '__init__.py'))\n"
+        "pack = importlib.util.module_from_spec(spec); spec.loader.exec_module(pack)\n"
+        "import nodes.arch.iresnet, nodes.arch.face_embeds, nodes.face.insightface_backend, nodes.face.images\n"
+        "assert not hasattr(pack, 'comfy_entrypoint')\n"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths', 'diffusers'))\n"
+        "assert not leaked, leaked\n"
+        "from nodes.face import insightface_backend as b\n"
+        "try:\n"
+        "    b.import_insightface()\n"
+        "except b.MissingDependencyError as e:\n"
+        "    print('ERROR:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERROR: the face nodes need insightface and onnxruntime" in out.stdout
+    assert "pip install insightface onnxruntime" in out.stdout
+
+
+def _run_comfyui(tmp_path, prompts):
+    work = tmp_path / "comfy_work"
+    (work / "custom_nodes").mkdir(parents=True)
+    (work / "input").mkdir()
+    (work / "output").mkdir()
+    os.symlink(REPO, work / "custom_nodes" / "comfyui-idadapter")
+    make_pack(str(work / "models" / "insightface"), "tinypack")
+    for name, cells in (("face.png", [(1, 2)]), ("empty.png", [])):
+        pixels = (face_image(cells, size=256)[0].numpy() * 255).round().astype("uint8")
+        Image.fromarray(pixels).save(work / "input" / name)
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    runner = os.path.join(REPO, "tests", "comfyui_runner.py")
+    args = [python, runner, COMFYUI_PATH, str(work), str(tmp_path / "prompts.json"), str(tmp_path / "result.json")]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    return json.loads((tmp_path / "result.json").read_text()), work
+
+
+def _embed_prompt(image):
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "IDA_LoadInsightFace", "inputs": {"pack": "tinypack", "provider": "CPU", "det_size": 640}},
+        "3": {"class_type": "IDA_FaceEmbed", "inputs": {"insightface": ["2", 0], "image": ["1", 0],
+              "face_selection": "largest", "face_index": 0, "on_no_face": "error"}},
+        "4": {"class_type": "IDA_SaveFaceEmbeds", "inputs": {"face_embeds": ["3", 0], "filename_prefix": "face_embeds/me"}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
+    }
+
+
+@needs_comfyui
+def test_nodes_register_and_face_graph_runs_in_comfyui(tmp_path):
+    reload_prompt = {
+        "1": {"class_type": "IDA_LoadFaceEmbeds", "inputs": {"file": "me_00001_.safetensors"}},
+        "2": {"class_type": "IDA_FaceEmbedsCombine", "inputs": {"embeds_1": ["1", 0], "mode": "norm-mean"}},
+        "3": {"class_type": "IDA_SaveFaceEmbeds", "inputs": {"face_embeds": ["2", 0], "filename_prefix": "face_embeds/avg"}},
+    }
+    result, work = _run_comfyui(tmp_path, [_embed_prompt("empty.png"), _embed_prompt("face.png"), reload_prompt])
+    assert result["registered"] == NODE_IDS
+    assert str(work / "models" / "insightface") in result["folders"]["insightface"]
+    assert str(work / "models" / "idadapter") in result["folders"]["idadapter"]
+
+    no_face, good, reloaded = result["runs"]
+    # a photo without a face fails that run with our message, and the process goes on
+    assert no_face["valid"] and no_face["success"] is False
+    assert "no face" in json.dumps(no_face["errors"]) and "on_no_face" in json.dumps(no_face["errors"])
+    assert good["success"] is True, good
+    assert good["outputs"]["5"]["images"]  # the aligned crop was previewed
+    saved = load_face_embeds(str(work / "output" / "face_embeds" / "me_00001_.safetensors"))
+    assert len(saved) == 1
+    torch.testing.assert_close(saved.boxes[0], torch.from_numpy(expected_box((1, 2), 256)), atol=1.0, rtol=0)
+    assert reloaded["success"] is True, reloaded
+    averaged = load_face_embeds(str(work / "output" / "face_embeds" / "avg_00001_.safetensors"))
+    torch.testing.assert_close(averaged.embeds, saved.embeds)  # norm-mean of one unit vector is itself
+
+
+@needs_comfyui
+def test_unavailable_provider_is_reported_on_the_node(tmp_path):
+    prompt = _embed_prompt("face.png")
+    prompt["2"]["inputs"]["provider"] = "CUDA"
+    result, _ = _run_comfyui(tmp_path, [prompt])
+    run = result["runs"][0]
+    assert run["success"] is False
+    assert "onnxruntime-gpu" in json.dumps(run["errors"])
