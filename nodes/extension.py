@@ -3,11 +3,12 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .face_nodes import FACE_NODES
+from .idadapter import IDADAPTER_NODES
 
 
 class IDAdapterExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*FACE_NODES]
+        return [*FACE_NODES, *IDADAPTER_NODES]
 
 
 async def comfy_entrypoint() -> IDAdapterExtension:

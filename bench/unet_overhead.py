@@ -1,0 +1,144 @@
+"""Per-step cost of IDAdapter on a full-size SD1.5 UNet (random weights), measured in one run.
+
+    ./dev python bench/unet_overhead.py                       # CPU, fp32
+    python bench/unet_overhead.py --device cuda --dtype fp16  # GPU
+
+One CFG step = one UNet call on batch 2 (unconditional + conditional) at 512x512 (64x64 latent). Variants:
+  base          the plain UNet
+  idadapter     the gated self-attention on the conditional half only (what Apply IDAdapter does)
+  both-halves   the same adapter run on both halves (for reference: an extra self-attention everywhere)
+  ip-adapter    an IP-Adapter-style parallel cross-attention over the same number of tokens, both halves
+  floor         base + the adapter modules timed on their own on the same activations: what the
+                idadapter variant computes, with no integration overhead
+Prints seconds per step and each variant's ratio to base, and idadapter/floor.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention  # noqa: E402
+from training import diffusers_binding  # noqa: E402
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+TOKENS = 16
+
+
+class ParallelCrossAttention:
+    """IP-Adapter's decoupled cross-attention: text attention + scale * attention over extra image tokens."""
+
+    def __init__(self, attn, image_tokens, scale=1.0):
+        inner, ctx = attn.to_k.out_features, attn.to_k.in_features
+        self.to_k_ip = torch.nn.Linear(ctx, inner, bias=False).to(attn.to_k.weight)
+        self.to_v_ip = torch.nn.Linear(ctx, inner, bias=False).to(attn.to_k.weight)
+        self.image_tokens, self.scale = image_tokens, scale
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        q = attn.to_q(hidden_states)
+        text = sdpa_attention(q, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), attn.heads)
+        tokens = self.image_tokens.expand(hidden_states.shape[0], -1, -1)
+        image = sdpa_attention(q, self.to_k_ip(tokens), self.to_v_ip(tokens), attn.heads)
+        return attn.to_out[1](attn.to_out[0](text + self.scale * image))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=512)
+    args = parser.parse_args()
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(device, dtype).eval().requires_grad_(False)
+    specs = diffusers_binding.block_specs(unet)
+    cfg = IDAdapterConfig(family="sd15", blocks=specs, num_tokens=TOKENS)
+    adapter = IDAdapter(cfg).to(device, dtype).eval().requires_grad_(False)
+    with torch.no_grad():
+        for gated in adapter.adapters.values():
+            gated.gamma.fill_(0.5)
+    side = args.resolution // 8
+    latents = torch.randn(2, 4, side, side, device=device, dtype=dtype)
+    t = torch.tensor([500, 500], device=device)
+    text = torch.randn(2, 77, 768, device=device, dtype=dtype)
+    e_r = torch.randn(1, TOKENS, cfg.embed_dim, device=device, dtype=dtype)
+    cond_only = torch.tensor([False, True], device=device)
+
+    def run(kwargs=None):
+        with torch.no_grad():
+            return unet(latents, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+
+    results = {"base": timed(run, device, args.repeats)}
+
+    # the adapter modules alone, on activations of each block's shape (conditional half: batch 1)
+    captured = {}
+
+    def capture(name):
+        def hook(module, args):
+            captured[name] = args[0].shape
+        return hook
+
+    hooks = [block.register_forward_pre_hook(capture(name)) for name, block in diffusers_binding.transformer_blocks(unet).items()]
+    run()
+    for h in hooks:
+        h.remove()
+    inputs = {name: torch.randn(1, *shape[1:], device=device, dtype=dtype) for name, shape in captured.items()}
+
+    def adapters_alone():
+        with torch.no_grad():
+            for name, y in inputs.items():
+                adapter.adapters[name].residual(y, e_r, sdpa_attention)
+
+    results["floor"] = results["base"] + timed(adapters_alone, device, args.repeats)
+
+    diffusers_binding.attach(unet, adapter)
+    results["idadapter"] = timed(lambda: run(diffusers_binding.idadapter_kwargs(e_r, cond_only)), device, args.repeats)
+    results["both-halves"] = timed(lambda: run(diffusers_binding.idadapter_kwargs(e_r)), device, args.repeats)
+
+    image_tokens = torch.randn(1, TOKENS, 768, device=device, dtype=dtype)
+    processors = {}
+    for name, proc in unet.attn_processors.items():
+        module = unet.get_submodule(name.rsplit(".", 1)[0])
+        processors[name] = ParallelCrossAttention(module, image_tokens) if name.endswith("attn2.processor") else AttnProcessor2_0()
+    unet.set_attn_processor(processors)
+    results["ip-adapter"] = timed(run, device, args.repeats)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"SD1.5 UNet, {args.resolution}x{args.resolution}, batch 2 (one CFG step), {args.dtype}, {name}")
+    for key, seconds in results.items():
+        print(f"  {key:12s} {seconds:8.3f} s/step   {seconds / results['base']:.3f}x base")
+    print(f"  idadapter / floor: {results['idadapter'] / results['floor']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

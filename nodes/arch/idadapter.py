@@ -1,0 +1,404 @@
+"""IDAdapter (Cui et al., "IDAdapter: Learning Mixed Features for Tuning-Free Personalization of
+Text-to-Image Models"): the one definition of its math, used by the ComfyUI nodes and the trainer.
+
+- :class:`MixedFacialFeatures` (``P_visual``): CLIP-vision patch features of N reference images plus their
+  mean ArcFace vector -> a two-block transformer -> ``E_r``. ``E_r`` is a fixed number of tokens M (learned
+  queries attending over ``[f_v, f_a]``), so the UNet-side cost does not grow with N.
+- :class:`TextualProjector` (``P_textual``): the mean CLIP class embedding -> one text-token vector per text
+  encoder (``E_c``), which replaces the identifier word's token embedding.
+- :class:`GatedSelfAttention`: between self- and cross-attention of every transformer block,
+  ``y = y + beta * tanh(gamma) * S([y, proj(E_r)])[:, :len(y)]`` with gamma initialised to 0.
+- Cross-attention ``to_k``/``to_v`` of every block are fine-tuned; files store them as deltas.
+
+File format ``idadapter/1``: safetensors; ``__metadata__`` holds ``format``, ``family`` and ``config`` (JSON of
+:class:`IDAdapterConfig`). Tensors: ``mff.*``, ``textual.*``, ``adapters.<block>.*`` and
+``kv_delta.<block>.to_k`` / ``.to_v`` ([out, context_dim], trained minus base weight), where ``<block>`` is
+ComfyUI's block key written ``input_4_0`` (block, id, index inside the SpatialTransformer).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ModelFileError
+
+FORMAT = "idadapter/1"
+# Text encoders of each base family, in ComfyUI's token-dict keys, and the UNet's cross-attention width.
+FAMILIES = {
+    "sd15": {"text_dims": {"l": 768}, "context_dim": 768},
+    "sd21": {"text_dims": {"h": 1024}, "context_dim": 1024},
+    "sdxl": {"text_dims": {"g": 1280, "l": 768}, "context_dim": 2048},
+}
+BlockKey = tuple  # ("input" | "middle" | "output", block id, index inside the SpatialTransformer)
+
+Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Lq, H*D] x [B, Lk, H*D] -> [B, Lq, H*D]; the trainer's kernel (ComfyUI passes its own)."""
+    b, lq, inner = q.shape
+    d = inner // heads
+    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(b, lq, inner)
+
+
+def block_name(key: BlockKey) -> str:
+    return f"{key[0]}_{int(key[1])}_{int(key[2])}"
+
+
+def parse_block_name(name: str) -> BlockKey:
+    kind, ident, index = name.rsplit("_", 2)
+    return (kind, int(ident), int(index))
+
+
+def family_of_context(context_dim: int) -> str:
+    for family, spec in FAMILIES.items():
+        if spec["context_dim"] == context_dim:
+            return family
+    raise ModelFileError(
+        f"no supported base family has cross-attention width {context_dim} "
+        f"(sd15: 768, sd21: 1024, sdxl: 2048)"
+    )
+
+
+@dataclass
+class BlockSpec:
+    channels: int
+    heads: int
+    context_dim: int
+
+
+@dataclass
+class IDAdapterConfig:
+    family: str
+    blocks: dict[str, BlockSpec]  # block name -> dims of that UNet transformer block
+    clip_vision_dim: int = 1280  # width of the CLIP vision encoder (ViT-H/14: 1280, ViT-L/14: 1024)
+    arcface_dim: int = 512
+    width: int = 768  # MFF transformer width
+    mff_heads: int = 12
+    mff_depth: int = 2  # the paper's "two attention blocks"
+    num_tokens: int = 16  # M, the number of E_r tokens
+    embed_dim: int = 768  # E_r width (projected per UNet block)
+    textual_hidden: int = 1024
+    num_images: int = 4  # N, reference images per identity
+    text_dims: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ModelFileError(f"unknown base family {self.family!r}; expected one of {sorted(FAMILIES)}")
+        if not self.text_dims:
+            self.text_dims = dict(FAMILIES[self.family]["text_dims"])
+        self.blocks = {
+            name: spec if isinstance(spec, BlockSpec) else BlockSpec(**spec) for name, spec in self.blocks.items()
+        }
+
+    @property
+    def context_dim(self) -> int:
+        return FAMILIES[self.family]["context_dim"]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "IDAdapterConfig":
+        return cls(**json.loads(text))
+
+
+class _Attention(nn.Module):
+    """Multi-head attention with separate q/k/v/out projections (the layout of the UNet's own attention)."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        context_dim = context_dim or dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x, context, attention: Attention = sdpa_attention):
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class _ResamplerBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm_latents = nn.LayerNorm(width)
+        self.norm_context = nn.LayerNorm(width)
+        self.attn = _Attention(width, heads)
+        self.norm_ff = nn.LayerNorm(width)
+        self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, latents, context):
+        q = self.norm_latents(latents)
+        kv = torch.cat([self.norm_context(context), q], dim=1)  # the queries also see each other
+        latents = latents + self.attn(q, kv)
+        return latents + self.ff(self.norm_ff(latents))
+
+
+class MixedFacialFeatures(nn.Module):
+    """P_visual: ([B, N, T, d_v] patch features, [B, d_a] mean ArcFace) -> E_r [B, M, embed_dim]."""
+
+    def __init__(self, cfg: IDAdapterConfig):
+        super().__init__()
+        self.proj_patches = nn.Linear(cfg.clip_vision_dim, cfg.width)
+        self.proj_arcface = nn.Linear(cfg.arcface_dim, cfg.width)
+        # tells the transformer which context token is the identity vector and which are image patches
+        self.type_embedding = nn.Parameter(torch.zeros(2, cfg.width))
+        self.latents = nn.Parameter(torch.randn(cfg.num_tokens, cfg.width) / math.sqrt(cfg.width))
+        self.blocks = nn.ModuleList(_ResamplerBlock(cfg.width, cfg.mff_heads) for _ in range(cfg.mff_depth))
+        self.norm_out = nn.LayerNorm(cfg.width)
+        self.proj_out = nn.Linear(cfg.width, cfg.embed_dim)
+
+    def forward(self, patch_features: torch.Tensor, arcface: torch.Tensor) -> torch.Tensor:
+        if patch_features.ndim == 4:  # [B, N, T, d_v] -> the N images' patch tokens concatenated
+            patch_features = patch_features.flatten(1, 2)
+        patches = self.proj_patches(patch_features) + self.type_embedding[0]
+        identity = self.proj_arcface(arcface).unsqueeze(1) + self.type_embedding[1]
+        context = torch.cat([patches, identity], dim=1)
+        latents = self.latents.unsqueeze(0).expand(context.shape[0], -1, -1)
+        for block in self.blocks:
+            latents = block(latents, context)
+        return self.proj_out(self.norm_out(latents))
+
+
+class TextualProjector(nn.Module):
+    """P_textual: mean CLIP class embedding [B, d_v] -> {encoder key: [B, text dim]} (E_c)."""
+
+    def __init__(self, cfg: IDAdapterConfig):
+        super().__init__()
+        self.keys = sorted(cfg.text_dims)
+        self.dims = [cfg.text_dims[k] for k in self.keys]
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(cfg.clip_vision_dim),
+            nn.Linear(cfg.clip_vision_dim, cfg.textual_hidden),
+            nn.GELU(),
+            nn.Linear(cfg.textual_hidden, sum(self.dims)),
+        )
+
+    def forward(self, class_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.keys, self.mlp(class_embedding).split(self.dims, dim=-1)))
+
+
+class GatedSelfAttention(nn.Module):
+    """One UNet transformer block's adapter: ``y + beta * tanh(gamma) * S([y, proj(E_r)])[:, :len(y)]``.
+
+    Only the first len(y) outputs of the self-attention are kept, so queries are computed for y alone;
+    keys and values cover ``[y, proj(E_r)]``.
+    """
+
+    def __init__(self, channels: int, heads: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(embed_dim, channels)
+        self.norm = nn.LayerNorm(channels)
+        self.attn = _Attention(channels, heads)
+        self.gamma = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: an untrained adapter is the identity
+
+    def residual(self, y: torch.Tensor, tokens: torch.Tensor, attention: Attention = sdpa_attention) -> torch.Tensor:
+        """tanh(gamma) * S([y, proj(E_r)])[:, :len(y)]: what is added to y at weight beta = 1."""
+        h = self.norm(torch.cat([y, self.proj(tokens)], dim=1))
+        out = self.attn(h[:, : y.shape[1]], h, attention)
+        return torch.tanh(self.gamma) * out
+
+    def forward(self, y, tokens, beta: float = 1.0, attention: Attention = sdpa_attention):
+        return y + beta * self.residual(y, tokens, attention)
+
+
+class IDAdapter(nn.Module):
+    """Every trainable IDAdapter module except the cross-attention K/V (those live in the UNet)."""
+
+    def __init__(self, cfg: IDAdapterConfig):
+        super().__init__()
+        self.config = cfg
+        self.mff = MixedFacialFeatures(cfg)
+        self.textual = TextualProjector(cfg)
+        self.adapters = nn.ModuleDict(
+            {name: GatedSelfAttention(spec.channels, spec.heads, cfg.embed_dim) for name, spec in cfg.blocks.items()}
+        )
+
+    def adapter_for(self, key: BlockKey) -> GatedSelfAttention | None:
+        return self.adapters[block_name(key)] if block_name(key) in self.adapters else None
+
+    def encode(self, patch_features, arcface, class_embedding) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Reference features -> (E_r [B, M, embed_dim], E_c {encoder key: [B, dim]})."""
+        return self.mff(patch_features, arcface), self.textual(class_embedding)
+
+
+@dataclass
+class IDAdapterWeights:
+    """What an ``idadapter/1`` file holds: the module and the cross-attention K/V deltas per block."""
+
+    adapter: IDAdapter
+    kv_deltas: dict[str, dict[str, torch.Tensor]]  # block name -> {"to_k": delta, "to_v": delta}
+
+    @property
+    def config(self) -> IDAdapterConfig:
+        return self.adapter.config
+
+
+def save_idadapter(weights: IDAdapterWeights, path: str, dtype: torch.dtype = torch.float32) -> None:
+    """Writes ``idadapter/1`` atomically (temp file + rename: a crash never leaves a half-written file)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.adapter.state_dict().items()}
+    for name, deltas in weights.kv_deltas.items():
+        for proj, delta in deltas.items():
+            tensors[f"kv_delta.{name}.{proj}"] = delta.detach().to("cpu", dtype).contiguous()
+    cfg = weights.config
+    meta = {"format": FORMAT, "family": cfg.family, "config": cfg.to_json()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_idadapter(path: str) -> IDAdapterWeights:
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise ModelFileError(f"IDAdapter file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        raise ModelFileError(
+            f"{path} is not a readable safetensors file ({type(exc).__name__}); IDAdapter weights are "
+            "safetensors files written by training/train_idadapter.py"
+        ) from exc
+    if meta.get("format") != FORMAT:
+        raise ModelFileError(
+            f"{os.path.basename(path)} has format {meta.get('format')!r}, expected {FORMAT!r}: this is not an "
+            "IDAdapter file (IP-Adapter, AdaFace and W+ files go into their own loaders)"
+        )
+    try:
+        cfg = IDAdapterConfig.from_json(meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: unreadable IDAdapter config in the metadata ({exc})") from exc
+    adapter = IDAdapter(cfg)
+    module_tensors = {k: v.float() for k, v in tensors.items() if not k.startswith("kv_delta.")}
+    expected = adapter.state_dict()
+    missing = sorted(set(expected) - set(module_tensors))
+    unexpected = sorted(set(module_tensors) - set(expected))
+    wrong = [
+        f"{k} {tuple(module_tensors[k].shape)} != {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(module_tensors))
+        if module_tensors[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        raise ModelFileError(
+            f"{path} does not match its own config: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+            f"wrong shapes {wrong[:4]}"
+        )
+    adapter.load_state_dict(module_tensors)
+    kv: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("kv_delta."):
+            _, name, proj = k.split(".")
+            spec = cfg.blocks.get(name)
+            if spec is None or proj not in ("to_k", "to_v") or tuple(v.shape) != (spec.channels, spec.context_dim):
+                raise ModelFileError(f"{path}: K/V delta {k} {tuple(v.shape)} does not fit the configured blocks")
+            kv.setdefault(name, {})[proj] = v
+    return IDAdapterWeights(adapter.eval().requires_grad_(False), kv)
+
+
+def check_unet_compatible(cfg: IDAdapterConfig, unet_blocks: dict[str, BlockSpec], unet_desc: str = "the MODEL"):
+    """Errors naming both sides when an adapter was trained for another UNet."""
+    contexts = {spec.context_dim for spec in unet_blocks.values()}
+    unet_context = contexts.pop() if len(contexts) == 1 else None
+    if unet_context != cfg.context_dim:
+        theirs = family_of_context(unet_context) if unet_context in (768, 1024, 2048) else "unknown"
+        raise ModelFileError(
+            f"this IDAdapter was trained for {cfg.family} (context {cfg.context_dim}); {unet_desc} is {theirs} "
+            f"(context {unet_context}). Load an IDAdapter trained for that base model."
+        )
+    missing = sorted(set(cfg.blocks) - set(unet_blocks))
+    if missing:
+        raise ModelFileError(
+            f"this IDAdapter has adapters for transformer blocks {missing[:4]} that {unet_desc} does not have "
+            f"(it has {sorted(unet_blocks)[:4]}...): it was trained on a UNet of another layout"
+        )
+    for name, spec in cfg.blocks.items():
+        if unet_blocks[name].channels != spec.channels:
+            raise ModelFileError(
+                f"block {name}: the adapter has {spec.channels} channels, {unet_desc} has {unet_blocks[name].channels}"
+            )
+
+
+def augment_references(images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """K reference images [K, C, H, W] (0..1) -> exactly ``count`` images, as the paper does when K < N.
+
+    The originals come first; the rest are seeded random copies with a horizontal flip, a small rotation
+    (up to 10 degrees) and a brightness/contrast/saturation change (up to 10 %). More than ``count`` images:
+    the first ``count`` are used.
+    """
+    k = images.shape[0]
+    if k >= count:
+        return images[:count]
+    gen = torch.Generator().manual_seed(seed)
+    extra = []
+    for i in range(count - k):
+        img = images[i % k]
+        if torch.rand((), generator=gen) < 0.5:
+            img = img.flip(-1)
+        angle = (torch.rand((), generator=gen) * 2 - 1) * math.radians(10)
+        cos, sin = math.cos(angle), math.sin(angle)
+        theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=img.dtype).unsqueeze(0)
+        grid = F.affine_grid(theta, [1, *img.shape], align_corners=False)
+        img = F.grid_sample(img.unsqueeze(0), grid, padding_mode="border", align_corners=False)[0]
+        brightness, contrast, saturation = (1 + (torch.rand(3, generator=gen) * 2 - 1) * 0.1).tolist()
+        grey = img.mean(0, keepdim=True)
+        img = grey + (img - grey) * saturation
+        img = (img - img.mean()) * contrast + img.mean()
+        extra.append((img * brightness).clamp(0, 1))
+    return torch.cat([images, torch.stack(extra)])
+
+
+@dataclass(frozen=True)
+class IDAdapterEmbeds:
+    """IDADAPTER_EMBEDS: one identity's vision tokens E_r [1, M, D] and text vectors E_c {encoder key: [dim]}."""
+
+    tokens: torch.Tensor
+    text: dict[str, torch.Tensor]
+    family: str
+
+
+def embed_references(
+    adapter: IDAdapter, patch_features: torch.Tensor, class_embeddings: torch.Tensor, arcface: torch.Tensor
+) -> IDAdapterEmbeds:
+    """N references' CLIP-vision features ([N, T, d_v] penultimate states, [N, d_v] class tokens) and their
+    ArcFace vectors [F, d_a] -> the identity's embeds (the MFF input is the N images' patches and the
+    unit-length mean ArcFace vector)."""
+    cfg = adapter.config
+    width = patch_features.shape[-1]
+    if width != cfg.clip_vision_dim or class_embeddings.shape[-1] != cfg.clip_vision_dim:
+        raise ModelFileError(
+            f"this IDAdapter was trained with a CLIP vision encoder of width {cfg.clip_vision_dim} "
+            f"({_vision_name(cfg.clip_vision_dim)}); the CLIP_VISION given has width {width} "
+            f"({_vision_name(width)}). Load the matching file in models/clip_vision."
+        )
+    if arcface.ndim != 2 or arcface.shape[0] == 0 or arcface.shape[1] != cfg.arcface_dim:
+        raise ModelFileError(
+            f"expected ArcFace vectors [faces, {cfg.arcface_dim}], got {tuple(arcface.shape)}"
+            + (": no face was found in the references" if arcface.ndim == 2 and arcface.shape[0] == 0 else "")
+        )
+    param = next(adapter.parameters())
+    f_a = F.normalize(F.normalize(arcface.float(), dim=-1).mean(0, keepdim=True), dim=-1)
+    with torch.no_grad():
+        tokens, text = adapter.encode(
+            patch_features.to(param).unsqueeze(0), f_a.to(param), class_embeddings.to(param).mean(0, keepdim=True)
+        )
+    return IDAdapterEmbeds(tokens.float().cpu(), {k: v[0].float().cpu() for k, v in text.items()}, cfg.family)
+
+
+def _vision_name(width: int) -> str:
+    return {1024: "ViT-L/14", 1280: "ViT-H/14", 1664: "ViT-bigG/14"}.get(width, "unknown")

@@ -1,0 +1,190 @@
+"""IDAdapter nodes: Load IDAdapter, IDAdapter MFF Embed, Apply IDAdapter, IDAdapter Text Encode."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from . import patches
+from .arch import idadapter as ida
+from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
+from .errors import PackError
+from .face import insightface_backend
+from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
+
+IDAdapterType = io.Custom("IDADAPTER")
+IDAdapterEmbedsType = io.Custom("IDADAPTER_EMBEDS")
+
+_cache: dict = {}
+_cache_lock = threading.Lock()
+
+
+def load_cached(path: str) -> ida.IDAdapterWeights:
+    key = (path, os.path.getmtime(path), os.path.getsize(path))
+    with _cache_lock:
+        if key not in _cache:
+            _cache.clear()  # keep one file resident; another Load node reloads its own
+            _cache[key] = ida.load_idadapter(path)
+        return _cache[key]
+
+
+class LoadIDAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_LoadIDAdapter",
+            display_name="Load IDAdapter",
+            category=CATEGORY,
+            description="Loads IDAdapter weights (idadapter/1 safetensors) from models/idadapter/.",
+            inputs=[io.Combo.Input("file", options=folder_paths.get_filename_list("idadapter"))],
+            outputs=[IDAdapterType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, file) -> io.NodeOutput:
+        return io.NodeOutput(load_cached(folder_paths.get_full_path_or_raise("idadapter", file)))
+
+
+class IDAdapterMFFEmbed(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_IDAdapterMFFEmbed",
+            display_name="IDAdapter MFF Embed",
+            category=CATEGORY,
+            description="Mixed facial features of 1..K reference photos (replicated with augmentation to N, as in "
+            "the paper) -> the identity's vision tokens and text token.",
+            inputs=[
+                IDAdapterType.Input("idadapter"),
+                io.ClipVision.Input("clip_vision"),
+                io.Image.Input("images", tooltip="1..K portraits of one person"),
+                io.Int.Input("num_images", default=0, min=0, max=16,
+                             tooltip="N references fed to the MFF; 0 = the N the adapter was trained with"),
+                io.Boolean.Input("augment", default=True,
+                                 tooltip="fill up to N with flipped/rotated/colour-jittered copies (else plain copies)"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                FaceEmbeds.Input("face_embeds", optional=True, tooltip="ArcFace vectors of the references"),
+                InsightFace.Input("insightface", optional=True, tooltip="or: compute them from the images"),
+            ],
+            outputs=[IDAdapterEmbedsType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, idadapter, clip_vision, images, num_images, augment, seed, face_embeds=None,
+                insightface=None) -> io.NodeOutput:
+        if face_embeds is None and insightface is None:
+            raise PackError("connect face_embeds (from Face Embed) or insightface (Load InsightFace) to MFF Embed")
+        if face_embeds is None:
+            face_embeds, _ = insightface_backend.embed_faces(insightface, images, "largest", on_no_face="error")
+        if not isinstance(face_embeds, FaceEmbedsValue) or len(face_embeds) == 0:
+            raise PackError("face_embeds holds no face: the references need a detectable face")
+        refs = images[..., :3].movedim(-1, 1)
+        n = num_images or idadapter.config.num_images
+        if augment:
+            refs = ida.augment_references(refs, n, seed)
+        else:
+            refs = refs.repeat((n + refs.shape[0] - 1) // refs.shape[0], 1, 1, 1)[:n]
+        out = clip_vision.encode_image(refs.movedim(1, -1), crop=True)
+        embeds = ida.embed_references(
+            idadapter.adapter, out["penultimate_hidden_states"], out["last_hidden_state"][:, 0], face_embeds.embeds
+        )
+        return io.NodeOutput(embeds)
+
+
+class ApplyIDAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_ApplyIDAdapter",
+            display_name="Apply IDAdapter",
+            category=CATEGORY,
+            description="Adds IDAdapter's gated self-attention to every transformer block and its cross-attention "
+            "K/V to the MODEL.",
+            inputs=[
+                io.Model.Input("model"),
+                IDAdapterType.Input("idadapter"),
+                IDAdapterEmbedsType.Input("embeds"),
+                io.Float.Input("weight", default=1.0, min=-1.0, max=3.0, step=0.05,
+                               tooltip="beta: scales the gated attention and the K/V deltas; 0 = the MODEL unchanged"),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Mask.Input("attn_mask", optional=True, tooltip="where the identity goes (white)"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, idadapter, embeds, weight, start_percent, end_percent, attn_mask=None) -> io.NodeOutput:
+        if embeds.family != idadapter.config.family or embeds.tokens.shape[-1] != idadapter.config.embed_dim:
+            raise PackError(
+                f"these IDADAPTER_EMBEDS come from a {embeds.family} IDAdapter; the IDADAPTER is "
+                f"{idadapter.config.family}: use the same IDAdapter for MFF Embed and Apply"
+            )
+        if start_percent > end_percent:
+            raise PackError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
+        blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+        ida.check_unet_compatible(idadapter.config, blocks)
+        patched = model.clone()
+        if weight == 0:
+            return io.NodeOutput(patched)
+        sampling = model.get_model_object("model_sampling")
+        patch = patches.IDAdapterMiddlePatch(
+            idadapter.adapter,
+            embeds.tokens,
+            weight,
+            sigma_start=sampling.percent_to_sigma(start_percent),
+            sigma_end=sampling.percent_to_sigma(end_percent),
+            mask=attn_mask,
+            attention=patches.comfy_attention(),
+        )
+        patched.set_model_patch(patch, "middle_patch")
+        patched.add_patches(patches.kv_weight_patches(idadapter.kv_deltas), strength_patch=weight)
+        return io.NodeOutput(patched)
+
+
+class IDAdapterTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_IDAdapterTextEncode",
+            display_name="IDAdapter Text Encode",
+            category=CATEGORY,
+            description="Encodes a prompt whose identifier word (default 'sks') becomes the identity text token; "
+            "'<class noun> is <identifier>' is appended as in training.",
+            inputs=[
+                io.Clip.Input("clip"),
+                IDAdapterEmbedsType.Input("embeds"),
+                io.String.Input("text", multiline=True, default="a photo of sks, smiling, in a garden"),
+                io.String.Input("identifier", default="sks"),
+                io.String.Input("class_noun", default="person", tooltip="woman, man, person, ..."),
+                io.Boolean.Input("append_class_phrase", default=True,
+                                 tooltip="append ', <class noun> is <identifier>' as the paper's training prompts do"),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip, embeds, text, identifier, class_noun, append_class_phrase) -> io.NodeOutput:
+        identifier = identifier.strip()
+        if append_class_phrase:
+            text = f"{text.rstrip().rstrip(',')}, {class_noun.strip()} is {identifier}"
+        ids = {}
+        for key, rows in clip.tokenize(identifier, return_word_ids=True).items():
+            word = [entry[0] for entry in rows[0] if len(entry) > 2 and entry[2] == 1]
+            if len(word) != 1:
+                raise PackError(f"the identifier {identifier!r} is {len(word)} tokens for the text encoder; "
+                                "use a single-token rare word such as 'sks'")
+            ids[key] = word[0]
+        tokens = clip.tokenize(text)
+        if not any(entry[0] == ids[key] for key, rows in tokens.items() for row in rows for entry in row):
+            raise PackError(f"the text does not contain the identifier {identifier!r}: write it where the person "
+                            "goes (e.g. 'a photo of sks') or turn on append_class_phrase")
+        injected = patches.inject_identity_tokens(tokens, ids, embeds.text)
+        return io.NodeOutput(clip.encode_from_tokens_scheduled(injected))
+
+
+IDADAPTER_NODES = [LoadIDAdapter, IDAdapterMFFEmbed, ApplyIDAdapter, IDAdapterTextEncode]
