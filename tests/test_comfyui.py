@@ -47,8 +47,8 @@ def test_pack_modules_import_without_comfyui_or_insightface():
     assert "pip install insightface onnxruntime" in out.stdout
 
 
-def _run_comfyui(tmp_path, prompts):
-    work = tmp_path / "comfy_work"
+def make_work_dir(work):
+    """A ComfyUI base folder: the pack linked into custom_nodes/, a tiny insightface pack, two input photos."""
     (work / "custom_nodes").mkdir(parents=True)
     (work / "input").mkdir()
     (work / "output").mkdir()
@@ -57,13 +57,24 @@ def _run_comfyui(tmp_path, prompts):
     for name, cells in (("face.png", [(1, 2)]), ("empty.png", [])):
         pixels = (face_image(cells, size=256)[0].numpy() * 255).round().astype("uint8")
         Image.fromarray(pixels).save(work / "input" / name)
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    return work
+
+
+def run_check(work, check, payload):
+    """Runs ``comfyui_checks.<check>(work, payload)`` inside a ComfyUI process and returns its result."""
+    payload_file, result_file = work / f"{check}.payload.json", work / f"{check}.result.json"
+    payload_file.write_text(json.dumps(payload))
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     runner = os.path.join(REPO, "tests", "comfyui_runner.py")
-    args = [python, runner, COMFYUI_PATH, str(work), str(tmp_path / "prompts.json"), str(tmp_path / "result.json")]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    args = [python, runner, COMFYUI_PATH, str(work), check, str(payload_file), str(result_file)]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    return json.loads((tmp_path / "result.json").read_text()), work
+    return json.loads(result_file.read_text())
+
+
+def _run_comfyui(tmp_path, prompts):
+    work = make_work_dir(tmp_path / "comfy_work")
+    return run_check(work, "run_prompts", prompts), work
 
 
 def _embed_prompt(image):

@@ -1,0 +1,233 @@
+"""Checks that run inside a ComfyUI process (started by comfyui_runner.py); each returns a JSON-able result.
+
+They may use ComfyUI's modules (``comfy.*``, ``nodes``, ``execution``) and reach this pack's node classes
+through ``nodes.NODE_CLASS_MAPPINGS``, as ComfyUI itself does.
+"""
+
+import asyncio
+import os
+
+import torch
+from safetensors.torch import save_file
+
+
+class _Server:
+    """The attributes ComfyUI's executor and progress hook use on PromptServer."""
+
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+    sockets_metadata = {}
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+    def queue_updated(self):
+        pass
+
+
+def _jsonable(value):
+    import json
+
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def run_prompts(work, prompts):
+    """Runs API-format prompts in order in one executor (a failing prompt must not stop the next)."""
+    import execution
+    import folder_paths
+    import nodes
+
+    result = {
+        "registered": sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("IDA_")),
+        "folders": {k: folder_paths.get_folder_paths(k) for k in ("insightface", "idadapter", "face_embeds")},
+        "runs": [],
+    }
+    executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC)
+    for i, prompt in enumerate(prompts):
+        valid = asyncio.run(execution.validate_prompt(f"p{i}", prompt, None))
+        run = {"valid": valid[0], "validation_error": _jsonable(valid[1]), "node_errors": _jsonable(valid[3])}
+        if valid[0]:
+            executor.execute(prompt, f"p{i}", extra_data={}, execute_outputs=valid[2])
+            run["success"] = executor.success
+            run["outputs"] = _jsonable(executor.history_result.get("outputs", {}))
+            run["errors"] = [_jsonable(d) for e, d in executor.status_messages if e == "execution_error"]
+        result["runs"].append(run)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a tiny SD1.5-shaped checkpoint (detected by ComfyUI as SD15), a random ViT-L/14 CLIP vision, IDAdapters
+
+TINY_UNET_CONFIG = {"num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
+                    "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1}
+
+
+def _tiny_diffusers_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(320, 640),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=768, attention_head_dim=8,
+    )
+
+
+def _ldm_unet_state_dict(unet):
+    import comfy.utils
+
+    mapping = comfy.utils.unet_to_diffusers(TINY_UNET_CONFIG)
+    sd = unet.state_dict()
+    missing = sorted(set(sd) - set(mapping))
+    assert not missing, f"unmapped diffusers keys: {missing[:5]}"
+    return {"model.diffusion_model." + mapping[k]: v for k, v in sd.items()}
+
+
+def make_sd15_assets(work, payload):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    ckpt = os.path.join(work, "models", "checkpoints", "tiny_sd15.safetensors")
+    os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+    sd = _ldm_unet_state_dict(_tiny_diffusers_unet())
+    torch.manual_seed(1)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+    sd.update({"cond_stage_model.transformer." + k: v for k, v in text.state_dict().items()})
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        latent_channels=4)
+    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    save_file({k: v.half().contiguous() for k, v in sd.items()}, ckpt)
+
+    vision_path = os.path.join(work, "models", "clip_vision", "vit_l.safetensors")
+    os.makedirs(os.path.dirname(vision_path), exist_ok=True)
+    torch.manual_seed(2)
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+        patch_size=14, projection_dim=768, hidden_act="quick_gelu"))
+    save_file({k: v.half().contiguous() for k, v in vision.state_dict().items()}, vision_path)
+    return {"checkpoint": ckpt, "clip_vision": vision_path}
+
+
+def _load_checkpoint(work):
+    import comfy.sd
+
+    path = os.path.join(work, "models", "checkpoints", "tiny_sd15.safetensors")
+    return comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)[:2]
+
+
+def _pack_modules():
+    import nodes
+
+    apply = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"]
+    pack = __import__("sys").modules[apply.__module__]  # the pack's nodes/idadapter.py as ComfyUI loaded it
+    return pack, __import__("sys").modules[apply.__module__.rsplit(".", 1)[0] + ".patches"]
+
+
+def make_idadapters(work, payload):
+    """IDAdapter files fitted to the tiny checkpoint's UNet: one trained-looking (gamma != 0, K/V deltas), one
+    untrained (gamma = 0, no deltas)."""
+    pack, patches = _pack_modules()
+    ida = pack.ida
+    model, _ = _load_checkpoint(work)
+    blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+    out = {"blocks": sorted(blocks), "model_class": type(model.model).__name__,
+           "model_config": type(model.model.model_config).__name__}
+    for name, gamma, kv in (("tiny.safetensors", 0.8, True), ("untrained.safetensors", 0.0, False)):
+        torch.manual_seed(3)
+        cfg = ida.IDAdapterConfig(family="sd15", blocks=blocks, clip_vision_dim=1024, width=64, mff_heads=4,
+                                  num_tokens=4, embed_dim=64, textual_hidden=64)
+        adapter = ida.IDAdapter(cfg)
+        with torch.no_grad():
+            for gated in adapter.adapters.values():
+                gated.gamma.fill_(gamma)
+        deltas = {n: {p: torch.randn(s.channels, s.context_dim) * 0.05 for p in ("to_k", "to_v")}
+                  for n, s in blocks.items()} if kv else {}
+        ida.save_idadapter(ida.IDAdapterWeights(adapter, deltas), os.path.join(work, "models", "idadapter", name))
+    return out
+
+
+def clone_shares_adapter(work, payload):
+    """A clone of the patched model shares the patch object; the unpatched input model has no patch."""
+    import nodes
+
+    pack, _ = _pack_modules()
+    model, _ = _load_checkpoint(work)
+    weights = pack.ida.load_idadapter(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
+    embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64), {"l": torch.randn(768)}, "sd15")
+    apply = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"]
+    patched = apply.execute(model, weights, embeds, 1.0, 0.0, 1.0).result[0]
+    sibling = patched.clone()
+    mine = patched.model_options["transformer_options"]["patches"]["middle_patch"]
+    theirs = sibling.model_options["transformer_options"]["patches"]["middle_patch"]
+    return {
+        "same_patch_object": mine[0] is theirs[0],
+        "same_weights": mine[0].adapter is theirs[0].adapter,
+        "input_model_untouched": "middle_patch" not in model.model_options.get("transformer_options", {}).get("patches", {}),
+        "kv_patch_count": len(patched.patches),
+        "input_model_patch_count": len(model.patches),
+    }
+
+
+def _random_clip(kind):
+    """A ComfyUI CLIP of the given family with random weights (ComfyUI builds its modules uninitialised)."""
+    import comfy.sd
+    import comfy.supported_models as sm
+
+    target = {"sd21": sm.SD20, "sdxl": sm.SDXL}[kind]({"context_dim": 1024}).clip_target()
+    clip = comfy.sd.CLIP(target=target, embedding_directory=None)
+    gen = torch.Generator().manual_seed(4)
+    model = clip.cond_stage_model
+    model.load_state_dict({k: (torch.randn(v.shape, generator=gen) * 0.02).to(v.dtype) if v.is_floating_point() else v
+                           for k, v in model.state_dict().items()})
+    return clip
+
+
+def _token_embeddings(clip):
+    """Each text encoder's token embedding table, by tokens key ("l", "h", "g")."""
+    tables = {}
+    for name, module in clip.cond_stage_model.named_modules():
+        if name.endswith("embeddings.token_embedding"):
+            key = "g" if "clip_g" in name else "h" if "clip_h" in name else "l"
+            tables[key] = module
+    return tables
+
+
+def text_injection_matches_edited_embedding_table(work, payload):
+    """IDAdapter Text Encode equals encoding the same prompt with the identifier's row of each encoder's token
+    embedding table replaced by E_c."""
+    import nodes
+
+    encode = nodes.NODE_CLASS_MAPPINGS["IDA_IDAdapterTextEncode"]
+    results = {}
+    for family in payload["families"]:
+        clip = _load_checkpoint(work)[1] if family == "sd15" else _random_clip(family)
+        tables = _token_embeddings(clip)
+        gen = torch.Generator().manual_seed(5)
+        # rounded to the table's dtype so that writing them into the table loses nothing
+        vectors = {k: (torch.randn(t.weight.shape[1], generator=gen) * 0.02).to(t.weight.dtype).float()
+                   for k, t in tables.items()}
+        embeds = __import__("sys").modules[encode.__module__].ida.IDAdapterEmbeds(torch.zeros(1, 4, 8), vectors, family)
+        prompt = "a photo of sks in the snow, woman is sks"  # what the node encodes with the class phrase on
+        ours = encode.execute(clip, embeds, "a photo of sks in the snow", "sks", "woman", True).result[0]
+        plain = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        sks = clip.tokenize("sks")
+        for key, table in tables.items():  # edits this CLIP's table in place: it is not used afterwards
+            with torch.no_grad():
+                table.weight[sks[key][0][1][0]] = vectors[key].to(table.weight)
+        reference = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        results[family] = {
+            "keys": sorted(tables),
+            "cond_shape": list(ours[0][0].shape),
+            "max_diff": float((ours[0][0] - reference[0][0]).abs().max()),
+            "pooled_diff": float((ours[0][1]["pooled_output"] - reference[0][1]["pooled_output"]).abs().max())
+            if ours[0][1].get("pooled_output") is not None else 0.0,
+            "changed_vs_plain": float((ours[0][0] - plain[0][0]).abs().max()),
+        }
+    return results

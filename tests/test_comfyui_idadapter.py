@@ -1,0 +1,83 @@
+"""IDAdapter inside a real ComfyUI (COMFYUI_PATH): a tiny SD1.5-shaped checkpoint made here, sampled with
+KSampler through the example graph's nodes."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_comfyui import COMFYUI_PATH, make_work_dir, needs_comfyui, run_check
+
+pytestmark = needs_comfyui
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    work = make_work_dir(tmp_path_factory.mktemp("comfy") / "work")
+    run_check(work, "make_sd15_assets", {})
+    info = run_check(work, "make_idadapters", {})
+    assert info["model_config"] == "SD15", info  # ComfyUI detects the tiny checkpoint as SD1.5
+    assert info["blocks"] == ["input_1_0", "input_3_0", "middle_0_0", "output_0_0", "output_1_0", "output_2_0",
+                              "output_3_0"]
+    return work
+
+
+def graph(adapter="tiny.safetensors", weight=1.0, patched=True, prefix="run"):
+    """The example workflow's graph in API format, ending in SaveLatent (and SaveImage) so runs compare."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "vit_l.safetensors"}},
+        "3": {"class_type": "LoadImage", "inputs": {"image": "face.png"}},
+        "4": {"class_type": "IDA_LoadInsightFace", "inputs": {"pack": "tinypack", "provider": "CPU", "det_size": 640}},
+        "5": {"class_type": "IDA_FaceEmbed", "inputs": {"insightface": ["4", 0], "image": ["3", 0],
+              "face_selection": "largest", "face_index": 0, "on_no_face": "error"}},
+        "6": {"class_type": "IDA_LoadIDAdapter", "inputs": {"file": adapter}},
+        "7": {"class_type": "IDA_IDAdapterMFFEmbed", "inputs": {"idadapter": ["6", 0], "clip_vision": ["2", 0],
+              "images": ["3", 0], "num_images": 0, "augment": True, "seed": 0, "face_embeds": ["5", 0]}},
+        "8": {"class_type": "IDA_ApplyIDAdapter", "inputs": {"model": ["1", 0], "idadapter": ["6", 0],
+              "embeds": ["7", 0], "weight": weight, "start_percent": 0.0, "end_percent": 1.0}},
+        "9": {"class_type": "IDA_IDAdapterTextEncode", "inputs": {"clip": ["1", 1], "embeds": ["7", 0],
+              "text": "a photo of sks", "identifier": "sks", "class_noun": "person", "append_class_phrase": True}},
+        "10": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
+        "11": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "12": {"class_type": "KSampler", "inputs": {"model": ["8", 0] if patched else ["1", 0], "seed": 0, "steps": 3,
+               "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "positive": ["9", 0],
+               "negative": ["10", 0], "latent_image": ["11", 0], "denoise": 1.0}},
+        "13": {"class_type": "SaveLatent", "inputs": {"samples": ["12", 0], "filename_prefix": f"latents/{prefix}"}},
+        "14": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["1", 2]}},
+        "15": {"class_type": "SaveImage", "inputs": {"images": ["14", 0], "filename_prefix": prefix}},
+    }
+
+
+def latent(work, prefix):
+    (path,) = (work / "output" / "latents").glob(f"{prefix}_[0-9]*.latent")
+    return load_file(str(path))["latent_tensor"]
+
+
+def test_example_graph_samples_with_the_adapter(work):
+    runs = [graph(patched=False, prefix="base"), graph(weight=1.0, prefix="w1"), graph(weight=0.0, prefix="w0"),
+            graph(adapter="untrained.safetensors", prefix="gamma0"), graph(patched=False, prefix="base_again")]
+    result = run_check(work, "run_prompts", runs)
+    for run in result["runs"]:
+        assert run["valid"] and run["success"], run
+    base = latent(work, "base")
+    assert torch.isfinite(base).all()
+    assert (latent(work, "w1") - base).abs().max() > 1e-3  # gamma != 0 and K/V deltas: the image changes
+    assert torch.equal(latent(work, "w0"), base)  # weight 0: exactly the unpatched model
+    assert torch.equal(latent(work, "gamma0"), base)  # an untrained adapter (gamma = 0, no deltas) is the identity
+    assert torch.equal(latent(work, "base_again"), base)  # the patched branch left the base model untouched
+    assert list((work / "output").glob("w1_*.png"))
+
+
+def test_clone_shares_weights_and_input_model_stays_clean(work):
+    result = run_check(work, "clone_shares_adapter", {})
+    assert result == {"same_patch_object": True, "same_weights": True, "input_model_untouched": True,
+                      "kv_patch_count": 14, "input_model_patch_count": 0}
+
+
+def test_text_token_equals_edited_embedding_table(work):
+    result = run_check(work, "text_injection_matches_edited_embedding_table", {"families": ["sd15", "sd21", "sdxl"]})
+    assert result["sd15"]["keys"] == ["l"] and result["sd21"]["keys"] == ["h"] and result["sdxl"]["keys"] == ["g", "l"]
+    assert result["sdxl"]["cond_shape"] == [1, 77, 2048]
+    for family, r in result.items():
+        assert r["max_diff"] < 1e-4 and r["pooled_diff"] < 1e-4, (family, r)
+        assert r["changed_vs_plain"] > 1e-3, (family, r)
