@@ -184,6 +184,10 @@ class TextualProjector(nn.Module):
             nn.GELU(),
             nn.Linear(cfg.textual_hidden, sum(self.dims)),
         )
+        # start E_c at the scale of CLIP's own token embeddings (initialised with std 0.02), so the identity
+        # token does not swamp the prompt before training has shaped it
+        nn.init.normal_(self.mlp[-1].weight, std=0.02 / math.sqrt(cfg.textual_hidden))
+        nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, class_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.keys, self.mlp(class_embedding).split(self.dims, dim=-1)))
@@ -402,3 +406,23 @@ def embed_references(
 
 def _vision_name(width: int) -> str:
     return {1024: "ViT-L/14", 1280: "ViT-H/14", 1664: "ViT-bigG/14"}.get(width, "unknown")
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_vision_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """[B, 3, H, W] RGB 0..1 -> CLIP vision input, as ComfyUI's clip_preprocess(crop=True) makes it: short side
+    resized to ``size`` (bicubic, antialiased), centre crop, 8-bit quantisation, normalisation. The trainer uses
+    this so its references look exactly like the node's."""
+    h, w = images.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        images = F.interpolate(images, size=(round(h * scale), round(w * scale)), mode="bicubic", antialias=True)
+        top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
+        images = images[..., top:top + size, left:left + size]
+    cropped = torch.clip(255.0 * images, 0, 255).round() / 255.0
+    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (cropped - mean_t) / std_t

@@ -17,6 +17,7 @@ import os
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import MissingDependencyError, ModelFileError
@@ -368,3 +369,37 @@ def load_arcface(path: str) -> IResNet:
     if path.lower().endswith(".onnx"):
         return iresnet_from_onnx(path)
     return load_arcface_torch(path)
+
+
+def similarity_to_template(landmarks: torch.Tensor, size: int = ARCFACE_INPUT_SIZE) -> torch.Tensor:
+    """[B, 5, 2] landmarks -> [B, 2, 3] least-squares similarity transforms onto the ArcFace template
+    (Umeyama, as insightface's norm_crop estimates it)."""
+    src = landmarks.double()
+    dst = torch.tensor(ARCFACE_TEMPLATE_112, dtype=torch.float64, device=landmarks.device) * (size / 112.0)
+    dst = dst.expand_as(src)
+    src_mean, dst_mean = src.mean(1, keepdim=True), dst.mean(1, keepdim=True)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    cov = dst_c.transpose(1, 2) @ src_c / src.shape[1]
+    u, s, vh = torch.linalg.svd(cov)
+    d = torch.ones(src.shape[0], 2, dtype=torch.float64, device=landmarks.device)
+    d[:, 1] = torch.sign(torch.linalg.det(u) * torch.linalg.det(vh))
+    rotation = u @ torch.diag_embed(d) @ vh
+    scale = (s * d).sum(-1) / src_c.square().sum((1, 2)).div(src.shape[1])
+    translation = dst_mean.transpose(1, 2) - scale[:, None, None] * rotation @ src_mean.transpose(1, 2)
+    return torch.cat([scale[:, None, None] * rotation, translation], dim=2).to(landmarks.dtype)
+
+
+def align_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int = ARCFACE_INPUT_SIZE) -> torch.Tensor:
+    """Differentiable ArcFace alignment: [B, C, H, W] images and their [B, 5, 2] pixel landmarks ->
+    [B, C, size, size] crops warped onto the template (bilinear, zeros outside), like norm_crop."""
+    b, _, h, w = images.shape
+    m = similarity_to_template(landmarks.float(), size)  # image pixels -> crop pixels
+    full = torch.cat([m, torch.tensor([[[0.0, 0.0, 1.0]]], device=m.device).expand(b, 1, 3)], dim=1)
+    inverse = torch.linalg.inv(full)[:, :2]  # crop pixels -> image pixels
+    # grid_sample works in [-1, 1] with align_corners=False: pixel centres at (i + 0.5) / n * 2 - 1
+    ys, xs = torch.meshgrid(torch.arange(size, device=m.device), torch.arange(size, device=m.device), indexing="ij")
+    crop = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(1, -1, 3).float()
+    src = crop @ inverse.transpose(1, 2)  # [B, size*size, 2] source pixel coordinates
+    grid = torch.stack([(src[..., 0] + 0.5) / w * 2 - 1, (src[..., 1] + 0.5) / h * 2 - 1], -1)
+    grid = grid.reshape(b, size, size, 2).to(images.dtype)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

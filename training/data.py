@@ -1,0 +1,242 @@
+"""Identity datasets for the face trainers: layout, up-front validation, a face cache, and batch sampling.
+
+Layout (one folder per identity)::
+
+    <dataset>/<identity>/*.jpg|.jpeg|.png|.webp|.bmp
+    <dataset>/<identity>/metadata.jsonl   optional: {"file_name": "img1.jpg", "caption": "..."} per line
+    <dataset>/<identity>/class_noun.txt   optional: the class noun ("woman", "man", ...); default "person"
+
+Every image is checked once before training: unreadable files, images without a face, and identities left
+with no usable image are skipped, counted and reported, never a crash mid-run. Detections (box, 5 landmarks)
+and ArcFace embeddings are cached in ``<cache_dir>/faces.safetensors`` keyed by file path, size and mtime, so
+later runs (and resumes) skip detection.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+CACHE_FORMAT = "face_cache/1"
+
+
+@dataclass
+class FaceImage:
+    path: str
+    caption: str
+    box: torch.Tensor  # [4] pixels of the original image
+    landmarks: torch.Tensor  # [5, 2]
+    embedding: torch.Tensor  # [512] unit ArcFace vector
+
+
+@dataclass
+class Identity:
+    name: str
+    class_noun: str
+    images: list[FaceImage]
+
+
+@dataclass
+class DatasetReport:
+    identities: int = 0
+    images: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def summary(self) -> str:
+        lines = [f"dataset: {self.identities} identities, {self.images} usable images"]
+        for reason, paths in sorted(self.skipped.items()):
+            shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+            lines.append(f"  skipped {len(paths)} ({reason}): {shown}")
+        return "\n".join(lines)
+
+
+def _captions(folder: str) -> dict[str, str]:
+    path = os.path.join(folder, "metadata.jsonl")
+    captions = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        entry = json.loads(line)
+                        captions[entry["file_name"]] = str(entry.get("caption", ""))
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise ValueError(f"{path} line {number}: expected {{\"file_name\": ..., \"caption\": ...}} "
+                                         f"({exc})") from exc
+    return captions
+
+
+def _class_noun(folder: str) -> str:
+    path = os.path.join(folder, "class_noun.txt")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            noun = f.read().strip()
+        if noun:
+            return noun
+    return "person"
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """[H, W, 3] uint8 RGB; raises OSError/ValueError for unreadable files."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.array(img.convert("RGB"))
+
+
+class FaceCache:
+    """Detections and embeddings per image file, persisted as safetensors + JSON metadata."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        if os.path.isfile(path):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") == CACHE_FORMAT:
+                    index = json.loads(meta["index"])
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
+                    for key, entry in index.items():
+                        if "row" in entry:
+                            row = entry["row"]
+                            entry = dict(entry, box=tensors["boxes"][row], landmarks=tensors["landmarks"][row],
+                                         embedding=tensors["embeddings"][row])
+                        self.entries[key] = entry
+        self.dirty = False
+
+    @staticmethod
+    def stamp(path: str) -> str:
+        st = os.stat(path)
+        return f"{st.st_size}-{st.st_mtime_ns}"
+
+    def get(self, key: str, stamp: str):
+        entry = self.entries.get(key)
+        return entry if entry is not None and entry["stamp"] == stamp else None
+
+    def put(self, key: str, entry: dict):
+        self.entries[key] = entry
+        self.dirty = True
+
+    def save(self):
+        if not self.dirty:
+            return
+        from safetensors.torch import save_file
+
+        index, boxes, landmarks, embeddings = {}, [], [], []
+        for key, entry in self.entries.items():
+            if "embedding" in entry:
+                index[key] = {"stamp": entry["stamp"], "row": len(boxes)}
+                boxes.append(entry["box"])
+                landmarks.append(entry["landmarks"])
+                embeddings.append(entry["embedding"])
+            else:
+                index[key] = {"stamp": entry["stamp"], "skip": entry["skip"]}
+        tensors = {
+            "boxes": torch.stack(boxes) if boxes else torch.zeros(0, 4),
+            "landmarks": torch.stack(landmarks) if landmarks else torch.zeros(0, 5, 2),
+            "embeddings": torch.stack(embeddings) if embeddings else torch.zeros(0, 512),
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        save_file(tensors, tmp, metadata={"format": CACHE_FORMAT, "index": json.dumps(index)})
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+
+def scan_dataset(root: str, analyzer, cache_dir: str, log=print) -> tuple[list[Identity], DatasetReport]:
+    """Validates every image once (readable, one face found) and returns the usable identities."""
+    from nodes.face.insightface_backend import embed_faces
+
+    if not os.path.isdir(root):
+        raise ValueError(f"dataset folder {root!r} does not exist")
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not folders:
+        raise ValueError(f"dataset folder {root!r} has no identity sub-folders (expected <dataset>/<identity>/*.jpg)")
+    cache = FaceCache(os.path.join(cache_dir, "faces.safetensors"))
+    report = DatasetReport()
+    identities = []
+    for name in folders:
+        folder = os.path.join(root, name)
+        captions = _captions(folder)
+        noun = _class_noun(folder)
+        usable = []
+        for file in sorted(os.listdir(folder)):
+            if os.path.splitext(file)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            path = os.path.join(folder, file)
+            key, stamp = os.path.relpath(path, root), FaceCache.stamp(path)
+            entry = cache.get(key, stamp)
+            if entry is None:
+                entry = {"stamp": stamp}
+                try:
+                    rgb = load_rgb(path)
+                except Exception as exc:  # PIL raises many types for broken files
+                    entry["skip"] = f"unreadable image ({type(exc).__name__})"
+                else:
+                    image = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None]
+                    try:
+                        faces, _ = embed_faces(analyzer, image, "largest", on_no_face="skip")
+                    except ValueError as exc:  # e.g. an image too small to search
+                        faces, entry["skip"] = None, f"unusable image ({exc})"
+                    if faces is not None and len(faces) == 0:
+                        entry["skip"] = "no face detected"
+                    elif faces is not None:
+                        entry.update(box=faces.boxes[0], landmarks=faces.landmarks[0], embedding=faces.embeds[0])
+                cache.put(key, entry)
+            if "skip" in entry:
+                report.skipped[entry["skip"]].append(key)
+                continue
+            caption = captions.get(file) or f"a photo of a {noun}"
+            usable.append(FaceImage(path, caption, entry["box"], entry["landmarks"], entry["embedding"]))
+        if usable:
+            identities.append(Identity(name, noun, usable))
+            report.images += len(usable)
+        else:
+            report.skipped["identity with no usable image"].append(name)
+    cache.save()
+    report.identities = len(identities)
+    log(report.summary())
+    if not identities:
+        raise ValueError(f"no usable identity in {root!r}:\n{report.summary()}")
+    return identities, report
+
+
+def square_resize(rgb: np.ndarray, landmarks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre-crop to a square and resize to ``size``: [3, size, size] in 0..1 and the landmarks moved along."""
+    h, w = rgb.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = torch.from_numpy(np.ascontiguousarray(rgb[top:top + side, left:left + side])).permute(2, 0, 1).float() / 255
+    image = torch.nn.functional.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)[0].clamp(0, 1)
+    scale = size / side
+    moved = (landmarks - torch.tensor([left, top], dtype=landmarks.dtype)) * scale
+    return image, moved
+
+
+def sample_batch(identities: list[Identity], batch_size: int, num_images: int, step: int, seed: int) -> list[dict]:
+    """The batch for ``step``: a pure function of (seed, step), so a resumed run sees the same data.
+
+    Per example: an identity, a target image (with caption) and up to N reference images of that identity.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    picks = torch.randperm(len(identities), generator=gen)
+    examples = []
+    for i in range(batch_size):
+        identity = identities[int(picks[i % len(picks)])]
+        order = torch.randperm(len(identity.images), generator=gen).tolist()
+        examples.append({
+            "identity": identity,
+            "target": identity.images[order[0]],
+            "references": [identity.images[j] for j in order[:num_images]],
+            "augment_seed": int(torch.randint(2**31 - 1, (1,), generator=gen)),
+        })
+    return examples

@@ -1,0 +1,360 @@
+"""IDAdapter training (the paper's recipe) as a task for ``training.loop``.
+
+Per example: N reference images of one identity (augmented up to N when fewer), a target image of the same
+identity with its caption + ", <class noun> is sks". E_c replaces "sks" at the text encoder's input, E_r feeds
+the gated self-attention of every UNet transformer block. Trainable: MFF, P_textual, the gated adapters and
+the cross-attention W_K, W_V; everything else is frozen. Loss: L_SD + lambda * F(x0_hat) * L_id with L_id =
+1 - cos(ArcFace(aligned x0_hat), f_a) and F the ArcFace-norm face gate (see IDAdapterTrainConfig).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nodes.arch import idadapter as ida
+from nodes.arch.iresnet import align_faces, load_arcface
+from training import data as dataset
+from training import diffusers_binding
+from training.config import ConfigError, IDAdapterTrainConfig
+
+FAMILY_TEXT_KEY = {"sd15": "l", "sd21": "h"}
+
+
+class Components:
+    """The frozen models and tokenizer a run uses."""
+
+    def __init__(self, tokenizer, text_encoder, vae, unet, noise_scheduler, clip_vision, arcface, analyzer):
+        self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
+        self.noise_scheduler, self.clip_vision, self.arcface, self.analyzer = noise_scheduler, clip_vision, arcface, analyzer
+
+
+def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str]:
+    """Loads (or, for --preset tiny, builds) every model; returns them and the dataset folder."""
+    from nodes.face import insightface_backend
+
+    if config.preset == "tiny":
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+
+        from training import tiny
+
+        assets = os.path.join(config.output_dir, "tiny_assets")
+        pack = os.path.join(assets, "insightface", "models", "tinypack")
+        if not os.path.isfile(os.path.join(pack, "rec.onnx")):
+            tiny.make_pack(os.path.join(assets, "insightface"), "tinypack")
+        data_dir = config.dataset or os.path.join(assets, "dataset")
+        if not config.dataset and not os.path.isdir(data_dir):
+            tiny.make_synthetic_dataset(data_dir, config.synthetic_identities, config.synthetic_images, size=config.resolution,
+                                        seed=config.seed)
+        tokenizer = tiny.tiny_tokenizer(os.path.join(assets, "tokenizer"))
+        text_encoder, vae = tiny.tiny_text_encoder(len(tokenizer)), tiny.tiny_vae()
+        noise_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")  # like SD2.1
+        base = os.path.join(assets, "base_unet")
+        if os.path.isfile(os.path.join(base, "config.json")):
+            unet = UNet2DConditionModel.from_pretrained(base)
+        else:
+            unet = tiny.pretrain_base(tiny.tiny_unet(), vae, text_encoder, tokenizer, noise_scheduler, data_dir,
+                                      config.tiny_base_steps, config.seed)
+            unet.save_pretrained(base)
+        components = Components(tokenizer, text_encoder, vae, unet, noise_scheduler, tiny.tiny_clip_vision(),
+                                load_arcface(os.path.join(pack, "rec.onnx")),
+                                insightface_backend.load_analyzer(pack, "CPU", 640))
+        return components, data_dir
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    base = config.base_model
+    if os.path.isdir(base):
+        if not os.path.isfile(os.path.join(base, "model_index.json")):
+            raise ConfigError(f"--base_model {base!r} is a folder without model_index.json: expected a diffusers "
+                              "Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(base, local_files_only=True)
+        except Exception as exc:
+            raise ConfigError(f"could not load the single-file checkpoint {base!r} offline ({type(exc).__name__}: "
+                              f"{exc}); convert it to a diffusers folder or pass that folder as --base_model") from exc
+        tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    clip_vision = CLIPVisionModelWithProjection.from_pretrained(config.clip_vision)
+    analyzer = insightface_backend.load_analyzer(
+        insightface_backend.find_pack_dir([os.path.dirname(os.path.dirname(config.insightface_pack))],
+                                          os.path.basename(config.insightface_pack.rstrip("/"))), "auto", 640)
+    arcface_path = config.arcface or analyzer.app.models["recognition"].model_file
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, clip_vision, load_arcface(arcface_path),
+                      analyzer), config.dataset
+
+
+class TrainableIDAdapter(nn.Module):
+    """What Accelerate prepares: the UNet (frozen but for attn2 to_k/to_v) with the adapter attached."""
+
+    def __init__(self, unet, adapter: ida.IDAdapter):
+        super().__init__()
+        self.unet = unet
+        self.adapter = adapter
+
+    def forward(self, noisy, timesteps, text, tokens, active):
+        kwargs = diffusers_binding.idadapter_kwargs(tokens, active)
+        return self.unet(noisy, timesteps, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+
+
+@contextlib.contextmanager
+def identity_token(text_encoder, input_ids: torch.Tensor, identifier_id: int, vectors: torch.Tensor):
+    """While active, the text encoder's input embedding of every identifier token is that row's E_c vector
+    (the trainer's side of IDAdapter Text Encode's injection)."""
+    mask = (input_ids == identifier_id).unsqueeze(-1)
+
+    def replace(module, args, output):
+        return torch.where(mask.to(output.device), vectors[:, None, :].to(output.dtype), output)
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class IDAdapterTask:
+    def __init__(self, config: IDAdapterTrainConfig, components: Components | None = None, log=print):
+        self.config = config
+        self.log = log
+        if components is None:
+            components, data_dir = load_components(config)
+        else:
+            data_dir = config.dataset
+        self.c = components
+        unet = components.unet
+        context = unet.config.cross_attention_dim
+        family = {768: "sd15", 1024: "sd21"}.get(context)
+        if family is None:
+            raise ConfigError(f"the base UNet has cross-attention width {context}; the IDAdapter trainer supports "
+                              "SD1.5 (768) and SD2.x (1024) bases")
+        self.family = family
+        ids = components.tokenizer(config.identifier, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ConfigError(f"--identifier {config.identifier!r} is {len(ids)} tokens for this tokenizer; "
+                              "use a single-token rare word such as 'sks'")
+        self.identifier_id = ids[0]
+        cache_dir = config.cache_dir or os.path.join(config.output_dir, "cache")
+        self.identities, self.report = dataset.scan_dataset(data_dir, components.analyzer, cache_dir, log=log)
+        vision_cfg = components.clip_vision.config
+        self.vision_size = vision_cfg.image_size
+        adapter_cfg = ida.IDAdapterConfig(
+            family=family, blocks=diffusers_binding.block_specs(unet), clip_vision_dim=vision_cfg.hidden_size,
+            width=config.mff_width, mff_heads=config.mff_heads, num_tokens=config.num_tokens,
+            embed_dim=config.embed_dim, textual_hidden=config.textual_hidden, num_images=config.num_images,
+        )
+        torch.manual_seed(config.seed)
+        self.adapter = ida.IDAdapter(adapter_cfg)
+        for module in (components.text_encoder, components.vae, unet, components.clip_vision, components.arcface):
+            module.requires_grad_(False).eval()
+        self.kv_params = {}
+        for name, block in diffusers_binding.transformer_blocks(unet).items():
+            for proj in ("to_k", "to_v"):
+                weight = getattr(block.attn2, proj).weight
+                weight.requires_grad_(True)
+                self.kv_params[(name, proj)] = weight
+        self.base_kv = {key: w.detach().float().cpu().clone() for key, w in self.kv_params.items()}
+        diffusers_binding.attach(unet, self.adapter)
+        unet.train()
+        self.trainable = TrainableIDAdapter(unet, self.adapter)
+
+    # ---- the task interface used by training.loop
+
+    def param_groups(self) -> list[dict]:
+        kv_lr = self.config.kv_learning_rate or self.config.learning_rate
+        return [{"params": list(self.adapter.parameters())},
+                {"params": list(self.kv_params.values()), "lr": kv_lr}]
+
+    def setup(self, accelerator):
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        for module in (self.c.text_encoder, self.c.vae, self.c.clip_vision, self.c.arcface):
+            module.to(self.device, self.weight_dtype)
+        self.trainable.to(self.device)
+        if self.config.gradient_checkpointing:
+            self.c.unet.enable_gradient_checkpointing()
+            self.c.vae.enable_gradient_checkpointing()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {f"adapter.{k}": v for k, v in self.adapter.state_dict().items()}
+        state.update({f"kv.{name}.{proj}": w.detach() for (name, proj), w in self.kv_params.items()})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.adapter.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("adapter.")})
+        with torch.no_grad():
+            for (name, proj), w in self.kv_params.items():
+                w.copy_(state[f"kv.{name}.{proj}"])
+
+    def export(self, path: str) -> None:
+        deltas = {}
+        for (name, proj), w in self.kv_params.items():
+            deltas.setdefault(name, {})[proj] = w.detach().float().cpu() - self.base_kv[(name, proj)]
+        ida.save_idadapter(ida.IDAdapterWeights(self.adapter, deltas), path)
+
+    # ---- one step
+
+    def _generator(self, step: int, salt: int) -> torch.Generator:
+        rank = self.accelerator.process_index if hasattr(self, "accelerator") else 0
+        return torch.Generator().manual_seed(((self.config.seed * 1_000_003 + step) * 97 + salt) * 131 + rank)
+
+    def encode_references(self, examples) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """E_r [B, M, D] and E_c {key: [B, dim]} for a batch of examples (grad flows into the adapter)."""
+        n = self.config.num_images
+        patches, classes, arcface = [], [], []
+        for ex in examples:
+            refs = torch.stack([dataset.square_resize(dataset.load_rgb(im.path), im.landmarks, self.vision_size)[0]
+                                for im in ex["references"]])
+            refs = ida.augment_references(refs, n, ex["augment_seed"]) if refs.shape[0] < n else refs
+            pixel = ida.clip_vision_preprocess(refs, self.vision_size).to(self.device, self.weight_dtype)
+            with torch.no_grad():
+                out = self.c.clip_vision(pixel_values=pixel, output_hidden_states=True)
+            patches.append(out.hidden_states[-2].float())
+            classes.append(out.last_hidden_state[:, 0].float().mean(0))
+            emb = torch.stack([im.embedding for im in ex["references"]]).float()
+            arcface.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
+        arcface = torch.stack(arcface).to(self.device)
+        return self.adapter.encode(torch.stack(patches), arcface, torch.stack(classes)) + (arcface,)
+
+    def encode_text(self, captions: list[str], vectors: torch.Tensor) -> torch.Tensor:
+        ids = self.c.tokenizer(captions, padding="max_length", max_length=self.c.tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt").input_ids.to(self.device)
+        with identity_token(self.c.text_encoder, ids, self.identifier_id, vectors):
+            return self.c.text_encoder(ids)[0]
+
+    def loss(self, model, step: int):
+        cfg = self.config
+        examples = dataset.sample_batch(self.identities, cfg.batch_size, cfg.num_images, step, cfg.seed)
+        gen = self._generator(step, 0)
+        keep_image = torch.rand(len(examples), generator=gen) >= cfg.image_dropout  # stays on the CPU (host-side rows)
+        keep_text = torch.rand(len(examples), generator=gen) >= cfg.text_dropout
+        targets, landmarks = zip(*[dataset.square_resize(dataset.load_rgb(ex["target"].path), ex["target"].landmarks,
+                                                         cfg.resolution) for ex in examples])
+        target_images = torch.stack(targets).to(self.device, self.weight_dtype) * 2 - 1
+        landmarks = torch.stack(landmarks).to(self.device)
+        e_r, e_c, f_a = self.encode_references(examples)
+        captions = [f"{ex['target'].caption}, {ex['identity'].class_noun} is {cfg.identifier}" if keep_text[i] else ""
+                    for i, ex in enumerate(examples)]
+        text = self.encode_text(captions, e_c[FAMILY_TEXT_KEY[self.family]])
+
+        scheduler = self.c.noise_scheduler
+        with torch.no_grad():
+            latents = self.c.vae.encode(target_images).latent_dist.sample(generator=gen)
+        latents = latents.float() * self.c.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen).to(self.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(examples),), generator=gen).to(self.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = model(noisy, timesteps, text, e_r, keep_image).float()
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        loss_sd = F.mse_loss(prediction, target)
+        logs = {"loss_sd": loss_sd.detach()}
+        loss = loss_sd
+        if cfg.id_loss_weight > 0 and bool(keep_image.any()):
+            loss_id, gate = self.identity_loss(noisy, prediction, timesteps, target_images, landmarks, f_a, keep_image)
+            loss = loss + cfg.id_loss_weight * loss_id
+            logs.update(loss_id=loss_id.detach(), id_gate=gate.float().mean())
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    def predicted_x0(self, noisy, prediction, timesteps):
+        alphas = self.c.noise_scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
+        if self.c.noise_scheduler.config.prediction_type == "v_prediction":
+            return alphas.sqrt() * noisy - (1 - alphas).sqrt() * prediction
+        return (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
+
+    def identity_loss(self, noisy, prediction, timesteps, target_images, landmarks, f_a, keep_image):
+        rows = keep_image.nonzero().flatten().to(noisy.device)
+        x0 = self.predicted_x0(noisy[rows], prediction[rows], timesteps[rows]) / self.c.vae.config.scaling_factor
+        decoded = self.c.vae.decode(x0.to(self.weight_dtype)).sample  # x0_hat estimates the target image
+        crops = align_faces(decoded.float(), landmarks[rows])
+        features = self.c.arcface(crops.to(self.weight_dtype)).float()
+        with torch.no_grad():
+            reference = self.c.arcface(align_faces(target_images[rows].float(), landmarks[rows]).to(self.weight_dtype)).float()
+            gate = features.norm(dim=-1) >= self.config.id_gate_ratio * reference.norm(dim=-1)
+        per_example = 1 - F.cosine_similarity(features, f_a[rows], dim=-1)
+        return (per_example * gate).mean(), gate
+
+    # ---- evaluation and validation
+
+    @torch.no_grad()
+    def denoising_loss(self, identities, shuffle: bool = False, seed: int = 123, repeats: int = 4,
+                       min_timestep: int = 0) -> float:
+        """Mean held-out L_SD over every image of ``identities`` at fixed noise and timesteps >= ``min_timestep``,
+        conditioned on its own identity's references (or, with ``shuffle``, on the next identity's)."""
+        model = self.trainable
+        total, count = 0.0, 0
+        for idx, identity in enumerate(identities):
+            source = identities[(idx + 1) % len(identities)] if shuffle else identity
+            for j, image in enumerate(identity.images):
+                refs = source.images[: self.config.num_images]
+                example = {"identity": source, "target": image, "references": refs, "augment_seed": seed + j}
+                e_r, e_c, _ = self.encode_references([example])
+                rgb, _ = dataset.square_resize(dataset.load_rgb(image.path), image.landmarks, self.config.resolution)
+                latents = self.c.vae.encode((rgb[None] * 2 - 1).to(self.device, self.weight_dtype)).latent_dist.mean
+                latents = latents.float() * self.c.vae.config.scaling_factor
+                text = self.encode_text([f"{image.caption}, {source.class_noun} is {self.config.identifier}"],
+                                        e_c[FAMILY_TEXT_KEY[self.family]])
+                gen = torch.Generator().manual_seed(seed * 7919 + idx * 101 + j)
+                for _ in range(repeats):
+                    noise = torch.randn(latents.shape, generator=gen).to(self.device)
+                    t = torch.randint(min_timestep, self.c.noise_scheduler.config.num_train_timesteps, (1,),
+                                      generator=gen).to(self.device)
+                    noisy = self.c.noise_scheduler.add_noise(latents, noise, t)
+                    pred = model(noisy, t, text, e_r, None).float()
+                    target = noise if self.c.noise_scheduler.config.prediction_type != "v_prediction" else \
+                        self.c.noise_scheduler.get_velocity(latents, noise, t)
+                    total += F.mse_loss(pred, target).item()
+                    count += 1
+        return total / count
+
+    @torch.no_grad()
+    def validate(self, model, step: int):
+        """Images from the fixed validation prompts for the first identity (a held-out face if you keep one
+        identity out of training), with CFG; the adapter runs on the conditional half only."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from PIL import Image
+
+        unet = self.accelerator.unwrap_model(model).unet
+        pipe = StableDiffusionPipeline(vae=self.c.vae, text_encoder=self.c.text_encoder, tokenizer=self.c.tokenizer,
+                                       unet=unet, scheduler=DDIMScheduler.from_config(self.c.noise_scheduler.config),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        identity = self.identities[0]
+        example = {"identity": identity, "target": identity.images[0], "references": identity.images[:self.config.num_images],
+                   "augment_seed": 0}
+        was_training = unet.training
+        unet.eval()
+        try:
+            e_r, e_c, _ = self.encode_references([example])
+            images = []
+            for i, prompt in enumerate(self.config.validation_prompts):
+                text = self.encode_text([f"{prompt}, {identity.class_noun} is {self.config.identifier}"],
+                                        e_c[FAMILY_TEXT_KEY[self.family]])
+                negative = self.encode_text([""], e_c[FAMILY_TEXT_KEY[self.family]])
+                out = pipe(prompt_embeds=text.to(self.weight_dtype), negative_prompt_embeds=negative.to(self.weight_dtype),
+                           num_inference_steps=self.config.validation_steps, guidance_scale=5.0,
+                           height=self.config.resolution, width=self.config.resolution, output_type="np",
+                           generator=torch.Generator().manual_seed(i),
+                           cross_attention_kwargs=diffusers_binding.idadapter_kwargs(e_r, torch.tensor([False, True])))
+                images.append(Image.fromarray((np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)))
+        finally:
+            unet.train(was_training)
+        return images

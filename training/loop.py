@@ -1,0 +1,196 @@
+"""The training loop every trainer shares: Accelerate (devices, mixed precision, multi-GPU/multi-node through
+``accelerate launch``), optimiser and LR schedule, optional EMA, tqdm progress, TensorBoard logs, periodic
+validation, checkpoints with exact resume, and an atomic export.
+
+A trainer supplies a *task* object:
+
+- ``trainable``: the nn.Module handed to ``accelerator.prepare`` (it owns every trainable parameter);
+- ``param_groups()``: the optimiser's parameter groups (e.g. a lower rate for fine-tuned pretrained weights);
+- ``trainable_state()`` / ``load_trainable_state(dict)``: just the trained tensors (checkpoints never copy the
+  frozen base model);
+- ``loss(model, step) -> (loss, logs)``: one micro-batch; everything random in it derives from (seed, step), so
+  a resumed run repeats the uninterrupted one exactly;
+- ``validate(model, step) -> list[PIL.Image]`` and ``export(path)``.
+
+Checkpoints are written to ``checkpoint-<step>.tmp`` and renamed when complete, so killing the process at
+any moment loses at most the steps since the last checkpoint and never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+
+import torch
+
+log = logging.getLogger("training")
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+class LoopState:
+    """The step counter, saved in every checkpoint through accelerate's custom-object hook."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()]
+    return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d[11:]))]
+
+
+def resolve_resume(resume: str, output_dir: str) -> str | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoints(output_dir)
+        return found[-1] if found else None
+    if not os.path.isfile(os.path.join(resume, TRAINABLE_FILE)):
+        raise ValueError(f"--resume {resume!r} is not a checkpoint folder (no {TRAINABLE_FILE} in it); "
+                         f"use 'latest' or one of {checkpoints(output_dir)[-3:]}")
+    return resume
+
+
+def run(task, config, accelerator=None) -> str:
+    """Trains ``task`` for ``config.max_steps`` optimiser steps; returns the path of the exported weights."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    accelerator = accelerator or Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")),
+    )
+    set_seed(config.seed)
+    task.setup(accelerator)
+    params = [p for p in task.trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(task.param_groups(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                              num_training_steps=config.max_steps * accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(task.trainable, optimizer, scheduler)
+    ema = None
+    if config.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=config.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+    state = LoopState()
+    accelerator.register_for_checkpointing(state)
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            save_file({k: v.detach().cpu().contiguous() for k, v in task.trainable_state().items()},
+                      os.path.join(output_dir, TRAINABLE_FILE))
+        weights.clear()  # the frozen base is not checkpointed
+
+    def load_hook(models, input_dir):
+        task.load_trainable_state(load_file(os.path.join(input_dir, TRAINABLE_FILE)))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    resume_from = resolve_resume(config.resume, config.output_dir)
+    if resume_from:
+        accelerator.load_state(resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    if accelerator.is_main_process:
+        os.makedirs(config.output_dir, exist_ok=True)
+        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+            f.write(config.to_json())
+        if config.report_to != "none":
+            accelerator.init_trackers("idadapter", config={k: v for k, v in vars(config).items()
+                                                           if isinstance(v, (int, float, str, bool))})
+
+    def checkpoint():
+        accelerator.wait_for_everyone()
+        final = os.path.join(config.output_dir, f"checkpoint-{state.step}")
+        tmp = final + ".tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in checkpoints(config.output_dir)[:-config.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    bar = tqdm(total=config.max_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="steps")
+    while state.step < config.max_steps:
+        logs = {}
+        for micro in range(config.gradient_accumulation_steps):
+            with accelerator.accumulate(model):
+                loss, logs = task.loss(model, state.step * config.gradient_accumulation_steps + micro)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        if not all(math.isfinite(float(v)) for v in logs.values()):
+            raise FloatingPointError(f"step {state.step}: non-finite loss {logs}; lower --learning_rate or use bf16")
+        if ema is not None:
+            ema.step(params)
+        state.step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items()})
+        if state.step % config.log_every == 0 and config.report_to != "none":
+            accelerator.log({**{k: float(v) for k, v in logs.items()}, "lr": scheduler.get_last_lr()[0]}, step=state.step)
+        if state.step % config.checkpoint_every == 0 or state.step == config.max_steps:
+            checkpoint()
+        if config.validation_every and state.step % config.validation_every == 0 and accelerator.is_main_process:
+            _validate(task, model, state.step, config, accelerator, ema, params)
+    bar.close()
+
+    export_path = os.path.join(config.output_dir, config.export_name)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        task.export(export_path)
+        if ema is not None:
+            ema.restore(params)
+        accelerator.print(f"exported {export_path}")
+    accelerator.end_training()
+    return export_path
+
+
+def _validate(task, model, step, config, accelerator, ema, params):
+    if ema is not None:
+        ema.store(params)
+        ema.copy_to(params)
+    try:
+        images = task.validate(model, step)
+    finally:
+        if ema is not None:
+            ema.restore(params)
+    if not images:
+        return
+    folder = os.path.join(config.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(os.path.join(folder, f"step{step:07d}_{i}.png"))
+    if config.report_to == "tensorboard":
+        import numpy as np
+
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")

@@ -1,0 +1,263 @@
+"""Tiny random stand-ins for every model the trainers use, and a synthetic identity set: what ``--preset tiny``
+and the tests run on. Shapes follow SD1.5 where the file formats check them (text width 768, ArcFace 512).
+
+The face models are real ONNX files in an insightface pack layout, so insightface's own detection, alignment
+and embedding code runs on them. The detector is SCRFD-shaped (9 outputs: scores, box distances and
+keypoints at strides 8, 16, 32, two anchors each) and "detects" a face in every 32x32 cell of its 128x128 input
+whose mean brightness is high: the box is that cell and the landmarks are the ArcFace template scaled into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nodes.arch.iresnet import ARCFACE_TEMPLATE_112, IResNet
+
+DET_INPUT = 128
+CELL = 32  # the detecting stride: a face is one 32x32 cell of the detector input
+IDENTIFIER_WORDS = ["sks", "person", "woman", "man", "is", "a", "photo", "of", "painting", "smiling", "outdoors",
+                    "in", "the", "snow", "portrait", "close", "up", ","]
+
+
+class TinySCRFD(nn.Module):
+    def forward(self, x):
+        scores, boxes, kps = [], [], []
+        template = torch.tensor(ARCFACE_TEMPLATE_112, dtype=torch.float32).reshape(1, 10) / 112.0
+        for stride in (8, 16, 32):
+            brightness = F.avg_pool2d(x.mean(1, keepdim=True), stride).flatten().repeat_interleave(2)
+            n = brightness.shape[0]
+            score = torch.sigmoid(20.0 * brightness) if stride == CELL else brightness * 0.0
+            scores.append(score.reshape(n, 1))
+            # distances in stride units from the anchor (the cell's top-left corner): the box is the cell
+            boxes.append(torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(n, 4) + brightness.reshape(n, 1) * 0.0)
+            kps.append(template.expand(n, 10) + brightness.reshape(n, 1) * 0.0)
+        return (*scores, *boxes, *kps)
+
+
+def export_onnx(module: nn.Module, path: str, example: torch.Tensor, dynamic_batch: bool = False) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(), example, path,
+            dynamo=False,  # the TorchScript exporter, like insightface's own torch2onnx (opset 11, BN folded)
+            opset_version=11, input_names=["data"],
+            dynamic_axes={"data": {0: "batch"}} if dynamic_batch else None,
+        )
+    return path
+
+
+def random_iresnet(seed: int = 0, layers=(1, 1, 1, 1), widths=(8, 16, 16, 32)) -> IResNet:
+    """A small IResNet with non-trivial BatchNorm statistics and PReLU slopes (so BN folding matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    net = IResNet(layers, widths, 512)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        for m in net.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+        net.features.weight.fill_(1.0)
+    return net.eval()
+
+
+def make_detector(path: str) -> str:
+    return export_onnx(TinySCRFD(), path, torch.zeros(1, 3, DET_INPUT, DET_INPUT))
+
+
+def make_recognizer(path: str, seed: int = 0) -> str:
+    return export_onnx(random_iresnet(seed), path, torch.zeros(1, 3, 112, 112), dynamic_batch=True)
+
+
+def make_pack(insightface_root: str, name: str = "tinypack", detector=True, recognizer=True) -> str:
+    """``<insightface_root>/models/<name>/`` with det.onnx and rec.onnx, laid out like antelopev2."""
+    folder = os.path.join(insightface_root, "models", name)
+    os.makedirs(folder, exist_ok=True)
+    if detector:
+        make_detector(os.path.join(folder, "det.onnx"))
+    if recognizer:
+        make_recognizer(os.path.join(folder, "rec.onnx"))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# synthetic identities
+
+
+def identity_look(identity: int) -> tuple[np.ndarray, np.ndarray]:
+    """An identity's look: a saturated hue (evenly spaced around the colour wheel) and a fixed two-level 8x8
+    pattern. Faces are the hue lightened (bright enough to be detected), the background the hue darkened."""
+    import colorsys
+
+    rng = np.random.default_rng(1000 + identity)
+    hue = (identity * 0.618034) % 1.0  # golden-ratio steps keep neighbouring identities apart
+    colour = np.array(colorsys.hsv_to_rgb(hue, 1.0, 1.0))
+    texture = np.where(rng.random((8, 8, 1)) > 0.5, 1.0, 0.75)
+    return colour, texture
+
+
+def synthetic_image(identity: int, cell: tuple[int, int], size: int, seed: int) -> np.ndarray:
+    """[size, size, 3] float 0..1: a dim background in the identity's tint (too dark to be detected), and the
+    identity's face in one cell of a 4x4 grid."""
+    rng = np.random.default_rng(seed)
+    colour, texture = identity_look(identity)
+    img = colour * 0.35 + 0.03 * rng.random((size, size, 1))
+    side = size // 4
+    tile = np.kron(texture, np.ones((side // 8, side // 8, 1))) if side >= 8 else texture[:side, :side]
+    r, c = cell
+    img[r * side:(r + 1) * side, c * side:(c + 1) * side] = np.clip(tile * (0.5 + 0.5 * colour), 0, 1)
+    return img
+
+
+CAPTIONS = ["a photo of a person", "a person outdoors", "a portrait of a person", "a close up photo of a person"]
+
+
+def make_synthetic_dataset(root: str, identities: int, images: int, size: int = 64, seed: int = 0) -> str:
+    """Writes the documented dataset layout: ``<root>/<identity>/*.png`` + metadata.jsonl + class_noun.txt."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for identity in range(identities):
+        folder = os.path.join(root, f"id{identity:03d}")
+        os.makedirs(folder, exist_ok=True)
+        lines = []
+        for i in range(images):
+            cell = (int(rng.integers(4)), int(rng.integers(4)))
+            pixels = synthetic_image(identity, cell, size, seed=int(rng.integers(2**31)))
+            name = f"img{i:02d}.png"
+            Image.fromarray((pixels * 255).round().astype(np.uint8)).save(os.path.join(folder, name))
+            lines.append(json.dumps({"file_name": name, "caption": CAPTIONS[int(rng.integers(len(CAPTIONS)))]}))
+        with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        with open(os.path.join(folder, "class_noun.txt"), "w") as f:
+            f.write("person\n")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tiny diffusion models (diffusers / transformers classes, random weights)
+
+
+def tiny_tokenizer(folder: str):
+    """A real CLIPTokenizer over a tiny BPE vocabulary in which every word of IDENTIFIER_WORDS and CAPTIONS is
+    one token (like "sks" in CLIP's own vocabulary)."""
+    from transformers import CLIPTokenizer
+
+    words = sorted(set(IDENTIFIER_WORDS + " ".join(CAPTIONS).split()))
+    vocab, merges = {}, []
+
+    def add(token):
+        vocab.setdefault(token, len(vocab))
+
+    for ch in "abcdefghijklmnopqrstuvwxyz,.!?'":
+        add(ch)
+        add(ch + "</w>")
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merged = pieces[0] + pieces[1]
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            add(merged)
+            pieces = [merged] + pieces[2:]
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
+
+
+def tiny_text_encoder(vocab_size: int, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=768, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=77,
+                                       bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1))
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=4, norm_num_groups=8,
+    )
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    # scaling_factor as SD chooses its own: this random encoder's latents have std ~0.25, so x4 gives unit variance
+    vae = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        scaling_factor=4.0)
+    with torch.no_grad():  # a trained VAE's posterior is narrow; a random one's is not: pin its log-variance low
+        logvar = vae.quant_conv.weight.shape[0] // 2
+        vae.quant_conv.weight[logvar:].zero_()
+        vae.quant_conv.bias[logvar:].fill_(-20.0)
+    return vae
+
+
+def tiny_clip_vision(seed: int = 0):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                                          num_attention_heads=2, image_size=32, patch_size=8,
+                                                          projection_dim=32))
+
+
+def pretrain_base(unet, vae, text_encoder, tokenizer, noise_scheduler, dataset_dir: str, steps: int, seed: int = 0):
+    """Makes the random tiny UNet a (poor but real) denoiser of the synthetic images, as a stand-in for a
+    pretrained Stable Diffusion: adapters are trained on top of a base model that already denoises.
+    Plain text-conditional diffusion training of the whole UNet on the dataset's images and captions."""
+    from PIL import Image
+
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(dataset_dir) for f in files if f.endswith(".png"))
+    captions = {}
+    for root, _, files in os.walk(dataset_dir):
+        if "metadata.jsonl" in files:
+            with open(os.path.join(root, "metadata.jsonl")) as f:
+                for line in f:
+                    if line.strip():
+                        entry = json.loads(line)
+                        captions[os.path.join(root, entry["file_name"])] = entry["caption"]
+    images = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+                          for p in paths])
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+        ids = tokenizer([captions.get(p, "") for p in paths], padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+        text = text_encoder(ids)[0]
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    unet.train()
+    for _ in range(steps):
+        pick = torch.randint(len(paths), (8,), generator=gen)
+        noise = torch.randn(latents[pick].shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (8,), generator=gen)
+        noisy = noise_scheduler.add_noise(latents[pick], noise, t)
+        target = noise_scheduler.get_velocity(latents[pick], noise, t) \
+            if noise_scheduler.config.prediction_type == "v_prediction" else noise
+        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=text[pick]).sample, target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    unet.eval()
+    return unet
