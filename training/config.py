@@ -70,7 +70,7 @@ class IDAdapterTrainConfig:
     preset: str = ""
     synthetic_identities: int = 6
     synthetic_images: int = 5
-    tiny_base_steps: int = 300  # the tiny base UNet is first trained as a plain denoiser (a stand-in for SD)
+    tiny_base_steps: int = 120  # the tiny base UNet is first trained as a plain denoiser (a stand-in for SD)
 
     def validate(self) -> None:
         problems = []

@@ -249,9 +249,9 @@ def pretrain_base(unet, vae, text_encoder, tokenizer, noise_scheduler, dataset_d
     optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
     unet.train()
     for _ in range(steps):
-        pick = torch.randint(len(paths), (8,), generator=gen)
+        pick = torch.randint(len(paths), (4,), generator=gen)
         noise = torch.randn(latents[pick].shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (8,), generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (4,), generator=gen)
         noisy = noise_scheduler.add_noise(latents[pick], noise, t)
         target = noise_scheduler.get_velocity(latents[pick], noise, t) \
             if noise_scheduler.config.prediction_type == "v_prediction" else noise

@@ -1,0 +1,115 @@
+"""One IDAdapter training step at real size: step time, peak memory and achieved TFLOP/s.
+
+    python bench/train_step.py                                   # SD2.1-size, 512x512, batch 4, bf16, on CUDA
+    python bench/train_step.py --gradient_checkpointing false
+    ./dev python bench/train_step.py --device cpu --resolution 256 --batch 1 --steps 1   # a CPU smoke run
+
+Random weights at the published sizes (SD2.1 UNet/VAE/OpenCLIP-H text encoder, CLIP ViT-H/14 vision, ArcFace
+IResNet-100), the trainer's own step (training/idadapter_task.py: MFF + text token + gated adapters +
+K/V, L_SD + 0.1 * gated ID loss through the VAE decoder) on a synthetic identity set; the tiny insightface
+stand-in does the up-front face detection. FLOPs are counted with torch's FlopCounterMode over one step.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nodes.arch.iresnet import IRESNET_LAYERS, IResNet  # noqa: E402
+from training import tiny  # noqa: E402
+from training.config import IDAdapterTrainConfig  # noqa: E402
+from training.idadapter_task import Components, IDAdapterTask  # noqa: E402
+
+
+def sd21_components(device, tokenizer, pack):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from nodes.face import insightface_backend
+
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+            block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        )
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096,
+                                            num_hidden_layers=23, num_attention_heads=16, max_position_embeddings=77,
+                                            hidden_act="gelu", bos_token_id=len(tokenizer) - 2,
+                                            eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1))
+        vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120,
+                                                                num_hidden_layers=32, num_attention_heads=16,
+                                                                image_size=224, patch_size=14, projection_dim=1024,
+                                                                hidden_act="gelu"))
+        arcface = IResNet(IRESNET_LAYERS["r100"])
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    analyzer = insightface_backend.load_analyzer(pack, "CPU")
+    return Components(tokenizer, text, vae, unet, scheduler, vision, arcface.eval(), analyzer)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--gradient_checkpointing", default="true", choices=["true", "false"])
+    args = parser.parse_args()
+    from accelerate import Accelerator
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tmp = tempfile.mkdtemp()
+    pack = tiny.make_pack(os.path.join(tmp, "insightface"))
+    dataset = tiny.make_synthetic_dataset(os.path.join(tmp, "data"), 4, 4, size=args.resolution)
+    tokenizer = tiny.tiny_tokenizer(os.path.join(tmp, "tokenizer"))
+    accelerator = Accelerator(mixed_precision=args.mixed_precision if args.device == "cuda" else "no",
+                              cpu=args.device == "cpu")
+    components = sd21_components(accelerator.device, tokenizer, pack)
+    config = IDAdapterTrainConfig(dataset=dataset, output_dir=tmp, resolution=args.resolution, batch_size=args.batch,
+                                  gradient_checkpointing=args.gradient_checkpointing == "true",
+                                  mixed_precision=args.mixed_precision, report_to="none")
+    task = IDAdapterTask(config, components, log=lambda *a: None)
+    task.setup(accelerator)
+    optimizer = torch.optim.AdamW(task.param_groups(), lr=config.learning_rate)
+    model, optimizer = accelerator.prepare(task.trainable, optimizer)
+    trainable = sum(p.numel() for g in task.param_groups() for p in g["params"])
+
+    def step(i):
+        loss, _ = task.loss(model, i)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    cuda = accelerator.device.type == "cuda"
+    step(0)  # warm-up (allocator, kernels)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i in range(1, args.steps + 1):
+        step(i)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    with FlopCounterMode(display=False) as counter:
+        step(args.steps + 1)
+    flops = counter.get_total_flops()
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"IDAdapter training step, SD2.1 size, {args.resolution}x{args.resolution}, batch {args.batch}, "
+          f"{accelerator.mixed_precision}, gradient checkpointing {args.gradient_checkpointing}, {name}")
+    print(f"  trainable parameters {trainable / 1e6:.1f} M")
+    print(f"  step time   {seconds:.3f} s   ({1 / seconds:.2f} steps/s; 50k steps = {50_000 * seconds / 3600:.1f} h)")
+    print(f"  peak memory {peak:.1f} GiB")
+    print(f"  {flops / 1e12:.1f} TFLOP per step -> {flops / seconds / 1e12:.0f} TFLOP/s achieved")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""training/train_idadapter.py on the tiny preset: exports, frozen base, exact resume, real learning, data checks."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+
+from nodes.arch import idadapter as ida  # noqa: E402
+from training import data, diffusers_binding, loop, tiny  # noqa: E402
+from training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
+from training.idadapter_task import IDAdapterTask, identity_token  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUIET = ["--report_to", "none", "--validation_every", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    """The tiny preset's models, face pack and synthetic dataset, built once (base UNet pretraining included)."""
+    out = tmp_path_factory.mktemp("assets")
+    IDAdapterTask(parse_args(IDAdapterTrainConfig, ["--preset", "tiny", "--output_dir", str(out)]), log=lambda *a: None)
+    return out / "tiny_assets"
+
+
+def run_dir(tmp_path, tiny_assets, name):
+    out = tmp_path / name
+    out.mkdir()
+    shutil.copytree(tiny_assets, out / "tiny_assets")
+    return out
+
+
+def train(out, *args):
+    config = parse_args(IDAdapterTrainConfig, ["--preset", "tiny", "--output_dir", str(out), *QUIET, *args])
+    task = IDAdapterTask(config, log=lambda *a: None)
+    return task, loop.run(task, config)
+
+
+def frozen_snapshot(task):
+    modules = {"unet": task.c.unet, "vae": task.c.vae, "text": task.c.text_encoder, "vision": task.c.clip_vision,
+               "arcface": task.c.arcface}
+    return {f"{m}.{k}": v.detach().clone() for m, module in modules.items() for k, v in module.state_dict().items()
+            if ".fuser." not in k}
+
+
+def test_tiny_run_exports_weights_the_nodes_load_and_only_trainables_change(tmp_path, tiny_assets):
+    out = run_dir(tmp_path, tiny_assets, "run")
+    config = parse_args(IDAdapterTrainConfig, ["--preset", "tiny", "--output_dir", str(out), "--max_steps", "4",
+                                               "--checkpoint_every", "2", "--validation_every", "4"])
+    task = IDAdapterTask(config, log=lambda *a: None)
+    before = frozen_snapshot(task)
+    adapter_before = {k: v.clone() for k, v in task.adapter.state_dict().items()}
+    export = loop.run(task, config)
+    after = frozen_snapshot(task)
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    kv_keys = sorted(k for k in before if ".attn2.to_k." in k or ".attn2.to_v." in k)
+    assert changed == kv_keys and len(kv_keys) == 14  # 7 transformer blocks x (W_K, W_V); nothing else moved
+    assert any(not torch.equal(adapter_before[k], v) for k, v in task.adapter.state_dict().items())
+
+    weights = ida.load_idadapter(export)  # the node's loader, no conversion
+    assert weights.config.family == "sd15" and weights.config.num_images == 2
+    ida.check_unet_compatible(weights.config, diffusers_binding.block_specs(task.c.unet))
+    for (name, proj), w in task.kv_params.items():
+        torch.testing.assert_close(weights.kv_deltas[name][proj], w.detach() - task.base_kv[(name, proj)])
+    for k, v in task.adapter.state_dict().items():
+        assert torch.equal(weights.adapter.state_dict()[k], v)
+    assert [os.path.basename(c) for c in loop.checkpoints(str(out))] == ["checkpoint-2", "checkpoint-4"]
+    assert list((out / "validation").glob("step0000004_*.png"))
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+
+
+def test_resume_is_exact(tmp_path, tiny_assets):
+    _, straight = train(run_dir(tmp_path, tiny_assets, "straight"), "--max_steps", "6", "--checkpoint_every", "3")
+    split = run_dir(tmp_path, tiny_assets, "split")
+    train(split, "--max_steps", "3", "--checkpoint_every", "3")
+    _, resumed = train(split, "--max_steps", "6", "--checkpoint_every", "3", "--resume", "latest")
+    a, b = ida.load_idadapter(straight), ida.load_idadapter(resumed)
+    for k, v in a.adapter.state_dict().items():
+        assert torch.equal(v, b.adapter.state_dict()[k]), k
+    for name in a.kv_deltas:
+        assert torch.equal(a.kv_deltas[name]["to_k"], b.kv_deltas[name]["to_k"])
+
+
+def test_killed_process_loses_only_steps_since_the_checkpoint(tmp_path, tiny_assets):
+    out = run_dir(tmp_path, tiny_assets, "killed")
+    args = ["--max_steps", "8", "--checkpoint_every", "2"]
+    cmd = [sys.executable, os.path.join(REPO, "training", "train_idadapter.py"), "--preset", "tiny", "--output_dir",
+           str(out), *args, *QUIET]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    survivors = loop.checkpoints(str(out))  # complete checkpoints only; a half-written one is still *.tmp
+    assert survivors and all(os.path.isfile(os.path.join(c, loop.TRAINABLE_FILE)) for c in survivors)
+    assert not (out / "idadapter.safetensors").exists()
+    # resume from what survived: the same weights as a run that was never interrupted
+    _, resumed = train(out, *args, "--resume", "latest")
+    _, straight = train(run_dir(tmp_path, tiny_assets, "straight"), *args)
+    a, b = ida.load_idadapter(straight), ida.load_idadapter(resumed)
+    assert all(torch.equal(v, b.adapter.state_dict()[k]) for k, v in a.adapter.state_dict().items())
+
+
+def test_learning_is_real(tmp_path, tiny_assets):
+    """Held-out images of the training identities: after a short run the denoising loss with the right identity is
+    lower than with another identity's references, and lower than before training."""
+    out = run_dir(tmp_path, tiny_assets, "learn")
+    config = parse_args(IDAdapterTrainConfig, ["--preset", "tiny", "--output_dir", str(out), *QUIET,
+                                               "--checkpoint_every", "1000"])
+    task = IDAdapterTask(config, log=lambda *a: None)
+    held_out = tiny.make_synthetic_dataset(str(tmp_path / "held"), config.synthetic_identities, 3,
+                                           size=config.resolution, seed=99)
+    identities, _ = data.scan_dataset(held_out, task.c.analyzer, str(tmp_path / "held_cache"), log=lambda *a: None)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    task.setup(accelerator)
+    before = task.denoising_loss(identities)
+    loop.run(task, config, accelerator=accelerator)
+    task.trainable.eval()
+    right = task.denoising_loss(identities)
+    shuffled = task.denoising_loss(identities, shuffle=True)
+    assert right < 0.97 * shuffled, (right, shuffled)
+    assert right < 0.95 * before, (right, before)
+
+
+def test_trainer_text_injection_equals_edited_embedding_table(tmp_path):
+    tokenizer = tiny.tiny_tokenizer(str(tmp_path / "tok"))
+    encoder = tiny.tiny_text_encoder(len(tokenizer)).eval()
+    sks = tokenizer("sks", add_special_tokens=False).input_ids[0]
+    ids = tokenizer(["a photo of sks, person is sks", "a photo of a person"], padding="max_length", max_length=77,
+                    return_tensors="pt").input_ids
+    vectors = torch.randn(2, 768) * 0.05
+    with torch.no_grad(), identity_token(encoder, ids, sks, vectors):
+        ours = encoder(ids)[0]
+    plain = encoder(ids)[0]
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight[sks] = vectors[0]
+        reference = encoder(ids[:1])[0]
+    torch.testing.assert_close(ours[:1], reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1:], plain[1:].detach())  # no identifier: nothing injected
+    assert (ours[0] - plain[0]).abs().max() > 1e-4
+
+
+def test_dataset_problems_are_reported_not_fatal(tmp_path, tiny_assets):
+    from nodes.face import insightface_backend
+
+    root = tiny.make_synthetic_dataset(str(tmp_path / "ds"), 2, 2, size=64, seed=3)
+    (tmp_path / "ds" / "id000" / "broken.png").write_bytes(b"not an image")
+    Image.new("RGB", (64, 64)).save(tmp_path / "ds" / "id001" / "black.png")  # no face
+    os.makedirs(tmp_path / "ds" / "empty")
+    analyzer = insightface_backend.load_analyzer(str(tiny_assets / "insightface" / "models" / "tinypack"), "CPU")
+    identities, report = data.scan_dataset(root, analyzer, str(tmp_path / "cache"), log=lambda *a: None)
+    assert [i.name for i in identities] == ["id000", "id001"] and report.images == 4
+    assert report.skipped["unreadable image (UnidentifiedImageError)"] == [os.path.join("id000", "broken.png")]
+    assert report.skipped["no face detected"] == [os.path.join("id001", "black.png")]
+    assert report.skipped["identity with no usable image"] == ["empty"]
+    assert "skipped 1 (no face detected)" in report.summary()
+
+    def no_detection(*args, **kwargs):
+        raise AssertionError("the cache should have answered")
+
+    original, insightface_backend.embed_faces = insightface_backend.embed_faces, no_detection
+    try:
+        again, _ = data.scan_dataset(root, analyzer, str(tmp_path / "cache"), log=lambda *a: None)
+    finally:
+        insightface_backend.embed_faces = original
+    assert torch.equal(again[0].images[0].embedding, identities[0].images[0].embedding)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--resolution", "30"], "--resolution must be a multiple of 8"),
+    (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
+    (["--image_dropout", "1.5"], r"--image_dropout must be in \[0, 1\)"),
+    (["--dataset", "/nonexistent"], "--base_model is required"),
+])
+def test_bad_configs_are_clear_errors(args, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(IDAdapterTrainConfig, args)
+
+
+def test_cli_reports_config_errors_without_a_traceback():
+    out = subprocess.run([sys.executable, os.path.join(REPO, "training", "train_idadapter.py"), "--base_model", "/nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "error: invalid training configuration" in out.stderr and "--base_model '/nope' does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
