@@ -128,7 +128,7 @@ class FaceCache:
     def save(self):
         if not self.dirty:
             return
-        from safetensors.torch import save_file
+        from nodes.arch.files import write_safetensors
 
         index, boxes, landmarks, embeddings = {}, [], [], []
         for key, entry in self.entries.items():
@@ -144,10 +144,7 @@ class FaceCache:
             "landmarks": torch.stack(landmarks) if landmarks else torch.zeros(0, 5, 2),
             "embeddings": torch.stack(embeddings) if embeddings else torch.zeros(0, 512),
         }
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        tmp = f"{self.path}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata={"format": CACHE_FORMAT, "index": json.dumps(index)})
-        os.replace(tmp, self.path)
+        write_safetensors(tensors, self.path, {"format": CACHE_FORMAT, "index": json.dumps(index)})
         self.dirty = False
 
 

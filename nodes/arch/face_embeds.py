@@ -6,12 +6,12 @@ Files are safetensors (never pickle) with ``__metadata__["format"] = "face_embed
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ModelFileError
+from .files import read_safetensors, write_safetensors
 
 FORMAT = "face_embeds/1"
 COMBINE_MODES = ("mean", "norm-mean", "concat")
@@ -90,38 +90,17 @@ def combine(items: list[FaceEmbeds], mode: str) -> FaceEmbeds:
 
 
 def save_face_embeds(fe: FaceEmbeds, path: str) -> None:
-    from safetensors.torch import save_file
-
     tensors = {"embeds": fe.embeds.float().contiguous().cpu()}
     if fe.has_geometry:
         for name in _GEOMETRY:
             value = getattr(fe, name)
             tensors[name] = (value.long() if name == "image_index" else value.float()).contiguous().cpu()
     meta = {"format": FORMAT, "faces": str(len(fe)), "dim": str(fe.dim), "geometry": json.dumps(fe.has_geometry)}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    write_safetensors(tensors, path, meta)
 
 
 def load_face_embeds(path: str) -> FaceEmbeds:
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise ModelFileError(f"face embeds file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise ModelFileError(
-            f"{path} is not a readable safetensors file ({type(exc).__name__}); expected a file written by "
-            "Save Face Embeds"
-        ) from exc
-    if meta.get("format") != FORMAT:
-        raise ModelFileError(
-            f"{path} has format {meta.get('format')!r}, expected {FORMAT!r} (a file written by Save Face Embeds)"
-        )
+    _, tensors = read_safetensors(path, FORMAT, "face embeds file", "Save Face Embeds")
     if "embeds" not in tensors:
         raise ModelFileError(f"{path} has no 'embeds' tensor (keys: {sorted(tensors)})")
     unknown = sorted(set(tensors) - {"embeds", *_GEOMETRY})

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelFileError
+from .files import read_safetensors, write_safetensors
 
 FORMAT = "idadapter/1"
 # Text encoders of each base family, in ComfyUI's token-dict keys, and the UNet's cross-attention width.
@@ -250,40 +250,18 @@ class IDAdapterWeights:
 
 
 def save_idadapter(weights: IDAdapterWeights, path: str, dtype: torch.dtype = torch.float32) -> None:
-    """Writes ``idadapter/1`` atomically (temp file + rename: a crash never leaves a half-written file)."""
-    from safetensors.torch import save_file
-
+    """Writes ``idadapter/1`` atomically."""
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.adapter.state_dict().items()}
     for name, deltas in weights.kv_deltas.items():
         for proj, delta in deltas.items():
             tensors[f"kv_delta.{name}.{proj}"] = delta.detach().to("cpu", dtype).contiguous()
     cfg = weights.config
-    meta = {"format": FORMAT, "family": cfg.family, "config": cfg.to_json()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    write_safetensors(tensors, path, {"format": FORMAT, "family": cfg.family, "config": cfg.to_json()})
 
 
 def load_idadapter(path: str) -> IDAdapterWeights:
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise ModelFileError(f"IDAdapter file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        raise ModelFileError(
-            f"{path} is not a readable safetensors file ({type(exc).__name__}); IDAdapter weights are "
-            "safetensors files written by training/train_idadapter.py"
-        ) from exc
-    if meta.get("format") != FORMAT:
-        raise ModelFileError(
-            f"{os.path.basename(path)} has format {meta.get('format')!r}, expected {FORMAT!r}: this is not an "
-            "IDAdapter file (IP-Adapter, AdaFace and W+ files go into their own loaders)"
-        )
+    meta, tensors = read_safetensors(path, FORMAT, "IDAdapter file", "training/train_idadapter.py "
+                                     "(IP-Adapter, AdaFace and W+ files go into their own loaders)")
     try:
         cfg = IDAdapterConfig.from_json(meta["config"])
     except (KeyError, TypeError, ValueError) as exc:
