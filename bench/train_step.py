@@ -61,6 +61,7 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient_checkpointing", default="true", choices=["true", "false"])
+    parser.add_argument("--profile", action="store_true", help="also print where one step's time goes")
     args = parser.parse_args()
     from accelerate import Accelerator
     from torch.utils.flop_counter import FlopCounterMode
@@ -77,7 +78,7 @@ def main():
                                   mixed_precision=args.mixed_precision, report_to="none")
     task = IDAdapterTask(config, components, log=lambda *a: None)
     task.setup(accelerator)
-    optimizer = torch.optim.AdamW(task.param_groups(), lr=config.learning_rate)
+    optimizer = torch.optim.AdamW(task.param_groups(), lr=config.learning_rate, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(task.trainable, optimizer)
     trainable = sum(p.numel() for g in task.param_groups() for p in g["params"])
 
@@ -109,6 +110,14 @@ def main():
     print(f"  step time   {seconds:.3f} s   ({1 / seconds:.2f} steps/s; 50k steps = {50_000 * seconds / 3600:.1f} h)")
     print(f"  peak memory {peak:.1f} GiB")
     print(f"  {flops / 1e12:.1f} TFLOP per step -> {flops / seconds / 1e12:.0f} TFLOP/s achieved")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile, record_function
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            with record_function("train_step"):
+                step(args.steps + 2)
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ later runs (and resumes) skip detection.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import defaultdict
@@ -206,17 +207,24 @@ def scan_dataset(root: str, analyzer, cache_dir: str, log=print) -> tuple[list[I
     return identities, report
 
 
-def square_resize(rgb: np.ndarray, landmarks: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre-crop to a square and resize to ``size``: [3, size, size] in 0..1 and the landmarks moved along."""
+@functools.lru_cache(maxsize=4096)
+def _square_uint8(path: str, size: int) -> tuple[torch.Tensor, float, int, int]:
+    """The decoded, centre-cropped and resized image as uint8 [3, size, size], and the crop's scale and offset.
+    Cached: every step re-reads the same images, and decoding dominated a step's CPU time."""
+    rgb = load_rgb(path)
     h, w = rgb.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     crop = torch.from_numpy(np.ascontiguousarray(rgb[top:top + side, left:left + side])).permute(2, 0, 1).float() / 255
     image = torch.nn.functional.interpolate(crop[None], size=(size, size), mode="bilinear", antialias=True,
                                             align_corners=False)[0].clamp(0, 1)
-    scale = size / side
-    moved = (landmarks - torch.tensor([left, top], dtype=landmarks.dtype)) * scale
-    return image, moved
+    return (image * 255).round().to(torch.uint8), size / side, left, top
+
+
+def load_square(image: "FaceImage", size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dataset image as [3, size, size] float 0..1 (centre square, resized) and its landmarks moved along."""
+    pixels, scale, left, top = _square_uint8(image.path, size)
+    return pixels.float() / 255, (image.landmarks - torch.tensor([left, top], dtype=image.landmarks.dtype)) * scale
 
 
 def sample_batch(identities: list[Identity], batch_size: int, num_images: int, step: int, seed: int) -> list[dict]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from nodes.arch import idadapter as ida
 from nodes.arch.iresnet import align_faces, load_arcface
@@ -216,20 +217,18 @@ class IDAdapterTask:
     def encode_references(self, examples) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """E_r [B, M, D] and E_c {key: [B, dim]} for a batch of examples (grad flows into the adapter)."""
         n = self.config.num_images
-        patches, classes, arcface = [], [], []
+        refs = []
         for ex in examples:
-            refs = torch.stack([dataset.square_resize(dataset.load_rgb(im.path), im.landmarks, self.vision_size)[0]
-                                for im in ex["references"]])
-            refs = ida.augment_references(refs, n, ex["augment_seed"]) if refs.shape[0] < n else refs
-            pixel = ida.clip_vision_preprocess(refs, self.vision_size).to(self.device, self.weight_dtype)
-            with torch.no_grad():
-                out = self.c.clip_vision(pixel_values=pixel, output_hidden_states=True)
-            patches.append(out.hidden_states[-2].float())
-            classes.append(out.last_hidden_state[:, 0].float().mean(0))
-            emb = torch.stack([im.embedding for im in ex["references"]]).float()
-            arcface.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
-        arcface = torch.stack(arcface).to(self.device)
-        return self.adapter.encode(torch.stack(patches), arcface, torch.stack(classes)) + (arcface,)
+            images = torch.stack([dataset.load_square(im, self.vision_size)[0] for im in ex["references"]])
+            refs.append(ida.augment_references(images, n, ex["augment_seed"]) if images.shape[0] < n else images)
+        pixel = ida.clip_vision_preprocess(torch.cat(refs), self.vision_size).to(self.device, self.weight_dtype)
+        with torch.no_grad():  # one CLIP-vision call for the whole batch's references
+            out = self.c.clip_vision(pixel_values=pixel, output_hidden_states=True)
+        patches = out.hidden_states[-2].float().unflatten(0, (len(examples), n))
+        classes = out.last_hidden_state[:, 0].float().unflatten(0, (len(examples), n)).mean(1)
+        arcface = torch.stack([F.normalize(F.normalize(torch.stack([im.embedding for im in ex["references"]]).float(),
+                                                       dim=-1).mean(0), dim=-1) for ex in examples]).to(self.device)
+        return self.adapter.encode(patches, arcface, classes) + (arcface,)
 
     def encode_text(self, captions: list[str], vectors: torch.Tensor) -> torch.Tensor:
         ids = self.c.tokenizer(captions, padding="max_length", max_length=self.c.tokenizer.model_max_length,
@@ -243,14 +242,16 @@ class IDAdapterTask:
         gen = self._generator(step, 0)
         keep_image = torch.rand(len(examples), generator=gen) >= cfg.image_dropout  # stays on the CPU (host-side rows)
         keep_text = torch.rand(len(examples), generator=gen) >= cfg.text_dropout
-        targets, landmarks = zip(*[dataset.square_resize(dataset.load_rgb(ex["target"].path), ex["target"].landmarks,
-                                                         cfg.resolution) for ex in examples])
-        target_images = torch.stack(targets).to(self.device, self.weight_dtype) * 2 - 1
-        landmarks = torch.stack(landmarks).to(self.device)
-        e_r, e_c, f_a = self.encode_references(examples)
+        with record_function("ida.load_targets"):
+            targets, landmarks = zip(*[dataset.load_square(ex["target"], cfg.resolution) for ex in examples])
+            target_images = torch.stack(targets).to(self.device, self.weight_dtype) * 2 - 1
+            landmarks = torch.stack(landmarks).to(self.device)
+        with record_function("ida.references"):
+            e_r, e_c, f_a = self.encode_references(examples)
         captions = [f"{ex['target'].caption}, {ex['identity'].class_noun} is {cfg.identifier}" if keep_text[i] else ""
                     for i, ex in enumerate(examples)]
-        text = self.encode_text(captions, e_c[FAMILY_TEXT_KEY[self.family]])
+        with record_function("ida.text"):
+            text = self.encode_text(captions, e_c[FAMILY_TEXT_KEY[self.family]])
 
         scheduler = self.c.noise_scheduler
         with torch.no_grad():
@@ -259,7 +260,8 @@ class IDAdapterTask:
         noise = torch.randn(latents.shape, generator=gen).to(self.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(examples),), generator=gen).to(self.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = model(noisy, timesteps, text, e_r, keep_image).float()
+        with record_function("ida.unet"):
+            prediction = model(noisy, timesteps, text, e_r, keep_image).float()
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -268,7 +270,8 @@ class IDAdapterTask:
         logs = {"loss_sd": loss_sd.detach()}
         loss = loss_sd
         if cfg.id_loss_weight > 0 and bool(keep_image.any()):
-            loss_id, gate = self.identity_loss(noisy, prediction, timesteps, target_images, landmarks, f_a, keep_image)
+            with record_function("ida.identity_loss"):
+                loss_id, gate = self.identity_loss(noisy, prediction, timesteps, target_images, landmarks, f_a, keep_image)
             loss = loss + cfg.id_loss_weight * loss_id
             logs.update(loss_id=loss_id.detach(), id_gate=gate.float().mean())
         logs["loss"] = loss.detach()
@@ -307,7 +310,7 @@ class IDAdapterTask:
                 refs = source.images[: self.config.num_images]
                 example = {"identity": source, "target": image, "references": refs, "augment_seed": seed + j}
                 e_r, e_c, _ = self.encode_references([example])
-                rgb, _ = dataset.square_resize(dataset.load_rgb(image.path), image.landmarks, self.config.resolution)
+                rgb, _ = dataset.load_square(image, self.config.resolution)
                 latents = self.c.vae.encode((rgb[None] * 2 - 1).to(self.device, self.weight_dtype)).latent_dist.mean
                 latents = latents.float() * self.c.vae.config.scaling_factor
                 text = self.encode_text([f"{image.caption}, {source.class_noun} is {self.config.identifier}"],

@@ -79,7 +79,8 @@ def run(task, config, accelerator=None) -> str:
     set_seed(config.seed)
     task.setup(accelerator)
     params = [p for p in task.trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(task.param_groups(), lr=config.learning_rate, weight_decay=config.adam_weight_decay)
+    optimizer = torch.optim.AdamW(task.param_groups(), lr=config.learning_rate, weight_decay=config.adam_weight_decay,
+                                  fused=accelerator.device.type == "cuda")  # one kernel launch set, not one per tensor
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                               num_training_steps=config.max_steps * accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(task.trainable, optimizer, scheduler)
