@@ -21,7 +21,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .arch.idadapter import BlockSpec, IDAdapter, block_name
+from .arch.idadapter import BlockSpec, IDAdapter, add_on_rows, block_name
 from .errors import PackError
 
 _converted: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -120,22 +120,18 @@ class IDAdapterMiddlePatch:
         if block_name(key) not in self.adapter.adapters or not self.active_at(self._current_sigma(extra_options)):
             return x
         rows = conditional_rows(extra_options.get("cond_or_uncond"), x.shape[0])
-        if rows is not None:
-            if not rows:
-                return x
-            rows = torch.tensor(rows, dtype=torch.long).to(x.device, non_blocking=True)
-        y = x if rows is None else x[rows]
         adapter = module_on(self.adapter.adapters[block_name(key)], x.device, x.dtype)
         tokens = self._tokens_on(x.device, x.dtype)
-        if tokens.shape[0] != y.shape[0]:
-            tokens = tokens[:1].expand(y.shape[0], -1, -1)
-        residual = adapter.residual(y, tokens, **({"attention": self.attention} if self.attention else {}))
-        residual = residual * self.weight
-        if self.mask is not None:
-            residual = residual * self._mask_for(extra_options, y.shape[0], y.shape[1], x)
-        if rows is None:
-            return x + residual
-        return x.index_add(0, rows, residual)
+        attention = {"attention": self.attention} if self.attention else {}
+
+        def residual(y, _rows):
+            out = adapter.residual(y, tokens[:1].expand(y.shape[0], -1, -1) if tokens.shape[0] != y.shape[0] else tokens,
+                                   **attention) * self.weight
+            if self.mask is not None:
+                out = out * self._mask_for(extra_options, y.shape[0], y.shape[1], x)
+            return out
+
+        return add_on_rows(x, rows, residual)
 
     def _current_sigma(self, extra_options: dict) -> float | None:
         sigmas = extra_options.get("sigmas")

@@ -145,3 +145,12 @@ def test_identity_tokens_replace_every_identifier(layout):
                 assert after == before
     with pytest.raises(PackError, match=r"CLIP has text encoders .* vectors for \['l'\]"):
         patches.inject_identity_tokens({"g": tokens.get("g", tokens[next(iter(tokens))])}, {"g": SKS}, {"l": torch.zeros(768)})
+
+
+def test_non_contiguous_conditional_rows():
+    patch, _ = make_patch()
+    x = torch.randn(3, 64, 32)  # chunks [cond, uncond, cond], batch 1
+    out = patch(x, options(cond_or_uncond=(0, 1, 0)))
+    assert torch.equal(out[1], x[1])
+    for row in (0, 2):
+        torch.testing.assert_close(out[row:row + 1], patch(x[row:row + 1], options(cond_or_uncond=(0,))))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nodes.arch.idadapter import BlockSpec, GatedSelfAttention, IDAdapter, block_name, sdpa_attention
+from nodes.arch.idadapter import BlockSpec, GatedSelfAttention, IDAdapter, add_on_rows, block_name, sdpa_attention
 
 
 def transformer_blocks(unet) -> dict[str, nn.Module]:
@@ -62,14 +62,9 @@ class AdapterFuser(nn.Module):
         tokens, active, beta = objs["tokens"], objs.get("active"), objs.get("beta", 1.0)
         if tokens.shape[0] != hidden_states.shape[0]:
             tokens = tokens[:1].expand(hidden_states.shape[0], -1, -1)
-        if active is None:
-            return hidden_states + beta * self.gated.residual(hidden_states, tokens, sdpa_attention)
-        rows = torch.as_tensor(active).nonzero().flatten()
-        if rows.numel() == 0:
-            return hidden_states
-        rows = rows.to(hidden_states.device, non_blocking=True)
-        residual = self.gated.residual(hidden_states[rows], tokens[rows], sdpa_attention)
-        return hidden_states.index_add(0, rows, beta * residual)
+        rows = None if active is None else torch.as_tensor(active).nonzero().flatten().tolist()
+        return add_on_rows(hidden_states, rows,
+                           lambda y, sel: beta * self.gated.residual(y, tokens[sel], sdpa_attention))
 
 
 class _PassObjects(nn.Module):

@@ -404,3 +404,20 @@ def clip_vision_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=
     mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return (cropped - mean_t) / std_t
+
+
+def add_on_rows(x: torch.Tensor, rows: list[int] | None, residual: Callable) -> torch.Tensor:
+    """``x`` with ``residual(x[sel], sel)`` added on the selected batch rows (None: every row).
+
+    The adapter runs on the conditional CFG rows only. They are usually one contiguous run (ComfyUI's
+    [uncond, cond] chunks), which is sliced: no index tensors, gathers or host-to-device copies.
+    """
+    if rows is None:
+        return x + residual(x, slice(None))
+    if not rows:
+        return x
+    start, stop = rows[0], rows[0] + len(rows)
+    if rows == list(range(start, stop)):
+        return torch.cat([x[:start], x[start:stop] + residual(x[start:stop], slice(start, stop)), x[stop:]])
+    index = torch.tensor(rows, dtype=torch.long).to(x.device, non_blocking=True)
+    return x.index_add(0, index, residual(x[index], index))
