@@ -6,7 +6,6 @@ import os
 import threading
 
 import folder_paths
-import torch
 from comfy_api.latest import io
 
 from . import patches
@@ -82,7 +81,7 @@ class IDAdapterMFFEmbed(io.ComfyNode):
             face_embeds, _ = insightface_backend.embed_faces(insightface, images, "largest", on_no_face="error")
         if not isinstance(face_embeds, FaceEmbedsValue) or len(face_embeds) == 0:
             raise PackError("face_embeds holds no face: the references need a detectable face")
-        refs = images[..., :3].movedim(-1, 1)
+        refs = (images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images[..., :3]).movedim(-1, 1)
         n = num_images or idadapter.config.num_images
         if augment:
             refs = ida.augment_references(refs, n, seed)

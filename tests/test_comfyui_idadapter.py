@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_comfyui import COMFYUI_PATH, make_work_dir, needs_comfyui, run_check
+from test_comfyui import make_work_dir, needs_comfyui, run_check
 
 pytestmark = needs_comfyui
 
