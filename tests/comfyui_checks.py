@@ -231,3 +231,33 @@ def text_injection_matches_edited_embedding_table(work, payload):
             "changed_vs_plain": float((ours[0][0] - plain[0][0]).abs().max()),
         }
     return results
+
+
+def comfyui_unet_with_idadapter(work, payload):
+    """Runs ComfyUI's UNet of the tiny checkpoint with Apply IDAdapter's patches (weight 0.7) on the inputs in
+    ``payload["inputs"]``; writes its output and the UNet's weights under diffusers names, so the test can run the
+    trainer's binding on exactly the same weights outside ComfyUI (whose top-level ``nodes`` hides the pack's)."""
+    import comfy.model_management
+    import comfy.utils
+    import nodes
+    from safetensors.torch import load_file
+
+    pack, _ = _pack_modules()
+    model, _ = _load_checkpoint(work)
+    weights = pack.ida.load_idadapter(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
+    inputs = load_file(payload["inputs"])
+    embeds = pack.ida.IDAdapterEmbeds(inputs["tokens"], {"l": torch.zeros(768)}, "sd15")
+    patched = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(model, weights, embeds, 0.7, 0.0, 1.0).result[0]
+    mapping = comfy.utils.unet_to_diffusers(TINY_UNET_CONFIG)
+    base = model.model.state_dict()
+    save_file({d: base["diffusion_model." + l].float().contiguous() for d, l in mapping.items()
+               if "diffusion_model." + l in base}, payload["weights"])  # the map also names keys this UNet lacks
+    comfy.model_management.load_models_gpu([patched], force_patch_weights=True)
+    dm = patched.model.diffusion_model
+    options = {"patches": patched.model_options["transformer_options"]["patches"], "cond_or_uncond": [1, 0],
+               "sigmas": torch.tensor([1.0])}
+    dtype = dm.input_blocks[0][0].weight.dtype
+    with torch.no_grad():
+        out = dm(inputs["x"].to(dtype), timesteps=inputs["t"], context=inputs["text"].to(dtype), transformer_options=options)
+    save_file({"out": out.float().contiguous()}, payload["output"])
+    return {"dtype": str(dtype)}

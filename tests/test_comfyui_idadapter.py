@@ -81,3 +81,39 @@ def test_text_token_equals_edited_embedding_table(work):
     for family, r in result.items():
         assert r["max_diff"] < 1e-4 and r["pooled_diff"] < 1e-4, (family, r)
         assert r["changed_vs_plain"] > 1e-3, (family, r)
+
+
+def test_trainer_forward_equals_comfyui_unet(work):
+    """Issue #5's parity on a real ComfyUI UNet: the trainer's diffusers-bound forward (binding + K/V weights)
+    equals ComfyUI's UNet with Apply IDAdapter's patches, on the same weights and inputs, in fp32."""
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_checks import _tiny_diffusers_unet
+    from nodes.arch.idadapter import load_idadapter
+    from training import diffusers_binding
+
+    gen = torch.Generator().manual_seed(6)
+    inputs = {"x": torch.randn(2, 4, 8, 8, generator=gen), "t": torch.tensor([500, 500]),
+              "text": torch.randn(2, 77, 768, generator=gen), "tokens": torch.randn(1, 4, 64, generator=gen)}
+    save_file(inputs, str(work / "parity_inputs.safetensors"))
+    paths = {"inputs": str(work / "parity_inputs.safetensors"), "weights": str(work / "parity_unet.safetensors"),
+             "output": str(work / "parity_out.safetensors")}
+    assert run_check(work, "comfyui_unet_with_idadapter", paths) == {"dtype": "torch.float32"}
+    theirs = load_file(paths["output"])["out"]
+
+    unet = _tiny_diffusers_unet()
+    unet.load_state_dict(load_file(paths["weights"]))
+    unet.eval()
+    weights = load_idadapter(str(work / "models" / "idadapter" / "tiny.safetensors"))
+    blocks = diffusers_binding.transformer_blocks(unet)
+    with torch.no_grad():
+        plain = unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["text"]).sample
+        for name, deltas in weights.kv_deltas.items():  # Apply scales the K/V deltas by its weight too
+            for proj, delta in deltas.items():
+                getattr(blocks[name].attn2, proj).weight += 0.7 * delta.float()
+        diffusers_binding.attach(unet, weights.adapter)
+        ours = unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["text"],
+                    cross_attention_kwargs=diffusers_binding.idadapter_kwargs(inputs["tokens"], torch.tensor([False, True]),
+                                                                            beta=0.7)).sample
+    assert (ours - plain).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
