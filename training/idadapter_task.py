@@ -23,6 +23,7 @@ from nodes.arch.iresnet import align_faces, load_arcface
 from training import data as dataset
 from training import diffusers_binding
 from training.config import ConfigError, IDAdapterTrainConfig
+from training.diffusion import predicted_x0, training_target
 
 FAMILY_TEXT_KEY = {"sd15": "l", "sd21": "h"}
 
@@ -262,11 +263,7 @@ class IDAdapterTask:
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with record_function("ida.unet"):
             prediction = model(noisy, timesteps, text, e_r, keep_image).float()
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        loss_sd = F.mse_loss(prediction, target)
+        loss_sd = F.mse_loss(prediction, training_target(scheduler, latents, noise, timesteps))
         logs = {"loss_sd": loss_sd.detach()}
         loss = loss_sd
         if cfg.id_loss_weight > 0 and bool(keep_image.any()):
@@ -277,15 +274,10 @@ class IDAdapterTask:
         logs["loss"] = loss.detach()
         return loss, logs
 
-    def predicted_x0(self, noisy, prediction, timesteps):
-        alphas = self.c.noise_scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
-        if self.c.noise_scheduler.config.prediction_type == "v_prediction":
-            return alphas.sqrt() * noisy - (1 - alphas).sqrt() * prediction
-        return (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
-
     def identity_loss(self, noisy, prediction, timesteps, target_images, landmarks, f_a, keep_image):
         rows = keep_image.nonzero().flatten().to(noisy.device)
-        x0 = self.predicted_x0(noisy[rows], prediction[rows], timesteps[rows]) / self.c.vae.config.scaling_factor
+        x0 = predicted_x0(self.c.noise_scheduler, noisy[rows], prediction[rows], timesteps[rows])
+        x0 = x0 / self.c.vae.config.scaling_factor
         decoded = self.c.vae.decode(x0.to(self.weight_dtype)).sample  # x0_hat estimates the target image
         crops = align_faces(decoded.float(), landmarks[rows])
         features = self.c.arcface(crops.to(self.weight_dtype)).float()
@@ -322,9 +314,7 @@ class IDAdapterTask:
                                       generator=gen).to(self.device)
                     noisy = self.c.noise_scheduler.add_noise(latents, noise, t)
                     pred = model(noisy, t, text, e_r, None).float()
-                    target = noise if self.c.noise_scheduler.config.prediction_type != "v_prediction" else \
-                        self.c.noise_scheduler.get_velocity(latents, noise, t)
-                    total += F.mse_loss(pred, target).item()
+                    total += F.mse_loss(pred, training_target(self.c.noise_scheduler, latents, noise, t)).item()
                     count += 1
         return total / count
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nodes.arch.iresnet import ARCFACE_TEMPLATE_112, IResNet
+from training.diffusion import training_target
 
 DET_INPUT = 128
 CELL = 32  # the detecting stride: a face is one 32x32 cell of the detector input
@@ -253,8 +254,7 @@ def pretrain_base(unet, vae, text_encoder, tokenizer, noise_scheduler, dataset_d
         noise = torch.randn(latents[pick].shape, generator=gen)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (4,), generator=gen)
         noisy = noise_scheduler.add_noise(latents[pick], noise, t)
-        target = noise_scheduler.get_velocity(latents[pick], noise, t) \
-            if noise_scheduler.config.prediction_type == "v_prediction" else noise
+        target = training_target(noise_scheduler, latents[pick], noise, t)
         loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=text[pick]).sample, target)
         loss.backward()
         optimizer.step()

@@ -55,11 +55,6 @@ def block_name(key: BlockKey) -> str:
     return f"{key[0]}_{int(key[1])}_{int(key[2])}"
 
 
-def parse_block_name(name: str) -> BlockKey:
-    kind, ident, index = name.rsplit("_", 2)
-    return (kind, int(ident), int(index))
-
-
 def family_of_context(context_dim: int) -> str:
     for family, spec in FAMILIES.items():
         if spec["context_dim"] == context_dim:

@@ -1,0 +1,18 @@
+"""What a diffusion model is trained to predict, for either prediction type a scheduler declares."""
+
+import torch
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The regression target: the noise (epsilon models) or the velocity (v-prediction, e.g. SD2.1 768)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def predicted_x0(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The clean latents the model's prediction implies (x0_hat)."""
+    alphas = scheduler.alphas_cumprod.to(noisy.device)[timesteps].view(-1, 1, 1, 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        return alphas.sqrt() * noisy - (1 - alphas).sqrt() * prediction
+    return (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
