@@ -237,9 +237,6 @@ def comfyui_unet_with_idadapter(work, payload):
     """Runs ComfyUI's UNet of the tiny checkpoint with Apply IDAdapter's patches (weight 0.7) on the inputs in
     ``payload["inputs"]``; writes its output and the UNet's weights under diffusers names, so the test can run the
     trainer's binding on exactly the same weights outside ComfyUI (whose top-level ``nodes`` hides the pack's)."""
-    import comfy.model_management
-    import comfy.utils
-    import nodes
     from safetensors.torch import load_file
 
     pack, _ = _pack_modules()
@@ -247,17 +244,87 @@ def comfyui_unet_with_idadapter(work, payload):
     weights = pack.ida.load_idadapter(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
     inputs = load_file(payload["inputs"])
     embeds = pack.ida.IDAdapterEmbeds(inputs["tokens"], {"l": torch.zeros(768)}, "sd15")
+    return _run_patched_unet(model, weights, embeds, inputs, TINY_UNET_CONFIG, payload)
+
+
+# the SDXL shape in miniature: level 0 without attention, 2 transformer blocks per attention, text_time ADM
+TINY_SDXL_UNET_CONFIG = {"num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [0, 2],
+                         "transformer_depth_output": [0, 0, 2, 2], "transformer_depth_middle": 2}
+TINY_SDXL_ADM = 1280 + 6 * 8  # pooled text + 6 time ids x 8 Fourier features
+
+
+def _tiny_sdxl_diffusers_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, layers_per_block=1, block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2), cross_attention_dim=2048,
+        attention_head_dim=4, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=TINY_SDXL_ADM,
+    )
+
+
+def comfyui_sdxl_unet_with_idadapter(work, payload):
+    """ComfyUI's SDXL model class on the tiny SDXL-shaped UNet (weights from ``payload["weights"]``, diffusers
+    names), with Apply IDAdapter's patches from an sdxl IDAdapter made here for its blocks; writes the adapter
+    and the UNet output."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import comfy.utils
+    from safetensors.torch import load_file
+
+    pack, patches = _pack_modules()
+    ida = pack.ida
+    unet_config = dict(TINY_SDXL_UNET_CONFIG, in_channels=4, out_channels=4, model_channels=32, context_dim=2048,
+                       use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False,
+                       num_classes="sequential", adm_in_channels=TINY_SDXL_ADM, image_size=None,
+                       use_temporal_attention=False, use_temporal_resblock=False)
+    config = comfy.supported_models.SDXL(unet_config)
+    config.unet_config["num_head_channels"] = 16  # SDXL's 64-channel heads would leave this narrow UNet one head
+    model = config.get_model({})
+    mapping = comfy.utils.unet_to_diffusers(TINY_SDXL_UNET_CONFIG)
+    missing, unexpected = model.diffusion_model.load_state_dict(
+        {mapping[k]: v for k, v in load_file(payload["weights"]).items()}, strict=False)
+    assert not missing and not unexpected, (missing[:5], unexpected[:5])
+    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    blocks = patches.unet_transformer_blocks(model.diffusion_model)
+    torch.manual_seed(4)
+    cfg = ida.IDAdapterConfig(family="sdxl", blocks=blocks, clip_vision_dim=1280, width=32, mff_heads=2, num_tokens=4,
+                              embed_dim=64, textual_hidden=32)
+    adapter = ida.IDAdapter(cfg)
+    with torch.no_grad():
+        for gated in adapter.adapters.values():
+            gated.gamma.fill_(0.8)
+    deltas = {n: {p: torch.randn(s.channels, s.context_dim) * 0.05 for p in ("to_k", "to_v")} for n, s in blocks.items()}
+    ida.save_idadapter(ida.IDAdapterWeights(adapter, deltas), payload["adapter"])
+    weights = ida.load_idadapter(payload["adapter"])
+    inputs = load_file(payload["inputs"])
+    embeds = ida.IDAdapterEmbeds(inputs["tokens"], {"g": torch.zeros(1280), "l": torch.zeros(768)}, "sdxl")
+    result = _run_patched_unet(patcher, weights, embeds, inputs, None, payload, y=inputs["y"])
+    return dict(result, blocks=sorted(blocks), model_class=type(model).__name__)
+
+
+def _run_patched_unet(model, weights, embeds, inputs, unet_config, payload, **unet_kwargs):
+    """Apply IDAdapter (weight 0.7) on ``model``, then its UNet on ``inputs`` with the cond chunk second."""
+    import comfy.model_management
+    import comfy.utils
+    import nodes
+
     patched = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(model, weights, embeds, 0.7, 0.0, 1.0).result[0]
-    mapping = comfy.utils.unet_to_diffusers(TINY_UNET_CONFIG)
-    base = model.model.state_dict()
-    save_file({d: base["diffusion_model." + l].float().contiguous() for d, l in mapping.items()
-               if "diffusion_model." + l in base}, payload["weights"])  # the map also names keys this UNet lacks
+    if unet_config is not None:  # the UNet's weights under diffusers names, for the test's side
+        mapping = comfy.utils.unet_to_diffusers(unet_config)
+        base = model.model.state_dict()
+        save_file({d: base["diffusion_model." + l].float().contiguous() for d, l in mapping.items()
+                   if "diffusion_model." + l in base}, payload["weights"])  # the map also names keys this UNet lacks
     comfy.model_management.load_models_gpu([patched], force_patch_weights=True)
     dm = patched.model.diffusion_model
     options = {"patches": patched.model_options["transformer_options"]["patches"], "cond_or_uncond": [1, 0],
                "sigmas": torch.tensor([1.0])}
     dtype = dm.input_blocks[0][0].weight.dtype
     with torch.no_grad():
-        out = dm(inputs["x"].to(dtype), timesteps=inputs["t"], context=inputs["text"].to(dtype), transformer_options=options)
+        out = dm(inputs["x"].to(dtype), timesteps=inputs["t"], context=inputs["text"].to(dtype),
+                 transformer_options=options, **unet_kwargs)
     save_file({"out": out.float().contiguous()}, payload["output"])
     return {"dtype": str(dtype)}

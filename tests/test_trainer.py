@@ -17,7 +17,8 @@ pytest.importorskip("accelerate")
 from nodes.arch import idadapter as ida  # noqa: E402
 from training import data, diffusers_binding, loop, tiny  # noqa: E402
 from training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
-from training.idadapter_task import IDAdapterTask, identity_token  # noqa: E402
+from training.idadapter_task import IDAdapterTask  # noqa: E402
+from training.prompts import identity_token  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report_to", "none", "--validation_every", "0"]

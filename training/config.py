@@ -17,7 +17,7 @@ class ConfigError(ValueError):
 @dataclass
 class IDAdapterTrainConfig:
     # inputs
-    base_model: str = ""  # diffusers folder (model_index.json) or single-file .safetensors/.ckpt
+    base_model: str = ""  # SD1.5/SD2.x/SDXL diffusers folder (model_index.json) or single-file .safetensors/.ckpt
     clip_vision: str = ""  # transformers CLIPVisionModelWithProjection folder (the node side's CLIP_VISION)
     insightface_pack: str = ""  # folder with the detector + ArcFace .onnx (e.g. models/insightface/models/antelopev2)
     arcface: str = ""  # ArcFace weights for the identity loss (.onnx or .pth); default: the pack's recognizer

@@ -9,7 +9,6 @@ the cross-attention W_K, W_V; everything else is frozen. Loss: L_SD + lambda * F
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
@@ -24,16 +23,25 @@ from training import data as dataset
 from training import diffusers_binding
 from training.config import ConfigError, IDAdapterTrainConfig
 from training.diffusion import predicted_x0, training_target
-
-FAMILY_TEXT_KEY = {"sd15": "l", "sd21": "h"}
+from training.prompts import PromptEncoder
 
 
 class Components:
-    """The frozen models and tokenizer a run uses."""
+    """The frozen models and tokenizers a run uses (SDXL bases also have ``tokenizer_2``/``text_encoder_2``)."""
 
-    def __init__(self, tokenizer, text_encoder, vae, unet, noise_scheduler, clip_vision, arcface, analyzer):
+    def __init__(self, tokenizer, text_encoder, vae, unet, noise_scheduler, clip_vision, arcface, analyzer,
+                 tokenizer_2=None, text_encoder_2=None):
         self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
         self.noise_scheduler, self.clip_vision, self.arcface, self.analyzer = noise_scheduler, clip_vision, arcface, analyzer
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+
+    @property
+    def tokenizers(self) -> list:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    @property
+    def text_encoders(self) -> list:
+        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
 
 
 def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str]:
@@ -69,27 +77,36 @@ def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str]:
         return components, data_dir
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
 
     base = config.base_model
+    second = {}  # SDXL's second tokenizer and text encoder (OpenCLIP bigG, with the pooled projection)
     if os.path.isdir(base):
         if not os.path.isfile(os.path.join(base, "model_index.json")):
             raise ConfigError(f"--base_model {base!r} is a folder without model_index.json: expected a diffusers "
-                              "Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+                              "Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL "
+                              "also text_encoder_2/, tokenizer_2/)")
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+        if os.path.isdir(os.path.join(base, "text_encoder_2")):
+            second = dict(tokenizer_2=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2"),
+                          text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2"))
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
         noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     else:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        pipeline_class = StableDiffusionXLPipeline if is_sdxl_checkpoint(base) else StableDiffusionPipeline
         try:
-            pipe = StableDiffusionPipeline.from_single_file(base, local_files_only=True)
+            pipe = pipeline_class.from_single_file(base, local_files_only=True)
         except Exception as exc:
-            raise ConfigError(f"could not load the single-file checkpoint {base!r} offline ({type(exc).__name__}: "
-                              f"{exc}); convert it to a diffusers folder or pass that folder as --base_model") from exc
+            raise ConfigError(f"could not load the single-file checkpoint {base!r} offline as {pipeline_class.__name__} "
+                              f"({type(exc).__name__}: {exc}); convert it to a diffusers folder or pass that folder as "
+                              "--base_model") from exc
         tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            second = dict(tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2)
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     clip_vision = CLIPVisionModelWithProjection.from_pretrained(config.clip_vision)
     analyzer = insightface_backend.load_analyzer(
@@ -97,7 +114,32 @@ def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str]:
                                           os.path.basename(config.insightface_pack.rstrip("/"))), "auto", 640)
     arcface_path = config.arcface or analyzer.app.models["recognition"].model_file
     return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, clip_vision, load_arcface(arcface_path),
-                      analyzer), config.dataset
+                      analyzer, **second), config.dataset
+
+
+def is_sdxl_checkpoint(path: str) -> bool:
+    """Whether a single-file checkpoint holds SDXL's two text encoders (read from the safetensors header only)."""
+    if not path.endswith(".safetensors"):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+    except Exception:
+        return False  # an unreadable file gets its clear error from the loader
+
+
+def base_family(unet) -> str:
+    """sd15, sd21 or sdxl from the UNet's config; any other base is a clear error."""
+    context = unet.config.cross_attention_dim
+    text_time = unet.config.addition_embed_type == "text_time"
+    family = {(768, False): "sd15", (1024, False): "sd21", (2048, True): "sdxl"}.get((context, text_time))
+    if family is None:
+        raise ConfigError(f"the base UNet has cross-attention width {context} (added conditioning "
+                          f"{unet.config.addition_embed_type!r}); the IDAdapter trainer supports SD1.5 (768), SD2.x "
+                          "(1024) and SDXL base (2048 with text_time) UNets")
+    return family
 
 
 class TrainableIDAdapter(nn.Module):
@@ -108,25 +150,10 @@ class TrainableIDAdapter(nn.Module):
         self.unet = unet
         self.adapter = adapter
 
-    def forward(self, noisy, timesteps, text, tokens, active):
+    def forward(self, noisy, timesteps, text, tokens, active, added_cond=None):
         kwargs = diffusers_binding.idadapter_kwargs(tokens, active)
-        return self.unet(noisy, timesteps, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
-
-
-@contextlib.contextmanager
-def identity_token(text_encoder, input_ids: torch.Tensor, identifier_id: int, vectors: torch.Tensor):
-    """While active, the text encoder's input embedding of every identifier token is that row's E_c vector
-    (the trainer's side of IDAdapter Text Encode's injection)."""
-    mask = (input_ids == identifier_id).unsqueeze(-1)
-
-    def replace(module, args, output):
-        return torch.where(mask.to(output.device), vectors[:, None, :].to(output.dtype), output)
-
-    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
-    try:
-        yield
-    finally:
-        handle.remove()
+        return self.unet(noisy, timesteps, encoder_hidden_states=text, cross_attention_kwargs=kwargs,
+                         added_cond_kwargs=added_cond).sample
 
 
 class IDAdapterTask:
@@ -139,29 +166,26 @@ class IDAdapterTask:
             data_dir = config.dataset
         self.c = components
         unet = components.unet
-        context = unet.config.cross_attention_dim
-        family = {768: "sd15", 1024: "sd21"}.get(context)
-        if family is None:
-            raise ConfigError(f"the base UNet has cross-attention width {context}; the IDAdapter trainer supports "
-                              "SD1.5 (768) and SD2.x (1024) bases")
-        self.family = family
-        ids = components.tokenizer(config.identifier, add_special_tokens=False).input_ids
-        if len(ids) != 1:
-            raise ConfigError(f"--identifier {config.identifier!r} is {len(ids)} tokens for this tokenizer; "
-                              "use a single-token rare word such as 'sks'")
-        self.identifier_id = ids[0]
+        self.family = base_family(unet)
+        self.prompts = PromptEncoder(self.family, components.tokenizers, components.text_encoders, config.identifier,
+                                     config.resolution)
         cache_dir = config.cache_dir or os.path.join(config.output_dir, "cache")
         self.identities, self.report = dataset.scan_dataset(data_dir, components.analyzer, cache_dir, log=log)
         vision_cfg = components.clip_vision.config
         self.vision_size = vision_cfg.image_size
         adapter_cfg = ida.IDAdapterConfig(
-            family=family, blocks=diffusers_binding.block_specs(unet), clip_vision_dim=vision_cfg.hidden_size,
+            family=self.family, blocks=diffusers_binding.block_specs(unet), clip_vision_dim=vision_cfg.hidden_size,
             width=config.mff_width, mff_heads=config.mff_heads, num_tokens=config.num_tokens,
             embed_dim=config.embed_dim, textual_hidden=config.textual_hidden, num_images=config.num_images,
         )
+        for key, encoder in zip(self.prompts.keys, components.text_encoders):
+            width = encoder.get_input_embeddings().embedding_dim
+            if width != adapter_cfg.text_dims[key]:
+                raise ConfigError(f"the base's text encoder {key!r} is {width} wide; a {self.family} base has "
+                                  f"{adapter_cfg.text_dims[key]}")
         torch.manual_seed(config.seed)
         self.adapter = ida.IDAdapter(adapter_cfg)
-        for module in (components.text_encoder, components.vae, unet, components.clip_vision, components.arcface):
+        for module in (*components.text_encoders, components.vae, unet, components.clip_vision, components.arcface):
             module.requires_grad_(False).eval()
         self.kv_params = {}
         for name, block in diffusers_binding.transformer_blocks(unet).items():
@@ -185,8 +209,12 @@ class IDAdapterTask:
         self.accelerator = accelerator
         self.device = accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-        for module in (self.c.text_encoder, self.c.vae, self.c.clip_vision, self.c.arcface):
+        # a VAE that overflows in fp16 (SDXL's, config force_upcast) stays in fp32 for fp16 runs
+        upcast = self.weight_dtype == torch.float16 and getattr(self.c.vae.config, "force_upcast", False)
+        self.vae_dtype = torch.float32 if upcast else self.weight_dtype
+        for module in (*self.c.text_encoders, self.c.clip_vision, self.c.arcface):
             module.to(self.device, self.weight_dtype)
+        self.c.vae.to(self.device, self.vae_dtype)
         self.trainable.to(self.device)
         if self.config.gradient_checkpointing:
             self.c.unet.enable_gradient_checkpointing()
@@ -231,12 +259,6 @@ class IDAdapterTask:
                                                        dim=-1).mean(0), dim=-1) for ex in examples]).to(self.device)
         return self.adapter.encode(patches, arcface, classes) + (arcface,)
 
-    def encode_text(self, captions: list[str], vectors: torch.Tensor) -> torch.Tensor:
-        ids = self.c.tokenizer(captions, padding="max_length", max_length=self.c.tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt").input_ids.to(self.device)
-        with identity_token(self.c.text_encoder, ids, self.identifier_id, vectors):
-            return self.c.text_encoder(ids)[0]
-
     def loss(self, model, step: int):
         cfg = self.config
         examples = dataset.sample_batch(self.identities, cfg.batch_size, cfg.num_images, step, cfg.seed)
@@ -245,14 +267,14 @@ class IDAdapterTask:
         keep_text = torch.rand(len(examples), generator=gen) >= cfg.text_dropout
         with record_function("ida.load_targets"):
             targets, landmarks = zip(*[dataset.load_square(ex["target"], cfg.resolution) for ex in examples])
-            target_images = torch.stack(targets).to(self.device, self.weight_dtype) * 2 - 1
+            target_images = torch.stack(targets).to(self.device, self.vae_dtype) * 2 - 1
             landmarks = torch.stack(landmarks).to(self.device)
         with record_function("ida.references"):
             e_r, e_c, f_a = self.encode_references(examples)
         captions = [f"{ex['target'].caption}, {ex['identity'].class_noun} is {cfg.identifier}" if keep_text[i] else ""
                     for i, ex in enumerate(examples)]
         with record_function("ida.text"):
-            text = self.encode_text(captions, e_c[FAMILY_TEXT_KEY[self.family]])
+            text, added = self.prompts(captions, e_c)
 
         scheduler = self.c.noise_scheduler
         with torch.no_grad():
@@ -262,7 +284,7 @@ class IDAdapterTask:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(examples),), generator=gen).to(self.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         with record_function("ida.unet"):
-            prediction = model(noisy, timesteps, text, e_r, keep_image).float()
+            prediction = model(noisy, timesteps, text, e_r, keep_image, added).float()
         loss_sd = F.mse_loss(prediction, training_target(scheduler, latents, noise, timesteps))
         logs = {"loss_sd": loss_sd.detach()}
         loss = loss_sd
@@ -278,7 +300,7 @@ class IDAdapterTask:
         rows = keep_image.nonzero().flatten().to(noisy.device)
         x0 = predicted_x0(self.c.noise_scheduler, noisy[rows], prediction[rows], timesteps[rows])
         x0 = x0 / self.c.vae.config.scaling_factor
-        decoded = self.c.vae.decode(x0.to(self.weight_dtype)).sample  # x0_hat estimates the target image
+        decoded = self.c.vae.decode(x0.to(self.vae_dtype)).sample  # x0_hat estimates the target image
         crops = align_faces(decoded.float(), landmarks[rows])
         features = self.c.arcface(crops.to(self.weight_dtype)).float()
         with torch.no_grad():
@@ -303,17 +325,16 @@ class IDAdapterTask:
                 example = {"identity": source, "target": image, "references": refs, "augment_seed": seed + j}
                 e_r, e_c, _ = self.encode_references([example])
                 rgb, _ = dataset.load_square(image, self.config.resolution)
-                latents = self.c.vae.encode((rgb[None] * 2 - 1).to(self.device, self.weight_dtype)).latent_dist.mean
+                latents = self.c.vae.encode((rgb[None] * 2 - 1).to(self.device, self.vae_dtype)).latent_dist.mean
                 latents = latents.float() * self.c.vae.config.scaling_factor
-                text = self.encode_text([f"{image.caption}, {source.class_noun} is {self.config.identifier}"],
-                                        e_c[FAMILY_TEXT_KEY[self.family]])
+                text, added = self.prompts([f"{image.caption}, {source.class_noun} is {self.config.identifier}"], e_c)
                 gen = torch.Generator().manual_seed(seed * 7919 + idx * 101 + j)
                 for _ in range(repeats):
                     noise = torch.randn(latents.shape, generator=gen).to(self.device)
                     t = torch.randint(min_timestep, self.c.noise_scheduler.config.num_train_timesteps, (1,),
                                       generator=gen).to(self.device)
                     noisy = self.c.noise_scheduler.add_noise(latents, noise, t)
-                    pred = model(noisy, t, text, e_r, None).float()
+                    pred = model(noisy, t, text, e_r, None, added).float()
                     total += F.mse_loss(pred, training_target(self.c.noise_scheduler, latents, noise, t)).item()
                     count += 1
         return total / count
@@ -322,13 +343,20 @@ class IDAdapterTask:
     def validate(self, model, step: int):
         """Images from the fixed validation prompts for the first identity (a held-out face if you keep one
         identity out of training), with CFG; the adapter runs on the conditional half only."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
         from PIL import Image
 
         unet = self.accelerator.unwrap_model(model).unet
-        pipe = StableDiffusionPipeline(vae=self.c.vae, text_encoder=self.c.text_encoder, tokenizer=self.c.tokenizer,
-                                       unet=unet, scheduler=DDIMScheduler.from_config(self.c.noise_scheduler.config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler = DDIMScheduler.from_config(self.c.noise_scheduler.config)
+        if self.family == "sdxl":
+            pipe = StableDiffusionXLPipeline(vae=self.c.vae, text_encoder=self.c.text_encoder,
+                                             text_encoder_2=self.c.text_encoder_2, tokenizer=self.c.tokenizer,
+                                             tokenizer_2=self.c.tokenizer_2, unet=unet, scheduler=scheduler,
+                                             add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline(vae=self.c.vae, text_encoder=self.c.text_encoder, tokenizer=self.c.tokenizer,
+                                           unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         identity = self.identities[0]
         example = {"identity": identity, "target": identity.images[0], "references": identity.images[:self.config.num_images],
@@ -339,10 +367,13 @@ class IDAdapterTask:
             e_r, e_c, _ = self.encode_references([example])
             images = []
             for i, prompt in enumerate(self.config.validation_prompts):
-                text = self.encode_text([f"{prompt}, {identity.class_noun} is {self.config.identifier}"],
-                                        e_c[FAMILY_TEXT_KEY[self.family]])
-                negative = self.encode_text([""], e_c[FAMILY_TEXT_KEY[self.family]])
-                out = pipe(prompt_embeds=text.to(self.weight_dtype), negative_prompt_embeds=negative.to(self.weight_dtype),
+                text, added = self.prompts([f"{prompt}, {identity.class_noun} is {self.config.identifier}"], e_c)
+                negative, negative_added = self.prompts([""], e_c)
+                embeds = dict(prompt_embeds=text.to(self.weight_dtype), negative_prompt_embeds=negative.to(self.weight_dtype))
+                if added is not None:
+                    embeds.update(pooled_prompt_embeds=added["text_embeds"].to(self.weight_dtype),
+                                  negative_pooled_prompt_embeds=negative_added["text_embeds"].to(self.weight_dtype))
+                out = pipe(**embeds,
                            num_inference_steps=self.config.validation_steps, guidance_scale=5.0,
                            height=self.config.resolution, width=self.config.resolution, output_type="np",
                            generator=torch.Generator().manual_seed(i),

@@ -188,6 +188,33 @@ def tiny_text_encoder(vocab_size: int, seed: int = 0):
                                        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1))
 
 
+def tiny_sdxl_text_encoders(vocab_size: int, seed: int = 0):
+    """SDXL's pair at the real widths (CLIP-L 768; OpenCLIP bigG 1280 with its pooled projection), one layer each."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    special = dict(vocab_size=vocab_size, max_position_embeddings=77, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=64, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                   pad_token_id=vocab_size - 1)
+    return (CLIPTextModel(CLIPTextConfig(hidden_size=768, **special)),
+            CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, projection_dim=1280, **special)))
+
+
+def tiny_sdxl_unet(seed: int = 0):
+    """SDXL's shape in miniature: a first level without attention, 2 transformer blocks per attention, context
+    2048 and the text_time added conditioning (pooled 1280 + 6 time ids)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=2048, attention_head_dim=4, norm_num_groups=8,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=1280 + 6 * 8,
+    )
+
+
 def tiny_unet(seed: int = 0):
     from diffusers import UNet2DConditionModel
 

@@ -1,0 +1,71 @@
+"""Captions to the UNet's text conditioning, with the identity vector E_c in place of the identifier token.
+
+The trainer's side of IDAdapter Text Encode: every text encoder of the base family gets its own E_c vector
+(ComfyUI token-dict keys: SD1.5 "l", SD2.x "h", SDXL "l" and "g") at its input-embedding output, wherever the
+identifier's token is. SD1.5/SD2.x condition on the one encoder's last hidden state; SDXL, as diffusers' SDXL
+pipelines do, on both encoders' penultimate hidden states side by side, plus the second encoder's pooled
+projection and the size/crop "time ids" as added conditioning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from training.config import ConfigError
+
+# the E_c key of each text encoder, in the order the base model lists them (text_encoder, text_encoder_2)
+FAMILY_ENCODER_KEYS = {"sd15": ("l",), "sd21": ("h",), "sdxl": ("l", "g")}
+
+
+@contextlib.contextmanager
+def identity_token(text_encoder, input_ids: torch.Tensor, identifier_id: int, vectors: torch.Tensor):
+    """While active, the text encoder's input embedding of every identifier token is that row's E_c vector."""
+    mask = (input_ids == identifier_id).unsqueeze(-1)
+
+    def replace(module, args, output):
+        return torch.where(mask.to(output.device), vectors[:, None, :].to(output.dtype), output)
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class PromptEncoder:
+    """``encoder(captions, e_c) -> (context [B, 77, C], added_cond_kwargs or None)`` for one base family."""
+
+    def __init__(self, family: str, tokenizers: list, text_encoders: list, identifier: str, resolution: int):
+        keys = FAMILY_ENCODER_KEYS[family]
+        if len(tokenizers) != len(keys) or len(text_encoders) != len(keys):
+            raise ConfigError(f"a {family} base has {len(keys)} text encoder(s) and tokenizer(s); got "
+                              f"{len(text_encoders)} and {len(tokenizers)}")
+        self.family, self.keys = family, keys
+        self.tokenizers, self.text_encoders = tokenizers, text_encoders
+        self.identifier_ids = []
+        for tokenizer in tokenizers:
+            ids = tokenizer(identifier, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise ConfigError(f"--identifier {identifier!r} is {len(ids)} tokens for this tokenizer; "
+                                  "use a single-token rare word such as 'sks'")
+            self.identifier_ids.append(ids[0])
+        # original size, crop top-left, target size: the dataset is already cropped to a square at training size
+        self.time_ids = [resolution, resolution, 0, 0, resolution, resolution]
+
+    def __call__(self, captions: list[str], e_c: dict[str, torch.Tensor]):
+        device = e_c[self.keys[0]].device
+        hidden, pooled = [], None
+        for tokenizer, encoder, key, identifier_id in zip(self.tokenizers, self.text_encoders, self.keys,
+                                                          self.identifier_ids):
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            with identity_token(encoder, ids, identifier_id, e_c[key]):
+                out = encoder(ids, output_hidden_states=self.family == "sdxl")
+            if self.family != "sdxl":
+                return out[0], None
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # the last encoder's projected pooled output (CLIPTextModelWithProjection.text_embeds)
+        time_ids = torch.tensor([self.time_ids] * len(captions), device=device, dtype=pooled.dtype)
+        return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}
