@@ -17,7 +17,7 @@ pytest.importorskip("accelerate")
 from nodes.arch import idadapter as ida  # noqa: E402
 from training import data, diffusers_binding, loop, tiny  # noqa: E402
 from training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
-from training.idadapter_task import IDAdapterTask  # noqa: E402
+from training.idadapter_task import IDAdapterTask, PerImageCache  # noqa: E402
 from training.prompts import identity_token  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,6 +133,45 @@ def test_learning_is_real(tmp_path, tiny_assets):
     shuffled = task.denoising_loss(identities, shuffle=True)
     assert right < 0.97 * shuffled, (right, shuffled)
     assert right < 0.95 * before, (right, before)
+
+
+def test_cached_frozen_outputs_give_the_same_step_without_the_frozen_encoders(tmp_path, tiny_assets):
+    from accelerate import Accelerator
+
+    out = run_dir(tmp_path, tiny_assets, "cache")
+    config = parse_args(IDAdapterTrainConfig, ["--preset", "tiny", "--output_dir", str(out), *QUIET])
+    task = IDAdapterTask(config, log=lambda *a: None)
+    task.setup(Accelerator(cpu=True))
+    with torch.no_grad():
+        first, logs = task.loss(task.trainable, 3)
+    kinds = sorted({kind for kind, _ in task.cache.entries})
+    assert "loss_id" in logs and kinds == ["reference", "target"]
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("a cached photo ran a frozen encoder")
+
+    encode, vision = task.c.vae.encode, task.c.clip_vision.forward
+    task.c.vae.encode = task.c.clip_vision.forward = no_call  # the synthetic identities have >= N photos each
+    with torch.no_grad():
+        again, _ = task.loss(task.trainable, 3)
+    task.c.vae.encode, task.c.clip_vision.forward = encode, vision
+    task.cache = PerImageCache(0)  # --cache_mb 0: every step runs the frozen encoders
+    with torch.no_grad():
+        uncached, _ = task.loss(task.trainable, 3)
+    assert torch.equal(first, again) and torch.equal(first, uncached)
+    assert not task.cache.entries
+
+
+def test_per_image_cache_drops_the_least_recently_used_within_its_budget():
+    cache = PerImageCache(1)
+    entry = (torch.zeros(2**20 // 4 // 3),)  # a third of the budget
+    for key in "abc":
+        cache.get(key, lambda: entry)
+    cache.get("a", lambda: None)  # a hit: "a" becomes the most recent
+    cache.get("d", lambda: entry)
+    assert list(cache.entries) == ["c", "a", "d"] and cache.used == 3 * PerImageCache.nbytes(entry)
+    cache.get("big", lambda: (torch.zeros(2**20),))  # larger than the budget: returned, not kept
+    assert "big" not in cache.entries and list(cache.entries) == ["c", "a", "d"]
 
 
 def test_trainer_text_injection_equals_edited_embedding_table(tmp_path):

@@ -39,6 +39,9 @@ class IDAdapterTrainConfig:
     # identity-loss gate F(x0_hat): on when the ArcFace feature norm of the aligned x0_hat crop is at least this
     # fraction of the target photo's (the norm is ArcFace's own face-quality signal)
     id_gate_ratio: float = 0.5
+    # CPU memory for the frozen models' per-photo outputs, each computed once: a target's VAE posterior and gate
+    # reference, a reference photo's CLIP-vision features (least recently used out first; 0 = recompute each step)
+    cache_mb: int = 4096
     # adapter size
     num_tokens: int = 16
     mff_width: int = 768
@@ -85,6 +88,8 @@ class IDAdapterTrainConfig:
         for name in ("num_images", "batch_size", "max_steps", "gradient_accumulation_steps", "num_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.cache_mb < 0:
+            problems.append(f"--cache_mb must be 0 (off) or more, got {self.cache_mb}")
         for name in ("text_dropout", "image_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"--{name} must be in [0, 1), got {getattr(self, name)}")

@@ -10,10 +10,12 @@ the cross-attention W_K, W_V; everything else is frozen. Loss: L_SD + lambda * F
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 from torch.profiler import record_function
 
@@ -156,6 +158,35 @@ class TrainableIDAdapter(nn.Module):
                          added_cond_kwargs=added_cond).sample
 
 
+class PerImageCache:
+    """Values computed from one dataset image by a frozen model, kept on the CPU within ``budget_mb`` (least
+    recently used out first). Each value is computed from its image alone, so it never depends on the batch
+    that first asked for it: a resumed run stays exact."""
+
+    def __init__(self, budget_mb: int):
+        self.budget = budget_mb * 2**20
+        self.used = 0
+        self.entries: OrderedDict[tuple, tuple] = OrderedDict()
+
+    @staticmethod
+    def nbytes(value: tuple) -> int:
+        return sum(v.numel() * v.element_size() for v in value if isinstance(v, torch.Tensor))
+
+    def get(self, key: tuple, compute) -> tuple:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+            return value
+        value = compute()
+        size = self.nbytes(value)
+        if size <= self.budget:
+            while self.used + size > self.budget:
+                self.used -= self.nbytes(self.entries.popitem(last=False)[1])
+            self.entries[key] = value
+            self.used += size
+        return value
+
+
 class IDAdapterTask:
     def __init__(self, config: IDAdapterTrainConfig, components: Components | None = None, log=print):
         self.config = config
@@ -215,6 +246,7 @@ class IDAdapterTask:
         for module in (*self.c.text_encoders, self.c.clip_vision, self.c.arcface):
             module.to(self.device, self.weight_dtype)
         self.c.vae.to(self.device, self.vae_dtype)
+        self.cache = PerImageCache(self.config.cache_mb)
         self.trainable.to(self.device)
         if self.config.gradient_checkpointing:
             self.c.unet.enable_gradient_checkpointing()
@@ -243,18 +275,65 @@ class IDAdapterTask:
         rank = self.accelerator.process_index if hasattr(self, "accelerator") else 0
         return torch.Generator().manual_seed(((self.config.seed * 1_000_003 + step) * 97 + salt) * 131 + rank)
 
+    # ---- the frozen models' per-image outputs (through the cache)
+
+    def targets(self, images: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per target photo: VAE posterior moments [B, 2C, h, w], landmarks at training size [B, 5, 2] and the
+        ArcFace feature norm of its aligned face [B] (the identity gate's reference)."""
+        found = [self.cache.get(("target", im.path), lambda im=im: self._encode_target(im)) for im in images]
+        return tuple(torch.stack([torch.as_tensor(f[i]) for f in found]) for i in range(3))
+
+    def fill_cache(self, images: list) -> None:
+        """Computes (or refreshes) the cached frozen outputs of ``images``, as the first epoch would."""
+        self.targets(images)
+        for image in images:
+            self._reference_features(image)
+
+    @torch.no_grad()
+    def _encode_target(self, image):
+        rgb, landmarks = dataset.load_square(image, self.config.resolution)
+        pixels = (rgb[None] * 2 - 1).to(self.device, self.vae_dtype)
+        moments = self.c.vae.encode(pixels).latent_dist.parameters
+        face = align_faces(pixels.float(), landmarks[None].to(self.device))
+        norm = self.c.arcface(face.to(self.weight_dtype)).float().norm(dim=-1)
+        return moments[0].cpu(), landmarks, float(norm)
+
+    @torch.no_grad()
+    def _clip_vision(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penultimate hidden states [n, T, D] and final class tokens [n, D] of [n, 3, H, W] 0..1 images."""
+        pixel = ida.clip_vision_preprocess(images, self.vision_size).to(self.device, self.weight_dtype)
+        out = self.c.clip_vision(pixel_values=pixel, output_hidden_states=True)
+        return out.hidden_states[-2], out.last_hidden_state[:, 0]
+
+    def _reference_features(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        def compute():
+            patches, cls = self._clip_vision(dataset.load_square(image, self.vision_size)[0][None])
+            return patches[0].cpu(), cls[0].cpu()
+
+        return self.cache.get(("reference", image.path), compute)
+
     def encode_references(self, examples) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """E_r [B, M, D] and E_c {key: [B, dim]} for a batch of examples (grad flows into the adapter)."""
+        """E_r [B, M, D] and E_c {key: [B, dim]} for a batch of examples (grad flows into the adapter).
+
+        References of an identity with at least N images are plain photos: their CLIP features come from the
+        cache. Fewer are augmented up to N with per-step randomness, so those run CLIP vision every step (one
+        call for the batch)."""
         n = self.config.num_images
-        refs = []
-        for ex in examples:
-            images = torch.stack([dataset.load_square(im, self.vision_size)[0] for im in ex["references"]])
-            refs.append(ida.augment_references(images, n, ex["augment_seed"]) if images.shape[0] < n else images)
-        pixel = ida.clip_vision_preprocess(torch.cat(refs), self.vision_size).to(self.device, self.weight_dtype)
-        with torch.no_grad():  # one CLIP-vision call for the whole batch's references
-            out = self.c.clip_vision(pixel_values=pixel, output_hidden_states=True)
-        patches = out.hidden_states[-2].float().unflatten(0, (len(examples), n))
-        classes = out.last_hidden_state[:, 0].float().unflatten(0, (len(examples), n)).mean(1)
+        features: list = [None] * len(examples)
+        augmented = [i for i, ex in enumerate(examples) if len(ex["references"]) < n]
+        if augmented:
+            images = [torch.stack([dataset.load_square(im, self.vision_size)[0] for im in examples[i]["references"]])
+                      for i in augmented]
+            patches, cls = self._clip_vision(torch.cat([ida.augment_references(im, n, examples[i]["augment_seed"])
+                                                        for i, im in zip(augmented, images)]))
+            for j, i in enumerate(augmented):
+                features[i] = (patches[j * n:(j + 1) * n], cls[j * n:(j + 1) * n])
+        for i, ex in enumerate(examples):
+            if features[i] is None:
+                found = [self._reference_features(im) for im in ex["references"]]
+                features[i] = tuple(torch.stack([f[k] for f in found]).to(self.device) for k in range(2))
+        patches = torch.stack([f[0] for f in features]).float()
+        classes = torch.stack([f[1] for f in features]).float().mean(1)
         arcface = torch.stack([F.normalize(F.normalize(torch.stack([im.embedding for im in ex["references"]]).float(),
                                                        dim=-1).mean(0), dim=-1) for ex in examples]).to(self.device)
         return self.adapter.encode(patches, arcface, classes) + (arcface,)
@@ -265,10 +344,8 @@ class IDAdapterTask:
         gen = self._generator(step, 0)
         keep_image = torch.rand(len(examples), generator=gen) >= cfg.image_dropout  # stays on the CPU (host-side rows)
         keep_text = torch.rand(len(examples), generator=gen) >= cfg.text_dropout
-        with record_function("ida.load_targets"):
-            targets, landmarks = zip(*[dataset.load_square(ex["target"], cfg.resolution) for ex in examples])
-            target_images = torch.stack(targets).to(self.device, self.vae_dtype) * 2 - 1
-            landmarks = torch.stack(landmarks).to(self.device)
+        with record_function("ida.targets"):
+            moments, landmarks, reference_norms = self.targets([ex["target"] for ex in examples])
         with record_function("ida.references"):
             e_r, e_c, f_a = self.encode_references(examples)
         captions = [f"{ex['target'].caption}, {ex['identity'].class_noun} is {cfg.identifier}" if keep_text[i] else ""
@@ -277,8 +354,7 @@ class IDAdapterTask:
             text, added = self.prompts(captions, e_c)
 
         scheduler = self.c.noise_scheduler
-        with torch.no_grad():
-            latents = self.c.vae.encode(target_images).latent_dist.sample(generator=gen)
+        latents = DiagonalGaussianDistribution(moments.to(self.device)).sample(generator=gen)
         latents = latents.float() * self.c.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen).to(self.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(examples),), generator=gen).to(self.device)
@@ -290,22 +366,23 @@ class IDAdapterTask:
         loss = loss_sd
         if cfg.id_loss_weight > 0 and bool(keep_image.any()):
             with record_function("ida.identity_loss"):
-                loss_id, gate = self.identity_loss(noisy, prediction, timesteps, target_images, landmarks, f_a, keep_image)
+                loss_id, gate = self.identity_loss(noisy, prediction, timesteps, landmarks, reference_norms, f_a,
+                                                   keep_image)
             loss = loss + cfg.id_loss_weight * loss_id
             logs.update(loss_id=loss_id.detach(), id_gate=gate.float().mean())
         logs["loss"] = loss.detach()
         return loss, logs
 
-    def identity_loss(self, noisy, prediction, timesteps, target_images, landmarks, f_a, keep_image):
-        rows = keep_image.nonzero().flatten().to(noisy.device)
+    def identity_loss(self, noisy, prediction, timesteps, landmarks, reference_norms, f_a, keep_image):
+        rows = keep_image.nonzero().flatten()
+        landmarks, reference_norms = landmarks[rows].to(self.device), reference_norms[rows].to(self.device)
+        rows = rows.to(noisy.device)
         x0 = predicted_x0(self.c.noise_scheduler, noisy[rows], prediction[rows], timesteps[rows])
         x0 = x0 / self.c.vae.config.scaling_factor
         decoded = self.c.vae.decode(x0.to(self.vae_dtype)).sample  # x0_hat estimates the target image
-        crops = align_faces(decoded.float(), landmarks[rows])
+        crops = align_faces(decoded.float(), landmarks)
         features = self.c.arcface(crops.to(self.weight_dtype)).float()
-        with torch.no_grad():
-            reference = self.c.arcface(align_faces(target_images[rows].float(), landmarks[rows]).to(self.weight_dtype)).float()
-            gate = features.norm(dim=-1) >= self.config.id_gate_ratio * reference.norm(dim=-1)
+        gate = features.detach().norm(dim=-1) >= self.config.id_gate_ratio * reference_norms
         per_example = 1 - F.cosine_similarity(features, f_a[rows], dim=-1)
         return (per_example * gate).mean(), gate
 
@@ -324,9 +401,8 @@ class IDAdapterTask:
                 refs = source.images[: self.config.num_images]
                 example = {"identity": source, "target": image, "references": refs, "augment_seed": seed + j}
                 e_r, e_c, _ = self.encode_references([example])
-                rgb, _ = dataset.load_square(image, self.config.resolution)
-                latents = self.c.vae.encode((rgb[None] * 2 - 1).to(self.device, self.vae_dtype)).latent_dist.mean
-                latents = latents.float() * self.c.vae.config.scaling_factor
+                moments = self.targets([image])[0].to(self.device)
+                latents = DiagonalGaussianDistribution(moments).mean.float() * self.c.vae.config.scaling_factor
                 text, added = self.prompts([f"{image.caption}, {source.class_noun} is {self.config.identifier}"], e_c)
                 gen = torch.Generator().manual_seed(seed * 7919 + idx * 101 + j)
                 for _ in range(repeats):
