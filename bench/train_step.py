@@ -8,8 +8,8 @@ Random weights at the published sizes (SD2.1 UNet/VAE/OpenCLIP-H text encoder, C
 IResNet-100), the trainer's own step (training/idadapter_task.py: MFF + text token + gated adapters +
 K/V, L_SD + 0.1 * gated ID loss through the VAE decoder) on a synthetic identity set; the tiny insightface
 stand-in does the up-front face detection. FLOPs are counted with torch's FlopCounterMode over one step, in
-all and per top-level module. The warm-up step encodes the targets once (the trainer's target cache), as the
-first epoch of a real run does.
+all and per top-level module. The per-photo cache is filled first, as after a real run's first epoch, and the
+step is timed again with it off (--cache_mb 0) for the ratio.
 """
 
 import argparse

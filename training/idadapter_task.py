@@ -280,23 +280,26 @@ class IDAdapterTask:
     def targets(self, images: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per target photo: VAE posterior moments [B, 2C, h, w], landmarks at training size [B, 5, 2] and the
         ArcFace feature norm of its aligned face [B] (the identity gate's reference)."""
-        found = [self.cache.get(("target", im.path), lambda im=im: self._encode_target(im)) for im in images]
-        return tuple(torch.stack([torch.as_tensor(f[i]) for f in found]) for i in range(3))
+        found = [self._target(image) for image in images]
+        return tuple(torch.stack([f[i] for f in found]) for i in range(3))
 
     def fill_cache(self, images: list) -> None:
-        """Computes (or refreshes) the cached frozen outputs of ``images``, as the first epoch would."""
-        self.targets(images)
+        """Computes the frozen outputs of ``images`` that are not cached yet, as the first epoch would."""
         for image in images:
+            self._target(image)
             self._reference_features(image)
 
-    @torch.no_grad()
-    def _encode_target(self, image):
-        rgb, landmarks = dataset.load_square(image, self.config.resolution)
-        pixels = (rgb[None] * 2 - 1).to(self.device, self.vae_dtype)
-        moments = self.c.vae.encode(pixels).latent_dist.parameters
-        face = align_faces(pixels.float(), landmarks[None].to(self.device))
-        norm = self.c.arcface(face.to(self.weight_dtype)).float().norm(dim=-1)
-        return moments[0].cpu(), landmarks, float(norm)
+    def _target(self, image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        @torch.no_grad()
+        def compute():
+            rgb, landmarks = dataset.load_square(image, self.config.resolution)
+            pixels = (rgb[None] * 2 - 1).to(self.device, self.vae_dtype)
+            moments = self.c.vae.encode(pixels).latent_dist.parameters
+            face = align_faces(pixels.float(), landmarks[None].to(self.device))
+            norm = self.c.arcface(face.to(self.weight_dtype)).float().norm(dim=-1)
+            return moments[0].cpu(), landmarks, norm[0].cpu()
+
+        return self.cache.get(("target", image.path), compute)
 
     @torch.no_grad()
     def _clip_vision(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,6 +309,7 @@ class IDAdapterTask:
         return out.hidden_states[-2], out.last_hidden_state[:, 0]
 
     def _reference_features(self, image) -> tuple[torch.Tensor, torch.Tensor]:
+        @torch.no_grad()
         def compute():
             patches, cls = self._clip_vision(dataset.load_square(image, self.vision_size)[0][None])
             return patches[0].cpu(), cls[0].cpu()

@@ -179,25 +179,30 @@ def tiny_tokenizer(folder: str):
     return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
 
 
+def _tiny_text_config(vocab_size: int, hidden_size: int, layers: int, **extra):
+    """A narrow CLIP text config at a real width, over the tiny tokenizer's vocabulary and special tokens."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=layers,
+                          num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab_size - 2,
+                          eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **extra)
+
+
 def tiny_text_encoder(vocab_size: int, seed: int = 0):
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
-    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=768, intermediate_size=64,
-                                       num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=77,
-                                       bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1))
+    return CLIPTextModel(_tiny_text_config(vocab_size, 768, 1))
 
 
 def tiny_sdxl_text_encoders(vocab_size: int, seed: int = 0):
-    """SDXL's pair at the real widths (CLIP-L 768; OpenCLIP bigG 1280 with its pooled projection), one layer each."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    """SDXL's pair at the real widths (CLIP-L 768; OpenCLIP bigG 1280 with its pooled projection), two layers
+    each so the penultimate hidden state SDXL conditions on is a real layer's output."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    special = dict(vocab_size=vocab_size, max_position_embeddings=77, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=64, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
-                   pad_token_id=vocab_size - 1)
-    return (CLIPTextModel(CLIPTextConfig(hidden_size=768, **special)),
-            CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, projection_dim=1280, **special)))
+    return (CLIPTextModel(_tiny_text_config(vocab_size, 768, 2)),
+            CLIPTextModelWithProjection(_tiny_text_config(vocab_size, 1280, 2, projection_dim=1280)))
 
 
 def tiny_sdxl_unet(seed: int = 0):
