@@ -12,7 +12,9 @@ identity loss needs gradients, which onnxruntime cannot give).
 """
 
 import argparse
+import importlib.util
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -20,9 +22,13 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script: import this checkout as the package `comfyui_idadapter` (ComfyUI owns the top-level name `nodes`).
+_root = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py", submodule_search_locations=[str(_root)])
+sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_pack)
 
-from nodes.arch.iresnet import IRESNET_LAYERS, IResNet, iresnet_from_onnx  # noqa: E402
+from comfyui_idadapter.nodes.arch.iresnet import IRESNET_LAYERS, IResNet, iresnet_from_onnx  # noqa: E402
 
 
 def timed(fn, repeats):

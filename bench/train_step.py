@@ -13,26 +13,32 @@ step is timed again with it off (--cache_mb 0) for the ratio.
 """
 
 import argparse
+import importlib.util
 import os
+import pathlib
 import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script: import this checkout as the package `comfyui_idadapter` (ComfyUI owns the top-level name `nodes`).
+_root = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py", submodule_search_locations=[str(_root)])
+sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_pack)
 
-from nodes.arch.iresnet import IRESNET_LAYERS, IResNet  # noqa: E402
-from training import tiny  # noqa: E402
-from training.config import IDAdapterTrainConfig  # noqa: E402
-from training.idadapter_task import Components, IDAdapterTask, PerImageCache  # noqa: E402
+from comfyui_idadapter.nodes.arch.iresnet import IRESNET_LAYERS, IResNet  # noqa: E402
+from comfyui_idadapter.training import tiny  # noqa: E402
+from comfyui_idadapter.training.config import IDAdapterTrainConfig  # noqa: E402
+from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PerImageCache  # noqa: E402
 
 
 def sd21_components(device, tokenizer, pack):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from nodes.face import insightface_backend
+    from comfyui_idadapter.nodes.face import insightface_backend
 
     with torch.device(device):
         unet = UNet2DConditionModel(

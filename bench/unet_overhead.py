@@ -14,16 +14,22 @@ Prints seconds per step and each variant's ratio to base, and idadapter/floor.
 """
 
 import argparse
+import importlib.util
 import os
+import pathlib
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script: import this checkout as the package `comfyui_idadapter` (ComfyUI owns the top-level name `nodes`).
+_root = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py", submodule_search_locations=[str(_root)])
+sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_pack)
 
-from nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention  # noqa: E402
-from training import diffusers_binding  # noqa: E402
+from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention  # noqa: E402
+from comfyui_idadapter.training import diffusers_binding  # noqa: E402
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),

@@ -1,5 +1,5 @@
 """comfyui-idadapter's graph-facing code.
 
-Deliberately empty: trainers import ``nodes.arch`` and ``nodes.face`` without ComfyUI, and ComfyUI
-reaches the node classes only through the pack's top-level ``__init__`` (relative imports).
+Deliberately empty: ComfyUI reaches the node classes through the pack's top-level ``__init__`` (relative
+imports), and trainers, benches and tests import ``comfyui_idadapter.nodes.arch`` without ComfyUI.
 """

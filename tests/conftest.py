@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+import pack_import  # noqa: F401  (first: the pack as `comfyui_idadapter`)
 import tiny_face_models
 
 
@@ -15,6 +16,6 @@ def insightface_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def analyzer(insightface_root):
-    from nodes.face import insightface_backend as backend
+    from comfyui_idadapter.nodes.face import insightface_backend as backend
 
     return backend.load_analyzer(os.path.join(insightface_root, "models", "tinypack"), "CPU", 640)

@@ -2,7 +2,7 @@
 
 import torch
 
-from nodes.arch.idadapter import BlockSpec, IDAdapter, IDAdapterConfig, IDAdapterWeights
+from comfyui_idadapter.nodes.arch.idadapter import BlockSpec, IDAdapter, IDAdapterConfig, IDAdapterWeights
 
 TINY_BLOCKS = {
     "input_1_0": BlockSpec(32, 2, 768),

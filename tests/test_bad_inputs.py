@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from nodes.errors import ImageInputError, MissingDependencyError, ModelFileError, ModelFolderError
-from nodes.face import insightface_backend as backend
-from nodes.face.images import to_bgr_uint8
+from comfyui_idadapter.nodes.errors import ImageInputError, MissingDependencyError, ModelFileError, ModelFolderError
+from comfyui_idadapter.nodes.face import insightface_backend as backend
+from comfyui_idadapter.nodes.face.images import to_bgr_uint8
 from tiny_face_models import face_image, make_pack
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nodes.arch.face_embeds import load_face_embeds
+from comfyui_idadapter.nodes.arch.face_embeds import load_face_embeds
 from tiny_face_models import expected_box, face_image, make_pack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,14 +29,15 @@ def test_pack_modules_import_without_comfyui_or_insightface():
     code = (
         "import sys\n"
         "sys.modules['insightface'] = None; sys.modules['onnxruntime'] = None\n"
-        "import importlib.util\n"
-        "spec = importlib.util.spec_from_file_location('pack', 'nodes/__init__.py'.replace('nodes/__init__.py', '__init__.py'))\n"
-        "pack = importlib.util.module_from_spec(spec); spec.loader.exec_module(pack)\n"
-        "import nodes.arch.iresnet, nodes.arch.face_embeds, nodes.face.insightface_backend, nodes.face.images\n"
+        "sys.path.insert(0, 'tests')\n"
+        "import pack_import\n"
+        "pack = sys.modules['comfyui_idadapter']\n"
+        "import comfyui_idadapter.nodes.arch.iresnet, comfyui_idadapter.nodes.arch.face_embeds\n"
+        "import comfyui_idadapter.nodes.face.insightface_backend, comfyui_idadapter.nodes.face.images\n"
         "assert not hasattr(pack, 'comfy_entrypoint')\n"
-        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths', 'diffusers'))\n"
+        "leaked = sorted(m for m in sys.modules if m.split('.')[0] in ('nodes', 'comfy', 'comfy_api', 'folder_paths', 'diffusers'))\n"
         "assert not leaked, leaked\n"
-        "from nodes.face import insightface_backend as b\n"
+        "from comfyui_idadapter.nodes.face import insightface_backend as b\n"
         "try:\n"
         "    b.import_insightface()\n"
         "except b.MissingDependencyError as e:\n"

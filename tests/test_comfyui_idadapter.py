@@ -89,8 +89,8 @@ def test_trainer_forward_equals_comfyui_unet(work):
     from safetensors.torch import load_file, save_file
 
     from comfyui_checks import _tiny_diffusers_unet
-    from nodes.arch.idadapter import load_idadapter
-    from training import diffusers_binding
+    from comfyui_idadapter.nodes.arch.idadapter import load_idadapter
+    from comfyui_idadapter.training import diffusers_binding
 
     gen = torch.Generator().manual_seed(6)
     inputs = {"x": torch.randn(2, 4, 8, 8, generator=gen), "t": torch.tensor([500, 500]),
@@ -125,8 +125,8 @@ def test_trainer_forward_equals_comfyui_sdxl_unet(work):
     from safetensors.torch import load_file, save_file
 
     from comfyui_checks import _tiny_sdxl_diffusers_unet
-    from nodes.arch.idadapter import load_idadapter
-    from training import diffusers_binding
+    from comfyui_idadapter.nodes.arch.idadapter import load_idadapter
+    from comfyui_idadapter.training import diffusers_binding
 
     unet = _tiny_sdxl_diffusers_unet().eval()
     paths = {name: str(work / f"sdxl_{name}.safetensors") for name in ("inputs", "weights", "adapter", "output")}

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nodes.arch.face_embeds import FaceEmbeds, combine, load_face_embeds, save_face_embeds
-from nodes.errors import ModelFileError
+from comfyui_idadapter.nodes.arch.face_embeds import FaceEmbeds, combine, load_face_embeds, save_face_embeds
+from comfyui_idadapter.nodes.errors import ModelFileError
 
 
 def _embeds(vectors, with_geometry=True, first_image=0):

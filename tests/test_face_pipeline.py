@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nodes.arch.iresnet import ARCFACE_TEMPLATE_112, load_arcface, to_arcface_input
-from nodes.errors import NoFaceError
-from nodes.face import insightface_backend as backend
+from comfyui_idadapter.nodes.arch.iresnet import ARCFACE_TEMPLATE_112, load_arcface, to_arcface_input
+from comfyui_idadapter.nodes.errors import NoFaceError
+from comfyui_idadapter.nodes.face import insightface_backend as backend
 from tiny_face_models import expected_box, expected_landmarks, face_image
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from idadapter_helpers import tiny_adapter, tiny_config
-from nodes.arch import idadapter as ida
-from nodes.errors import ModelFileError
+from comfyui_idadapter.nodes.arch import idadapter as ida
+from comfyui_idadapter.nodes.errors import ModelFileError
 
 
 def test_untrained_adapter_is_identity_and_beta_scales_residual():

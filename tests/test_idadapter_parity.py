@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from nodes import patches
-from nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention
+from comfyui_idadapter.nodes import patches
+from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention
 
 diffusers = pytest.importorskip("diffusers")
-from training import diffusers_binding  # noqa: E402
+from comfyui_idadapter.training import diffusers_binding  # noqa: E402
 
 
 def tiny_unet(cross_attention_dim=768, seed=0):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from idadapter_helpers import tiny_adapter
-from nodes import patches
-from nodes.arch.idadapter import sdpa_attention
-from nodes.errors import PackError
+from comfyui_idadapter.nodes import patches
+from comfyui_idadapter.nodes.arch.idadapter import sdpa_attention
+from comfyui_idadapter.nodes.errors import PackError
 
 
 def options(block=("input", 1), sigma=5.0, cond_or_uncond=(1, 0), latent=(8, 8), batch=1):

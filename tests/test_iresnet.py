@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nodes.arch import iresnet
-from nodes.errors import ModelFileError
+from comfyui_idadapter.nodes.arch import iresnet
+from comfyui_idadapter.nodes.errors import ModelFileError
 from tiny_face_models import make_recognizer, random_iresnet
 
 

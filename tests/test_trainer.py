@@ -14,11 +14,11 @@ from PIL import Image
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from nodes.arch import idadapter as ida  # noqa: E402
-from training import data, diffusers_binding, loop, tiny  # noqa: E402
-from training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
-from training.idadapter_task import IDAdapterTask, PerImageCache  # noqa: E402
-from training.prompts import identity_token  # noqa: E402
+from comfyui_idadapter.nodes.arch import idadapter as ida  # noqa: E402
+from comfyui_idadapter.training import data, diffusers_binding, loop, tiny  # noqa: E402
+from comfyui_idadapter.training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
+from comfyui_idadapter.training.idadapter_task import IDAdapterTask, PerImageCache  # noqa: E402
+from comfyui_idadapter.training.prompts import identity_token  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report_to", "none", "--validation_every", "0"]
@@ -193,7 +193,7 @@ def test_trainer_text_injection_equals_edited_embedding_table(tmp_path):
 
 
 def test_dataset_problems_are_reported_not_fatal(tmp_path, tiny_assets):
-    from nodes.face import insightface_backend
+    from comfyui_idadapter.nodes.face import insightface_backend
 
     root = tiny.make_synthetic_dataset(str(tmp_path / "ds"), 2, 2, size=64, seed=3)
     (tmp_path / "ds" / "id000" / "broken.png").write_bytes(b"not an image")

@@ -9,12 +9,12 @@ pytest.importorskip("accelerate")
 
 from diffusers import DDPMScheduler  # noqa: E402
 
-from nodes.arch import idadapter as ida  # noqa: E402
-from nodes.face import insightface_backend  # noqa: E402
-from training import diffusers_binding, loop, tiny  # noqa: E402
-from training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
-from training.idadapter_task import Components, IDAdapterTask, base_family, is_sdxl_checkpoint  # noqa: E402
-from training.prompts import PromptEncoder  # noqa: E402
+from comfyui_idadapter.nodes.arch import idadapter as ida  # noqa: E402
+from comfyui_idadapter.nodes.face import insightface_backend  # noqa: E402
+from comfyui_idadapter.training import diffusers_binding, loop, tiny  # noqa: E402
+from comfyui_idadapter.training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
+from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, base_family, is_sdxl_checkpoint  # noqa: E402
+from comfyui_idadapter.training.prompts import PromptEncoder  # noqa: E402
 
 
 @pytest.fixture(scope="module")

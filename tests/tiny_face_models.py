@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from nodes.arch.iresnet import ARCFACE_TEMPLATE_112
-from training.tiny import CELL, DET_INPUT, export_onnx, make_detector, make_pack, make_recognizer, random_iresnet  # noqa: F401
+from comfyui_idadapter.nodes.arch.iresnet import ARCFACE_TEMPLATE_112
+from comfyui_idadapter.training.tiny import CELL, DET_INPUT, export_onnx, make_detector, make_pack, make_recognizer, random_iresnet  # noqa: F401
 
 
 def face_image(cells: list[tuple[int, int]], size: int = DET_INPUT, seed: int = 0) -> torch.Tensor:

@@ -129,7 +129,7 @@ class FaceCache:
     def save(self):
         if not self.dirty:
             return
-        from nodes.arch.files import write_safetensors
+        from ..nodes.arch.files import write_safetensors
 
         index, boxes, landmarks, embeddings = {}, [], [], []
         for key, entry in self.entries.items():
@@ -151,7 +151,7 @@ class FaceCache:
 
 def scan_dataset(root: str, analyzer, cache_dir: str, log=print) -> tuple[list[Identity], DatasetReport]:
     """Validates every image once (readable, one face found) and returns the usable identities."""
-    from nodes.face.insightface_backend import embed_faces
+    from ..nodes.face.insightface_backend import embed_faces
 
     if not os.path.isdir(root):
         raise ValueError(f"dataset folder {root!r} does not exist")

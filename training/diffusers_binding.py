@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nodes.arch.idadapter import BlockSpec, GatedSelfAttention, IDAdapter, add_on_rows, block_name, sdpa_attention
+from ..nodes.arch.idadapter import BlockSpec, GatedSelfAttention, IDAdapter, add_on_rows, block_name, sdpa_attention
 
 
 def transformer_blocks(unet) -> dict[str, nn.Module]:

@@ -19,13 +19,13 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 from torch.profiler import record_function
 
-from nodes.arch import idadapter as ida
-from nodes.arch.iresnet import align_faces, load_arcface
-from training import data as dataset
-from training import diffusers_binding
-from training.config import ConfigError, IDAdapterTrainConfig
-from training.diffusion import predicted_x0, training_target
-from training.prompts import PromptEncoder
+from ..nodes.arch import idadapter as ida
+from ..nodes.arch.iresnet import align_faces, load_arcface
+from . import data as dataset
+from . import diffusers_binding
+from .config import ConfigError, IDAdapterTrainConfig
+from .diffusion import predicted_x0, training_target
+from .prompts import PromptEncoder
 
 
 class Components:
@@ -48,12 +48,12 @@ class Components:
 
 def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str]:
     """Loads (or, for --preset tiny, builds) every model; returns them and the dataset folder."""
-    from nodes.face import insightface_backend
+    from ..nodes.face import insightface_backend
 
     if config.preset == "tiny":
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
-        from training import tiny
+        from . import tiny
 
         assets = os.path.join(config.output_dir, "tiny_assets")
         pack = os.path.join(assets, "insightface", "models", "tinypack")

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from training.config import ConfigError
+from .config import ConfigError
 
 # the E_c key of each text encoder, in the order the base model lists them (text_encoder, text_encoder_2)
 FAMILY_ENCODER_KEYS = {"sd15": ("l",), "sd21": ("h",), "sdxl": ("l", "g")}

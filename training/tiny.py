@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nodes.arch.iresnet import ARCFACE_TEMPLATE_112, IResNet
-from training.diffusion import training_target
+from ..nodes.arch.iresnet import ARCFACE_TEMPLATE_112, IResNet
+from .diffusion import training_target
 
 DET_INPUT = 128
 CELL = 32  # the detecting stride: a face is one 32x32 cell of the detector input

@@ -9,14 +9,20 @@ Every option: --help. The dataset layout is in the README ("Training data"). The
 <output_dir>/idadapter.safetensors, goes into ComfyUI/models/idadapter/.
 """
 
+import importlib.util
 import os
+import pathlib
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script: import this checkout as the package `comfyui_idadapter` (ComfyUI owns the top-level name `nodes`).
+_root = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py", submodule_search_locations=[str(_root)])
+sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_pack)
 
-from training import loop  # noqa: E402
-from training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
-from training.idadapter_task import IDAdapterTask  # noqa: E402
+from comfyui_idadapter.training import loop  # noqa: E402
+from comfyui_idadapter.training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
+from comfyui_idadapter.training.idadapter_task import IDAdapterTask  # noqa: E402
 
 
 def main(argv=None) -> str:
