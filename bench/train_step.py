@@ -35,7 +35,7 @@ from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask,
 
 
 def sd21_components(device, tokenizer, pack):
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from comfyui_idadapter.nodes.face import insightface_backend
@@ -56,7 +56,7 @@ def sd21_components(device, tokenizer, pack):
                                                                 image_size=224, patch_size=14, projection_dim=1024,
                                                                 hidden_act="gelu"))
         arcface = IResNet(IRESNET_LAYERS["r100"])
-    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    scheduler = tiny.tiny_scheduler()
     analyzer = insightface_backend.load_analyzer(pack, "CPU")
     return Components(tokenizer, text, vae, unet, scheduler, vision, arcface.eval(), analyzer)
 

@@ -15,7 +15,6 @@ Prints seconds per step and each variant's ratio to base, and idadapter/floor.
 
 import argparse
 import importlib.util
-import os
 import pathlib
 import sys
 import time

@@ -26,3 +26,11 @@ class ImageInputError(PackError):
 
 class NoFaceError(PackError):
     """No usable face in an image while the policy is to stop with an error."""
+
+
+class ConfigError(PackError):
+    """A setting a user can fix: a trainer option, a node's text field (the message names it and what is expected)."""
+
+
+class DatasetError(PackError):
+    """A training dataset that cannot be used as it is (missing folder, no usable identity)."""

@@ -82,11 +82,7 @@ class IDAdapterMFFEmbed(io.ComfyNode):
         if not isinstance(face_embeds, FaceEmbedsValue) or len(face_embeds) == 0:
             raise PackError("face_embeds holds no face: the references need a detectable face")
         refs = (images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images[..., :3]).movedim(-1, 1)
-        n = num_images or idadapter.config.num_images
-        if augment:
-            refs = ida.augment_references(refs, n, seed)
-        else:
-            refs = refs.repeat((n + refs.shape[0] - 1) // refs.shape[0], 1, 1, 1)[:n]
+        refs = ida.fill_references(refs, num_images or idadapter.config.num_images, seed, augment)
         out = clip_vision.encode_image(refs.movedim(1, -1), crop=True)
         embeds = ida.embed_references(
             idadapter.adapter, out["penultimate_hidden_states"], out["last_hidden_state"][:, 0], face_embeds.embeds
@@ -158,7 +154,7 @@ class IDAdapterTextEncode(io.ComfyNode):
                 io.Clip.Input("clip"),
                 IDAdapterEmbedsType.Input("embeds"),
                 io.String.Input("text", multiline=True, default="a photo of sks, smiling, in a garden"),
-                io.String.Input("identifier", default="sks"),
+                io.String.Input("identifier", default=ida.DEFAULT_IDENTIFIER),
                 io.String.Input("class_noun", default="person", tooltip="woman, man, person, ..."),
                 io.Boolean.Input("append_class_phrase", default=True,
                                  tooltip="append ', <class noun> is <identifier>' as the paper's training prompts do"),
@@ -168,16 +164,13 @@ class IDAdapterTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, embeds, text, identifier, class_noun, append_class_phrase) -> io.NodeOutput:
-        identifier = identifier.strip()
+        identifier = ida.check_identifier(identifier.strip())
         if append_class_phrase:
-            text = f"{text.rstrip().rstrip(',')}, {class_noun.strip()} is {identifier}"
+            text = ida.identity_prompt(text, class_noun, identifier)
         ids = {}
         for key, rows in clip.tokenize(identifier, return_word_ids=True).items():
             word = [entry[0] for entry in rows[0] if len(entry) > 2 and entry[2] == 1]
-            if len(word) != 1:
-                raise PackError(f"the identifier {identifier!r} is {len(word)} tokens for the text encoder; "
-                                "use a single-token rare word such as 'sks'")
-            ids[key] = word[0]
+            ids[key] = ida.identifier_token(identifier, word, key)
         tokens = clip.tokenize(text)
         if not any(entry[0] == ids[key] for key, rows in tokens.items() for row in rows for entry in row):
             raise PackError(f"the text does not contain the identifier {identifier!r}: write it where the person "

@@ -328,3 +328,46 @@ def _run_patched_unet(model, weights, embeds, inputs, unet_config, payload, **un
                  transformer_options=options, **unet_kwargs)
     save_file({"out": out.float().contiguous()}, payload["output"])
     return {"dtype": str(dtype)}
+
+
+def node_and_trainer_prompts(work, payload):
+    """IDAdapter Text Encode's tokens and the trainer's for the same caption, identifier and class noun, in one
+    process that holds ComfyUI's ``nodes``, the pack as ComfyUI loaded it and the trainer's modules."""
+    import sys
+
+    import comfy
+    import nodes
+    import pack_import  # noqa: F401  (the checkout as `comfyui_idadapter`, beside ComfyUI's `nodes`)
+    from transformers import CLIPTokenizer
+
+    from comfyui_idadapter.training import diffusers_binding, tiny  # noqa: F401  (importable here too)
+    from comfyui_idadapter.training.prompts import PromptEncoder
+
+    encode = nodes.NODE_CLASS_MAPPINGS["IDA_IDAdapterTextEncode"]
+    ida = sys.modules[encode.__module__].ida
+    clip = _load_checkpoint(work)[1]
+    seen = []
+
+    class RecordingClip:
+        """The node's CLIP, remembering what the node tokenized."""
+
+        def tokenize(self, text, **kwargs):
+            tokens = clip.tokenize(text, **kwargs)
+            seen.append(tokens)
+            return tokens
+
+        def encode_from_tokens_scheduled(self, tokens):
+            return clip.encode_from_tokens_scheduled(tokens)
+
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(os.path.dirname(comfy.__file__), "sd1_tokenizer"))
+    trainer = PromptEncoder("sd15", [tokenizer], [None], payload["identifier"], 512)
+    embeds = ida.IDAdapterEmbeds(torch.zeros(1, 4, 8), {"l": torch.zeros(768)}, "sd15")
+    results = []
+    for caption in payload["captions"]:
+        encode.execute(RecordingClip(), embeds, caption, payload["identifier"], payload["class_noun"], True)
+        node_ids = [entry[0] for entry in seen[-1]["l"][0]]
+        prompt = trainer.prompt(caption, payload["class_noun"])
+        results.append({"prompt": prompt, "node": node_ids, "trainer": trainer.tokenize([prompt])[0][0].tolist()})
+    return {"modules": sorted(m for m in ("nodes", "comfyui_idadapter.training.tiny",
+                                          "comfyui_idadapter.training.diffusers_binding") if m in sys.modules),
+            "results": results}

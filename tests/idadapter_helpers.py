@@ -2,7 +2,7 @@
 
 import torch
 
-from comfyui_idadapter.nodes.arch.idadapter import BlockSpec, IDAdapter, IDAdapterConfig, IDAdapterWeights
+from comfyui_idadapter.nodes.arch.idadapter import FAMILIES, BlockSpec, IDAdapter, IDAdapterConfig, IDAdapterWeights
 
 TINY_BLOCKS = {
     "input_1_0": BlockSpec(32, 2, 768),
@@ -12,7 +12,7 @@ TINY_BLOCKS = {
 
 
 def tiny_config(family="sd15", blocks=None, **overrides) -> IDAdapterConfig:
-    context = {"sd15": 768, "sd21": 1024, "sdxl": 2048}[family]
+    context = FAMILIES[family]["context_dim"]
     blocks = blocks or {k: BlockSpec(v.channels, v.heads, context) for k, v in TINY_BLOCKS.items()}
     kwargs = dict(clip_vision_dim=48, width=32, mff_heads=2, num_tokens=4, embed_dim=24, textual_hidden=32)
     kwargs.update(overrides)

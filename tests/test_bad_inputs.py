@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from comfyui_idadapter.nodes.errors import ImageInputError, MissingDependencyError, ModelFileError, ModelFolderError
+from comfyui_idadapter.nodes.errors import (ConfigError, ImageInputError, MissingDependencyError, ModelFileError,
+                                            ModelFolderError, PackError)
 from comfyui_idadapter.nodes.face import insightface_backend as backend
 from comfyui_idadapter.nodes.face.images import to_bgr_uint8
 from tiny_face_models import face_image, make_pack
@@ -97,7 +98,7 @@ def test_unavailable_provider_names_the_install_command():
     with pytest.raises(MissingDependencyError, match="CUDA .*not in this onnxruntime build.*onnxruntime-gpu"):
         backend.resolve_providers("CUDA")
     assert backend.resolve_providers("auto") == ["CPUExecutionProvider"]
-    with pytest.raises(ValueError, match="provider must be one of"):
+    with pytest.raises(ConfigError, match="provider must be one of"):
         backend.resolve_providers("TPU")
 
 
@@ -106,3 +107,8 @@ def test_missing_insightface_names_the_install_command(monkeypatch, insightface_
     monkeypatch.setitem(sys.modules, "insightface.app", None)
     with pytest.raises(MissingDependencyError, match="pip install insightface onnxruntime"):
         backend.load_analyzer(os.path.join(insightface_root, "models", "tinypack"))
+
+
+def test_face_embed_refuses_what_is_not_an_insightface_model():
+    with pytest.raises(PackError, match="expected an INSIGHTFACE model from Load InsightFace, got str"):
+        backend.embed_faces("not a model", torch.rand(1, 64, 64, 3))

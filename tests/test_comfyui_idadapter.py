@@ -157,3 +157,17 @@ def test_trainer_forward_equals_comfyui_sdxl_unet(work):
                                                                             beta=0.7)).sample
     assert (ours - plain).abs().max() > 1e-3
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_node_prompt_tokens_equal_the_trainers(work):
+    """One recipe for both sides: for the same caption, identifier and class noun, IDAdapter Text Encode tokenizes
+    exactly what the trainer trains on (ComfyUI's SD1.5 tokenizer against transformers' on the same vocabulary),
+    in one process with ComfyUI's `nodes` and the trainer's modules."""
+    captions = ["a photo of sks in the snow", "a photo of sks,", "  portrait of sks smiling , ", ""]
+    result = run_check(work, "node_and_trainer_prompts", {"captions": captions, "identifier": "sks", "class_noun": "woman"})
+    assert result["modules"] == ["comfyui_idadapter.training.diffusers_binding", "comfyui_idadapter.training.tiny", "nodes"]
+    prompts = [r["prompt"] for r in result["results"]]
+    assert prompts == ["a photo of sks in the snow, woman is sks", "a photo of sks, woman is sks",
+                       "portrait of sks smiling, woman is sks", "woman is sks"]
+    for r in result["results"]:
+        assert len(r["node"]) == 77 and r["node"] == r["trainer"], r

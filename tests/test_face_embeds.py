@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_idadapter.nodes.arch.face_embeds import FaceEmbeds, combine, load_face_embeds, save_face_embeds
-from comfyui_idadapter.nodes.errors import ModelFileError
+from comfyui_idadapter.nodes.errors import ConfigError, ModelFileError, NoFaceError
 
 
 def _embeds(vectors, with_geometry=True, first_image=0):
@@ -34,11 +34,11 @@ def test_mean_norm_mean_and_concat():
 
 def test_combine_errors():
     a = _embeds([[1.0, 0.0]])
-    with pytest.raises(ValueError, match="different sizes"):
+    with pytest.raises(ModelFileError, match="different sizes"):
         combine([a, _embeds([[1.0, 0.0, 0.0]])], "mean")
-    with pytest.raises(ValueError, match="every FACE_EMBEDS input is empty"):
+    with pytest.raises(NoFaceError, match="every FACE_EMBEDS input is empty"):
         combine([FaceEmbeds(torch.zeros(0, 512))], "mean")
-    with pytest.raises(ValueError, match="combine mode"):
+    with pytest.raises(ConfigError, match="combine mode"):
         combine([a], "median")
 
 

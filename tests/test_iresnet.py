@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from comfyui_idadapter.nodes.arch import iresnet
-from comfyui_idadapter.nodes.errors import ModelFileError
+from comfyui_idadapter.nodes.errors import ImageInputError, ModelFileError
 from tiny_face_models import make_recognizer, random_iresnet
 
 
@@ -113,5 +113,5 @@ def test_corrupt_and_foreign_onnx_files_are_rejected(tmp_path):
 
 
 def test_wrong_input_size_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"\[B, 3, 112, 112\]"):
+    with pytest.raises(ImageInputError, match=r"\[B, 3, 112, 112\]"):
         random_iresnet(0)(torch.zeros(1, 3, 128, 128))

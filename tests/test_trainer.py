@@ -24,14 +24,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report_to", "none", "--validation_every", "0"]
 
 
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory):
-    """The tiny preset's models, face pack and synthetic dataset, built once (base UNet pretraining included)."""
-    out = tmp_path_factory.mktemp("assets")
-    IDAdapterTask(parse_args(IDAdapterTrainConfig, ["--preset", "tiny", "--output_dir", str(out)]), log=lambda *a: None)
-    return out / "tiny_assets"
-
-
 def run_dir(tmp_path, tiny_assets, name):
     out = tmp_path / name
     out.mkdir()

@@ -7,8 +7,6 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
-from diffusers import DDPMScheduler  # noqa: E402
-
 from comfyui_idadapter.nodes.arch import idadapter as ida  # noqa: E402
 from comfyui_idadapter.nodes.face import insightface_backend  # noqa: E402
 from comfyui_idadapter.training import diffusers_binding, loop, tiny  # noqa: E402
@@ -28,7 +26,7 @@ def sdxl_components(assets):
     tokenizer = assets["tokenizer"]
     text_l, text_g = tiny.tiny_sdxl_text_encoders(len(tokenizer))
     return Components(tokenizer, text_l, tiny.tiny_vae(), tiny.tiny_sdxl_unet(),
-                      DDPMScheduler(num_train_timesteps=1000), tiny.tiny_clip_vision(),
+                      tiny.tiny_scheduler("epsilon"), tiny.tiny_clip_vision(),
                       tiny.random_iresnet().eval(), insightface_backend.load_analyzer(assets["pack"], "CPU"),
                       tokenizer_2=tokenizer, text_encoder_2=text_g)
 

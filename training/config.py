@@ -9,9 +9,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from ..nodes.arch.idadapter import DEFAULT_IDENTIFIER, check_identifier
+from ..nodes.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration a user can fix; the message says what is wrong and what is expected."""
+__all__ = ["ConfigError", "IDAdapterTrainConfig", "parse_args"]
 
 
 @dataclass
@@ -22,12 +23,15 @@ class IDAdapterTrainConfig:
     insightface_pack: str = ""  # folder with the detector + ArcFace .onnx (e.g. models/insightface/models/antelopev2)
     arcface: str = ""  # ArcFace weights for the identity loss (.onnx or .pth); default: the pack's recognizer
     dataset: str = ""  # identity folders, see README "Training data"
+    # identities kept out of training (same layout) for the held-out check before and after training: the denoising
+    # loss with the right identity's references must fall below the loss with another identity's (tiny: made for you)
+    heldout_dataset: str = ""
     output_dir: str = "runs/idadapter"
     cache_dir: str = ""  # face detections/embeddings cache; default <output_dir>/cache
     # the paper's settings
     resolution: int = 512
     num_images: int = 4  # N references per identity
-    identifier: str = "sks"
+    identifier: str = DEFAULT_IDENTIFIER
     batch_size: int = 4
     learning_rate: float = 3e-5
     kv_learning_rate: float = 0.0  # for the pretrained cross-attention W_K, W_V; 0 = --learning_rate
@@ -99,13 +103,23 @@ class IDAdapterTrainConfig:
             problems.append(f"--mff_width ({self.mff_width}) must be divisible by --mff_heads ({self.mff_heads})")
         if not self.preset:
             for name in ("base_model", "clip_vision", "insightface_pack", "dataset"):
-                value = getattr(self, name)
-                if not value:
+                if not getattr(self, name):
                     problems.append(f"--{name} is required (or use --preset tiny)")
-                elif not os.path.exists(value):
-                    problems.append(f"--{name} {value!r} does not exist")
-        if self.identifier.strip() != self.identifier or not self.identifier or " " in self.identifier:
-            problems.append(f"--identifier must be one word, got {self.identifier!r}")
+        for name in ("base_model", "clip_vision", "insightface_pack", "dataset", "heldout_dataset"):
+            value = getattr(self, name)
+            if value and not os.path.exists(value):
+                problems.append(f"--{name} {value!r} does not exist")
+        try:
+            check_identifier(self.identifier)
+        except ConfigError as exc:
+            problems.append(f"--identifier: {exc}")
+        if self.resume:
+            from .loop import resolve_resume
+
+            try:
+                resolve_resume(self.resume, self.output_dir)
+            except ConfigError as exc:
+                problems.append(str(exc))
         if problems:
             raise ConfigError("invalid training configuration:\n  " + "\n  ".join(problems))
 

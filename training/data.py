@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..nodes.errors import DatasetError, PackError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 CACHE_FORMAT = "face_cache/1"
 
@@ -68,7 +70,7 @@ def _captions(folder: str) -> dict[str, str]:
                         entry = json.loads(line)
                         captions[entry["file_name"]] = str(entry.get("caption", ""))
                     except (ValueError, KeyError, TypeError) as exc:
-                        raise ValueError(f"{path} line {number}: expected {{\"file_name\": ..., \"caption\": ...}} "
+                        raise DatasetError(f"{path} line {number}: expected {{\"file_name\": ..., \"caption\": ...}} "
                                          f"({exc})") from exc
     return captions
 
@@ -154,10 +156,10 @@ def scan_dataset(root: str, analyzer, cache_dir: str, log=print) -> tuple[list[I
     from ..nodes.face.insightface_backend import embed_faces
 
     if not os.path.isdir(root):
-        raise ValueError(f"dataset folder {root!r} does not exist")
+        raise DatasetError(f"dataset folder {root!r} does not exist")
     folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     if not folders:
-        raise ValueError(f"dataset folder {root!r} has no identity sub-folders (expected <dataset>/<identity>/*.jpg)")
+        raise DatasetError(f"dataset folder {root!r} has no identity sub-folders (expected <dataset>/<identity>/*.jpg)")
     cache = FaceCache(os.path.join(cache_dir, "faces.safetensors"))
     report = DatasetReport()
     identities = []
@@ -182,7 +184,7 @@ def scan_dataset(root: str, analyzer, cache_dir: str, log=print) -> tuple[list[I
                     image = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None]
                     try:
                         faces, _ = embed_faces(analyzer, image, "largest", on_no_face="skip")
-                    except ValueError as exc:  # e.g. an image too small to search
+                    except PackError as exc:  # e.g. an image too small to search
                         faces, entry["skip"] = None, f"unusable image ({exc})"
                     if faces is not None and len(faces) == 0:
                         entry["skip"] = "no face detected"
@@ -203,7 +205,7 @@ def scan_dataset(root: str, analyzer, cache_dir: str, log=print) -> tuple[list[I
     report.identities = len(identities)
     log(report.summary())
     if not identities:
-        raise ValueError(f"no usable identity in {root!r}:\n{report.summary()}")
+        raise DatasetError(f"no usable identity in {root!r}:\n{report.summary()}")
     return identities, report
 
 

@@ -46,12 +46,10 @@ class Components:
         return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
 
 
-def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str]:
-    """Loads (or, for --preset tiny, builds) every model; returns them and the dataset folder."""
-    from ..nodes.face import insightface_backend
-
+def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str, str]:
+    """Loads (or, for --preset tiny, builds) every model; returns them, the dataset folder and the held-out one."""
     if config.preset == "tiny":
-        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from diffusers import UNet2DConditionModel
 
         from . import tiny
 
@@ -63,9 +61,13 @@ def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str]:
         if not config.dataset and not os.path.isdir(data_dir):
             tiny.make_synthetic_dataset(data_dir, config.synthetic_identities, config.synthetic_images, size=config.resolution,
                                         seed=config.seed)
+        heldout_dir = config.heldout_dataset or os.path.join(assets, "heldout")
+        if not config.heldout_dataset and not os.path.isdir(heldout_dir):  # new photos of the same identities
+            tiny.make_synthetic_dataset(heldout_dir, config.synthetic_identities, 2, size=config.resolution,
+                                        seed=config.seed + 99)
         tokenizer = tiny.tiny_tokenizer(os.path.join(assets, "tokenizer"))
         text_encoder, vae = tiny.tiny_text_encoder(len(tokenizer)), tiny.tiny_vae()
-        noise_scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")  # like SD2.1
+        noise_scheduler = tiny.tiny_scheduler()
         base = os.path.join(assets, "base_unet")
         if os.path.isfile(os.path.join(base, "config.json")):
             unet = UNet2DConditionModel.from_pretrained(base)
@@ -73,10 +75,9 @@ def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str]:
             unet = tiny.pretrain_base(tiny.tiny_unet(), vae, text_encoder, tokenizer, noise_scheduler, data_dir,
                                       config.tiny_base_steps, config.seed)
             unet.save_pretrained(base)
-        components = Components(tokenizer, text_encoder, vae, unet, noise_scheduler, tiny.tiny_clip_vision(),
-                                load_arcface(os.path.join(pack, "rec.onnx")),
-                                insightface_backend.load_analyzer(pack, "CPU", 640))
-        return components, data_dir
+        analyzer, arcface = load_face_models(pack, provider="CPU")
+        return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, tiny.tiny_clip_vision(), arcface,
+                          analyzer), data_dir, heldout_dir
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
@@ -97,9 +98,8 @@ def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str]:
         unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
         noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     else:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-        pipeline_class = StableDiffusionXLPipeline if is_sdxl_checkpoint(base) else StableDiffusionPipeline
+        sd_pipeline, sdxl_pipeline = sd_pipelines()
+        pipeline_class = sdxl_pipeline if is_sdxl_checkpoint(base) else sd_pipeline
         try:
             pipe = pipeline_class.from_single_file(base, local_files_only=True)
         except Exception as exc:
@@ -111,12 +111,33 @@ def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str]:
             second = dict(tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2)
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     clip_vision = CLIPVisionModelWithProjection.from_pretrained(config.clip_vision)
-    analyzer = insightface_backend.load_analyzer(
-        insightface_backend.find_pack_dir([os.path.dirname(os.path.dirname(config.insightface_pack))],
-                                          os.path.basename(config.insightface_pack.rstrip("/"))), "auto", 640)
-    arcface_path = config.arcface or analyzer.app.models["recognition"].model_file
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, clip_vision, load_arcface(arcface_path),
-                      analyzer, **second), config.dataset
+    analyzer, arcface = load_face_models(config.insightface_pack, config.arcface)
+    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, clip_vision, arcface, analyzer,
+                      **second), config.dataset, config.heldout_dataset
+
+
+def load_face_models(pack_folder: str, arcface: str = "", provider: str = "auto"):
+    """The insightface detector + recognizer of a pack (any folder holding its .onnx files) and the torch ArcFace
+    of the identity loss (default: the pack's own recognizer, as the nodes use it)."""
+    from ..nodes.face import insightface_backend
+
+    analyzer = insightface_backend.load_analyzer(insightface_backend.check_pack_folder(pack_folder), provider, 640)
+    return analyzer, load_arcface(arcface or analyzer.app.models["recognition"].model_file)
+
+
+def sd_pipelines():
+    """diffusers' SD and SDXL pipeline classes. Importing them makes transformers announce, once per image-processor
+    class, a fallback to PIL where torchvision is missing; the trainer uses no image processor, so that notice is
+    silenced here and nowhere else."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    return StableDiffusionPipeline, StableDiffusionXLPipeline
 
 
 def is_sdxl_checkpoint(path: str) -> bool:
@@ -134,14 +155,7 @@ def is_sdxl_checkpoint(path: str) -> bool:
 
 def base_family(unet) -> str:
     """sd15, sd21 or sdxl from the UNet's config; any other base is a clear error."""
-    context = unet.config.cross_attention_dim
-    text_time = unet.config.addition_embed_type == "text_time"
-    family = {(768, False): "sd15", (1024, False): "sd21", (2048, True): "sdxl"}.get((context, text_time))
-    if family is None:
-        raise ConfigError(f"the base UNet has cross-attention width {context} (added conditioning "
-                          f"{unet.config.addition_embed_type!r}); the IDAdapter trainer supports SD1.5 (768), SD2.x "
-                          "(1024) and SDXL base (2048 with text_time) UNets")
-    return family
+    return ida.family_of_unet(unet.config.cross_attention_dim, unet.config.addition_embed_type == "text_time")
 
 
 class TrainableIDAdapter(nn.Module):
@@ -192,9 +206,9 @@ class IDAdapterTask:
         self.config = config
         self.log = log
         if components is None:
-            components, data_dir = load_components(config)
+            components, data_dir, heldout_dir = load_components(config)
         else:
-            data_dir = config.dataset
+            data_dir, heldout_dir = config.dataset, config.heldout_dataset
         self.c = components
         unet = components.unet
         self.family = base_family(unet)
@@ -202,6 +216,10 @@ class IDAdapterTask:
                                      config.resolution)
         cache_dir = config.cache_dir or os.path.join(config.output_dir, "cache")
         self.identities, self.report = dataset.scan_dataset(data_dir, components.analyzer, cache_dir, log=log)
+        self.heldout = []
+        if heldout_dir:
+            self.heldout, _ = dataset.scan_dataset(heldout_dir, components.analyzer, os.path.join(cache_dir, "heldout"),
+                                                   log=lambda text: log(f"held-out {text}"))
         vision_cfg = components.clip_vision.config
         self.vision_size = vision_cfg.image_size
         adapter_cfg = ida.IDAdapterConfig(
@@ -245,7 +263,9 @@ class IDAdapterTask:
         self.vae_dtype = torch.float32 if upcast else self.weight_dtype
         for module in (*self.c.text_encoders, self.c.clip_vision, self.c.arcface):
             module.to(self.device, self.weight_dtype)
-        self.c.vae.to(self.device, self.vae_dtype)
+        # torch's own cast: diffusers' ModelMixin.to warns about "modules that should be kept in float32" on every
+        # cast with a dtype, even when there are none (diffusers 0.42), and the VAE has none
+        nn.Module.to(self.c.vae, self.device, self.vae_dtype)
         self.cache = PerImageCache(self.config.cache_mb)
         self.trainable.to(self.device)
         if self.config.gradient_checkpointing:
@@ -328,7 +348,7 @@ class IDAdapterTask:
         if augmented:
             images = [torch.stack([dataset.load_square(im, self.vision_size)[0] for im in examples[i]["references"]])
                       for i in augmented]
-            patches, cls = self._clip_vision(torch.cat([ida.augment_references(im, n, examples[i]["augment_seed"])
+            patches, cls = self._clip_vision(torch.cat([ida.fill_references(im, n, examples[i]["augment_seed"])
                                                         for i, im in zip(augmented, images)]))
             for j, i in enumerate(augmented):
                 features[i] = (patches[j * n:(j + 1) * n], cls[j * n:(j + 1) * n])
@@ -338,8 +358,8 @@ class IDAdapterTask:
                 features[i] = tuple(torch.stack([f[k] for f in found]).to(self.device) for k in range(2))
         patches = torch.stack([f[0] for f in features]).float()
         classes = torch.stack([f[1] for f in features]).float().mean(1)
-        arcface = torch.stack([F.normalize(F.normalize(torch.stack([im.embedding for im in ex["references"]]).float(),
-                                                       dim=-1).mean(0), dim=-1) for ex in examples]).to(self.device)
+        arcface = torch.stack([ida.mean_identity_vector(torch.stack([im.embedding for im in ex["references"]]))
+                               for ex in examples]).to(self.device)
         return self.adapter.encode(patches, arcface, classes) + (arcface,)
 
     def loss(self, model, step: int):
@@ -352,7 +372,7 @@ class IDAdapterTask:
             moments, landmarks, reference_norms = self.targets([ex["target"] for ex in examples])
         with record_function("ida.references"):
             e_r, e_c, f_a = self.encode_references(examples)
-        captions = [f"{ex['target'].caption}, {ex['identity'].class_noun} is {cfg.identifier}" if keep_text[i] else ""
+        captions = [self.prompts.prompt(ex["target"].caption, ex["identity"].class_noun) if keep_text[i] else ""
                     for i, ex in enumerate(examples)]
         with record_function("ida.text"):
             text, added = self.prompts(captions, e_c)
@@ -392,6 +412,25 @@ class IDAdapterTask:
 
     # ---- evaluation and validation
 
+    def heldout_check(self) -> tuple[float, float] | None:
+        """Held-out denoising loss with each identity's own references and with another identity's: an adapter that
+        learned identity makes the first clearly lower (None without a held-out set, or with a single identity)."""
+        if len(self.heldout) < 2:
+            return None
+        was_training = self.trainable.training
+        self.trainable.eval()
+        try:
+            return self.denoising_loss(self.heldout), self.denoising_loss(self.heldout, shuffle=True)
+        finally:
+            self.trainable.train(was_training)
+
+    comfyui_folder = "idadapter"  # ComfyUI/models/<this>/, where Load IDAdapter lists files
+
+    def describe_export(self) -> str:
+        if self.config.preset == "tiny":
+            return "IDAdapter weights for the tiny test UNet only (a real base model gives weights for images)"
+        return f"IDAdapter weights for {self.family} base models, for Load IDAdapter"
+
     @torch.no_grad()
     def denoising_loss(self, identities, shuffle: bool = False, seed: int = 123, repeats: int = 4,
                        min_timestep: int = 0) -> float:
@@ -407,24 +446,30 @@ class IDAdapterTask:
                 e_r, e_c, _ = self.encode_references([example])
                 moments = self.targets([image])[0].to(self.device)
                 latents = DiagonalGaussianDistribution(moments).mean.float() * self.c.vae.config.scaling_factor
-                text, added = self.prompts([f"{image.caption}, {source.class_noun} is {self.config.identifier}"], e_c)
+                text, added = self.prompts([self.prompts.prompt(image.caption, source.class_noun)], e_c)
                 gen = torch.Generator().manual_seed(seed * 7919 + idx * 101 + j)
-                for _ in range(repeats):
-                    noise = torch.randn(latents.shape, generator=gen).to(self.device)
-                    t = torch.randint(min_timestep, self.c.noise_scheduler.config.num_train_timesteps, (1,),
-                                      generator=gen).to(self.device)
-                    noisy = self.c.noise_scheduler.add_noise(latents, noise, t)
-                    pred = model(noisy, t, text, e_r, None, added).float()
-                    total += F.mse_loss(pred, training_target(self.c.noise_scheduler, latents, noise, t)).item()
-                    count += 1
+                draws = [(torch.randn(latents.shape, generator=gen),
+                          torch.randint(min_timestep, self.c.noise_scheduler.config.num_train_timesteps, (1,),
+                                        generator=gen)) for _ in range(repeats)]
+                noise = torch.cat([n for n, _ in draws]).to(self.device)  # the repeats in one batch
+                t = torch.cat([t for _, t in draws]).to(self.device)
+                latents = latents.expand(repeats, -1, -1, -1)
+                noisy = self.c.noise_scheduler.add_noise(latents, noise, t)
+                added = None if added is None else {k: v.expand(repeats, -1) for k, v in added.items()}
+                pred = model(noisy, t, text.expand(repeats, -1, -1), e_r.expand(repeats, -1, -1), None, added).float()
+                error = F.mse_loss(pred, training_target(self.c.noise_scheduler, latents, noise, t), reduction="none")
+                total += error.mean(dim=(1, 2, 3)).sum().item()
+                count += repeats
         return total / count
 
     @torch.no_grad()
     def validate(self, model, step: int):
         """Images from the fixed validation prompts for the first identity (a held-out face if you keep one
         identity out of training), with CFG; the adapter runs on the conditional half only."""
-        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers import DDIMScheduler
         from PIL import Image
+
+        StableDiffusionPipeline, StableDiffusionXLPipeline = sd_pipelines()
 
         unet = self.accelerator.unwrap_model(model).unet
         scheduler = DDIMScheduler.from_config(self.c.noise_scheduler.config)
@@ -447,7 +492,7 @@ class IDAdapterTask:
             e_r, e_c, _ = self.encode_references([example])
             images = []
             for i, prompt in enumerate(self.config.validation_prompts):
-                text, added = self.prompts([f"{prompt}, {identity.class_noun} is {self.config.identifier}"], e_c)
+                text, added = self.prompts([self.prompts.prompt(prompt, identity.class_noun)], e_c)
                 negative, negative_added = self.prompts([""], e_c)
                 embeds = dict(prompt_embeds=text.to(self.weight_dtype), negative_prompt_embeds=negative.to(self.weight_dtype))
                 if added is not None:

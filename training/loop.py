@@ -10,7 +10,10 @@ A trainer supplies a *task* object:
   frozen base model);
 - ``loss(model, step) -> (loss, logs)``: one micro-batch; everything random in it derives from (seed, step), so
   a resumed run repeats the uninterrupted one exactly;
-- ``validate(model, step) -> list[PIL.Image]`` and ``export(path)``.
+- ``validate(model, step) -> list[PIL.Image]`` and ``export(path)``;
+- ``heldout_check() -> (right, shuffled) | None``: a held-out loss with the right condition and with a wrong one,
+  run before and after training to show that it learned; ``describe_export()`` and ``comfyui_folder`` for the
+  closing summary.
 
 Checkpoints are written to ``checkpoint-<step>.tmp`` and renamed when complete, so killing the process at
 any moment loses at most the steps since the last checkpoint and never leaves a half-written one.
@@ -22,8 +25,11 @@ import logging
 import math
 import os
 import shutil
+import time
 
 import torch
+
+from ..nodes.errors import ConfigError
 
 log = logging.getLogger("training")
 TRAINABLE_FILE = "trainable.safetensors"
@@ -57,7 +63,7 @@ def resolve_resume(resume: str, output_dir: str) -> str | None:
         found = checkpoints(output_dir)
         return found[-1] if found else None
     if not os.path.isfile(os.path.join(resume, TRAINABLE_FILE)):
-        raise ValueError(f"--resume {resume!r} is not a checkpoint folder (no {TRAINABLE_FILE} in it); "
+        raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no {TRAINABLE_FILE} in it); "
                          f"use 'latest' or one of {checkpoints(output_dir)[-3:]}")
     return resume
 
@@ -133,6 +139,8 @@ def run(task, config, accelerator=None) -> str:
             for old in checkpoints(config.output_dir)[:-config.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
 
+    started, first_step = time.monotonic(), state.step
+    before = task.heldout_check() if accelerator.is_main_process else None
     bar = tqdm(total=config.max_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="steps")
     while state.step < config.max_steps:
         logs = {}
@@ -167,11 +175,34 @@ def run(task, config, accelerator=None) -> str:
             ema.store(params)
             ema.copy_to(params)
         task.export(export_path)
+        after = task.heldout_check() if before is not None else None
         if ema is not None:
             ema.restore(params)
-        accelerator.print(f"exported {export_path}")
+        accelerator.print(summary(task, config, export_path, (first_step, state.step), time.monotonic() - started,
+                                  before, after))
     accelerator.end_training()
     return export_path
+
+
+def summary(task, config, export_path: str, steps: tuple[int, int], seconds: float, before, after) -> str:
+    """What a finished run made, the evidence that it learned, and where everything is."""
+    first, last = steps
+    lines = [f"done: steps {first} to {last} in {seconds / 60:.1f} min",
+             f"  export      {export_path}", f"              {task.describe_export()}"]
+    if after is not None:
+        when = "before training" if first == 0 else f"at step {first}"
+        lines.append(f"  held-out    denoising loss with the right identity {after[0]:.4f} vs another's {after[1]:.4f} "
+                     f"({100 * (1 - after[0] / after[1]):.1f} % lower); {when}: {before[0]:.4f} vs {before[1]:.4f}")
+    else:
+        lines.append("  held-out    not checked: pass --heldout_dataset (identities kept out of training, same layout)")
+    folder = os.path.join(config.output_dir, "validation")
+    if os.path.isdir(folder):
+        count = len(os.listdir(folder))
+        lines.append(f"  validation  {folder}{os.sep} ({count} image{'' if count == 1 else 's'})")
+    if config.report_to == "tensorboard":
+        lines.append(f"  logs        tensorboard --logdir {os.path.join(config.output_dir, 'logs')}")
+    lines.append(f"  in ComfyUI  cp {export_path} ComfyUI/models/{task.comfyui_folder}/")
+    return "\n".join(lines)
 
 
 def _validate(task, model, step, config, accelerator, ema, params):

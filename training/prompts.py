@@ -13,10 +13,8 @@ import contextlib
 
 import torch
 
-from .config import ConfigError
-
-# the E_c key of each text encoder, in the order the base model lists them (text_encoder, text_encoder_2)
-FAMILY_ENCODER_KEYS = {"sd15": ("l",), "sd21": ("h",), "sdxl": ("l", "g")}
+from ..nodes.arch import idadapter as ida
+from ..nodes.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -38,34 +36,37 @@ class PromptEncoder:
     """``encoder(captions, e_c) -> (context [B, 77, C], added_cond_kwargs or None)`` for one base family."""
 
     def __init__(self, family: str, tokenizers: list, text_encoders: list, identifier: str, resolution: int):
-        keys = FAMILY_ENCODER_KEYS[family]
+        keys = tuple(ida.FAMILIES[family]["text_dims"])  # in the base model's order: text_encoder, text_encoder_2
         if len(tokenizers) != len(keys) or len(text_encoders) != len(keys):
             raise ConfigError(f"a {family} base has {len(keys)} text encoder(s) and tokenizer(s); got "
                               f"{len(text_encoders)} and {len(tokenizers)}")
-        self.family, self.keys = family, keys
+        self.family, self.keys, self.identifier = family, keys, identifier
         self.tokenizers, self.text_encoders = tokenizers, text_encoders
-        self.identifier_ids = []
-        for tokenizer in tokenizers:
-            ids = tokenizer(identifier, add_special_tokens=False).input_ids
-            if len(ids) != 1:
-                raise ConfigError(f"--identifier {identifier!r} is {len(ids)} tokens for this tokenizer; "
-                                  "use a single-token rare word such as 'sks'")
-            self.identifier_ids.append(ids[0])
+        self.identifier_ids = [ida.identifier_token(identifier, tokenizer(identifier, add_special_tokens=False).input_ids, key)
+                               for tokenizer, key in zip(tokenizers, keys)]
         # original size, crop top-left, target size: the dataset is already cropped to a square at training size
         self.time_ids = [resolution, resolution, 0, 0, resolution, resolution]
 
-    def __call__(self, captions: list[str], e_c: dict[str, torch.Tensor]):
+    def prompt(self, caption: str, class_noun: str) -> str:
+        """The training prompt of a caption: the recipe's, as IDAdapter Text Encode makes it."""
+        return ida.identity_prompt(caption, class_noun, self.identifier)
+
+    def tokenize(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Token ids [B, 77] per text encoder, padded as the base model's pipelines pad them."""
+        return [tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids for tokenizer in self.tokenizers]
+
+    def __call__(self, prompts: list[str], e_c: dict[str, torch.Tensor]):
         device = e_c[self.keys[0]].device
         hidden, pooled = [], None
-        for tokenizer, encoder, key, identifier_id in zip(self.tokenizers, self.text_encoders, self.keys,
-                                                          self.identifier_ids):
-            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
+        for ids, encoder, key, identifier_id in zip(self.tokenize(prompts), self.text_encoders, self.keys,
+                                                    self.identifier_ids):
+            ids = ids.to(device)
             with identity_token(encoder, ids, identifier_id, e_c[key]):
                 out = encoder(ids, output_hidden_states=self.family == "sdxl")
             if self.family != "sdxl":
                 return out[0], None
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the last encoder's projected pooled output (CLIPTextModelWithProjection.text_embeds)
-        time_ids = torch.tensor([self.time_ids] * len(captions), device=device, dtype=pooled.dtype)
+        time_ids = torch.tensor([self.time_ids] * len(prompts), device=device, dtype=pooled.dtype)
         return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}

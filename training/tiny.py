@@ -232,6 +232,14 @@ def tiny_unet(seed: int = 0):
     )
 
 
+def tiny_scheduler(prediction_type: str = "v_prediction"):
+    """The noise schedule of the tiny preset, configured as SD2.1's scheduler file is (v-prediction, steps_offset 1,
+    no sample clipping): the pipelines then have nothing to warn about."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, steps_offset=1, clip_sample=False)
+
+
 def tiny_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 

@@ -10,18 +10,19 @@ Every option: --help. The dataset layout is in the README ("Training data"). The
 """
 
 import importlib.util
-import os
 import pathlib
 import sys
 
-# Run as a script: import this checkout as the package `comfyui_idadapter` (ComfyUI owns the top-level name `nodes`).
-_root = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py", submodule_search_locations=[str(_root)])
-sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_pack)
+if not __package__:  # run as a script: import this checkout as `comfyui_idadapter` (ComfyUI owns the name `nodes`)
+    _root = pathlib.Path(__file__).resolve().parents[1]
+    _spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py",
+                                                   submodule_search_locations=[str(_root)])
+    sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_pack)
 
 from comfyui_idadapter.training import loop  # noqa: E402
-from comfyui_idadapter.training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
+from comfyui_idadapter.nodes.errors import PackError  # noqa: E402
+from comfyui_idadapter.training.config import IDAdapterTrainConfig, parse_args  # noqa: E402
 from comfyui_idadapter.training.idadapter_task import IDAdapterTask  # noqa: E402
 
 
@@ -30,8 +31,14 @@ def main(argv=None) -> str:
     return loop.run(IDAdapterTask(config), config)
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
     try:
-        main()
-    except (ConfigError, ValueError) as exc:  # a bad config or dataset: the message says what to fix
-        sys.exit(f"error: {exc}")
+        main(argv)
+    except PackError as exc:  # a bad config, dataset or model file: the message says what to fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

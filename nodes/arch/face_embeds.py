@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ModelFileError
+from ..errors import ConfigError, ModelFileError, NoFaceError
 from .files import read_safetensors, write_safetensors
 
 FORMAT = "face_embeds/1"
@@ -70,13 +70,13 @@ def validate(fe: FaceEmbeds, source: str) -> None:
 def combine(items: list[FaceEmbeds], mode: str) -> FaceEmbeds:
     """mean: the average vector; norm-mean: the average rescaled to unit length; concat: all faces kept."""
     if mode not in COMBINE_MODES:
-        raise ValueError(f"combine mode must be one of {COMBINE_MODES}, got {mode!r}")
+        raise ConfigError(f"combine mode must be one of {COMBINE_MODES}, got {mode!r}")
     items = [fe for fe in items if fe is not None and len(fe) > 0]
     if not items:
-        raise ValueError("nothing to combine: every FACE_EMBEDS input is empty (no face was found)")
+        raise NoFaceError("nothing to combine: every FACE_EMBEDS input is empty (no face was found)")
     dims = sorted({fe.dim for fe in items})
     if len(dims) > 1:
-        raise ValueError(f"cannot combine FACE_EMBEDS of different sizes {dims}: use one recognition model")
+        raise ModelFileError(f"cannot combine FACE_EMBEDS of different sizes {dims}: use one recognition model")
     embeds = torch.cat([fe.embeds for fe in items])
     if mode == "concat":
         if all(fe.has_geometry for fe in items):

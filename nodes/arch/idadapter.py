@@ -27,16 +27,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelFileError
+from ..errors import ConfigError, ModelFileError, NoFaceError
 from .files import read_safetensors, write_safetensors
 
 FORMAT = "idadapter/1"
-# Text encoders of each base family, in ComfyUI's token-dict keys, and the UNet's cross-attention width.
+# Each base family's text encoders (ComfyUI's token-dict keys, in the base model's order: text_encoder,
+# text_encoder_2), the UNet's cross-attention width, and whether the UNet also takes pooled text (SDXL's
+# text_time conditioning).
 FAMILIES = {
-    "sd15": {"text_dims": {"l": 768}, "context_dim": 768},
-    "sd21": {"text_dims": {"h": 1024}, "context_dim": 1024},
-    "sdxl": {"text_dims": {"g": 1280, "l": 768}, "context_dim": 2048},
+    "sd15": {"text_dims": {"l": 768}, "context_dim": 768, "pooled_text": False},
+    "sd21": {"text_dims": {"h": 1024}, "context_dim": 1024, "pooled_text": False},
+    "sdxl": {"text_dims": {"l": 768, "g": 1280}, "context_dim": 2048, "pooled_text": True},
 }
+DEFAULT_IDENTIFIER = "sks"
 BlockKey = tuple  # ("input" | "middle" | "output", block id, index inside the SpatialTransformer)
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -55,14 +58,14 @@ def block_name(key: BlockKey) -> str:
     return f"{key[0]}_{int(key[1])}_{int(key[2])}"
 
 
-def family_of_context(context_dim: int) -> str:
+def family_of_unet(context_dim: int, pooled_text: bool) -> str:
+    """The base family of a UNet from its cross-attention width and whether it takes pooled text."""
     for family, spec in FAMILIES.items():
-        if spec["context_dim"] == context_dim:
+        if spec["context_dim"] == context_dim and spec["pooled_text"] == pooled_text:
             return family
-    raise ModelFileError(
-        f"no supported base family has cross-attention width {context_dim} "
-        f"(sd15: 768, sd21: 1024, sdxl: 2048)"
-    )
+    raise ConfigError(f"the base UNet has cross-attention width {context_dim}"
+                      f"{' with' if pooled_text else ' without'} pooled-text conditioning; IDAdapter supports "
+                      "SD1.5 (768), SD2.x (1024) and SDXL base (2048 with pooled text) UNets")
 
 
 @dataclass
@@ -293,7 +296,7 @@ def check_unet_compatible(cfg: IDAdapterConfig, unet_blocks: dict[str, BlockSpec
     contexts = {spec.context_dim for spec in unet_blocks.values()}
     unet_context = contexts.pop() if len(contexts) == 1 else None
     if unet_context != cfg.context_dim:
-        theirs = family_of_context(unet_context) if unet_context in (768, 1024, 2048) else "unknown"
+        theirs = next((f for f, spec in FAMILIES.items() if spec["context_dim"] == unet_context), "unknown")
         raise ModelFileError(
             f"this IDAdapter was trained for {cfg.family} (context {cfg.context_dim}); {unet_desc} is {theirs} "
             f"(context {unet_context}). Load an IDAdapter trained for that base model."
@@ -309,6 +312,45 @@ def check_unet_compatible(cfg: IDAdapterConfig, unet_blocks: dict[str, BlockSpec
             raise ModelFileError(
                 f"block {name}: the adapter has {spec.channels} channels, {unet_desc} has {unet_blocks[name].channels}"
             )
+
+
+# ---- The recipe: what the node and the trainer must do alike, so that inference sees what training saw.
+
+
+def check_identifier(identifier: str) -> str:
+    """The identifier word (e.g. "sks"): one word, no spaces."""
+    if not identifier or any(c.isspace() for c in identifier):
+        raise ConfigError(f"the identifier must be one word such as {DEFAULT_IDENTIFIER!r}, got {identifier!r}")
+    return identifier
+
+
+def identifier_token(identifier: str, token_ids: list[int], encoder: str) -> int:
+    """The one token id of the identifier for a text encoder (its E_c vector goes where that token is)."""
+    if len(token_ids) != 1:
+        raise ConfigError(f"the identifier {identifier!r} is {len(token_ids)} tokens for the {encoder!r} text "
+                          f"encoder; use a single-token rare word such as {DEFAULT_IDENTIFIER!r}")
+    return int(token_ids[0])
+
+
+def identity_prompt(caption: str, class_noun: str, identifier: str) -> str:
+    """The paper's training prompt, "<caption>, <class noun> is <identifier>". The caption's trailing spaces and
+    comma are dropped first, so "a photo," and "a photo" give the same prompt."""
+    caption = caption.strip().rstrip(",").rstrip()
+    phrase = f"{class_noun.strip()} is {identifier}"
+    return f"{caption}, {phrase}" if caption else phrase
+
+
+def mean_identity_vector(arcface: torch.Tensor) -> torch.Tensor:
+    """f_a: the unit-length mean of the references' unit ArcFace vectors ([..., F, d] -> [..., d])."""
+    return F.normalize(F.normalize(arcface.float(), dim=-1).mean(-2), dim=-1)
+
+
+def fill_references(images: torch.Tensor, count: int, seed: int, augment: bool = True) -> torch.Tensor:
+    """K reference images [K, C, H, W] (0..1) -> exactly ``count``: with K < N the paper fills up to N with
+    augmented copies (``augment``; else plain copies); with more, the first ``count`` are used."""
+    if augment:
+        return augment_references(images, count, seed)
+    return images.repeat((count + images.shape[0] - 1) // images.shape[0], 1, 1, 1)[:count]
 
 
 def augment_references(images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
@@ -363,13 +405,13 @@ def embed_references(
             f"({_vision_name(cfg.clip_vision_dim)}); the CLIP_VISION given has width {width} "
             f"({_vision_name(width)}). Load the matching file in models/clip_vision."
         )
-    if arcface.ndim != 2 or arcface.shape[0] == 0 or arcface.shape[1] != cfg.arcface_dim:
-        raise ModelFileError(
-            f"expected ArcFace vectors [faces, {cfg.arcface_dim}], got {tuple(arcface.shape)}"
-            + (": no face was found in the references" if arcface.ndim == 2 and arcface.shape[0] == 0 else "")
-        )
+    if arcface.ndim == 2 and arcface.shape[0] == 0:
+        raise NoFaceError("no face was found in the references: MFF Embed needs at least one detectable face")
+    if arcface.ndim != 2 or arcface.shape[1] != cfg.arcface_dim:
+        raise ModelFileError(f"expected ArcFace vectors [faces, {cfg.arcface_dim}], got {tuple(arcface.shape)}: "
+                             "use the recognition model the IDAdapter was trained with")
     param = next(adapter.parameters())
-    f_a = F.normalize(F.normalize(arcface.float(), dim=-1).mean(0, keepdim=True), dim=-1)
+    f_a = mean_identity_vector(arcface)[None]
     with torch.no_grad():
         tokens, text = adapter.encode(
             patch_features.to(param).unsqueeze(0), f_a.to(param), class_embeddings.to(param).mean(0, keepdim=True)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MissingDependencyError, ModelFileError
+from ..errors import ImageInputError, MissingDependencyError, ModelFileError
 
 # Blocks per stage of the published backbones (arcface_torch ``get_model``).
 IRESNET_LAYERS = {
@@ -89,7 +89,7 @@ class IResNet(nn.Module):
     ):
         super().__init__()
         if len(layers) != 4 or len(widths) != 4:
-            raise ValueError(f"IResNet has 4 stages; got layers={layers}, widths={widths}")
+            raise ModelFileError(f"IResNet has 4 stages; got layers={layers}, widths={widths}")
         self.layers_per_stage = tuple(int(n) for n in layers)
         self.widths = tuple(int(w) for w in widths)
         self.num_features = int(num_features)
@@ -122,7 +122,7 @@ class IResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (ARCFACE_INPUT_SIZE, ARCFACE_INPUT_SIZE):
-            raise ValueError(f"IResNet expects [B, 3, 112, 112] aligned faces, got {tuple(x.shape)}")
+            raise ImageInputError(f"IResNet expects [B, 3, 112, 112] aligned faces, got {tuple(x.shape)}")
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.bn2(x), 1)

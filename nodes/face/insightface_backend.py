@@ -11,13 +11,14 @@ import glob
 import logging
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..arch.face_embeds import FaceEmbeds
-from ..errors import MissingDependencyError, ModelFileError, ModelFolderError, NoFaceError
+from ..errors import ConfigError, MissingDependencyError, ModelFileError, ModelFolderError, NoFaceError, PackError
 from .images import bgr_uint8_to_image, to_bgr_uint8
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ def import_insightface():
         raise MissingDependencyError(
             f"the face nodes need insightface and onnxruntime ({exc.name or exc} is missing): {INSTALL_HINT}"
         ) from exc
+    # insightface's alignment calls scikit-image's SimilarityTransform.estimate, deprecated since scikit-image 0.26:
+    # one FutureWarning per face that no user can act on
+    warnings.filterwarnings("ignore", message="`estimate` is deprecated", category=FutureWarning, module=r"insightface\.")
     return FaceAnalysis, face_align
 
 
@@ -75,7 +79,7 @@ def resolve_providers(choice: str) -> list[str]:
                 f"To use it: {hint}; or pick 'auto' or 'CPU'."
             )
     else:
-        raise ValueError(f"provider must be one of {PROVIDER_CHOICES}, got {choice!r}")
+        raise ConfigError(f"provider must be one of {PROVIDER_CHOICES}, got {choice!r}")
     return [wanted] if wanted == PROVIDERS["CPU"] else [wanted, PROVIDERS["CPU"]]
 
 
@@ -93,6 +97,25 @@ def list_packs(insightface_roots: list[str]) -> list[str]:
     return sorted(names)
 
 
+def check_pack_folder(folder: str) -> str:
+    """``folder`` itself when it holds a pack's .onnx files, or an error that says what is wrong with it."""
+    if not os.path.isdir(folder):
+        raise ModelFolderError(f"{folder} is not a folder; expected a folder holding the pack's .onnx files "
+                               "(e.g. models/insightface/models/antelopev2)")
+    if _onnx_files(folder):
+        return folder
+    nested = [d for d in sorted(glob.glob(os.path.join(folder, "*"))) if os.path.isdir(d) and _onnx_files(d)]
+    if nested:
+        raise ModelFolderError(
+            f"the .onnx files are one folder too deep (the zip was extracted into a folder of its own): "
+            f"found them in {nested[0]}; move them up into {folder}"
+        )
+    raise ModelFolderError(
+        f"{folder} has no .onnx files; put the pack's detector and recognizer there "
+        f"(antelopev2: scrfd_10g_bnkps.onnx and glintr100.onnx; buffalo_l: det_10g.onnx and w600k_r50.onnx)"
+    )
+
+
 def find_pack_dir(insightface_roots: list[str], pack: str) -> str:
     """``<root>/models/<pack>`` holding the .onnx files, or an error that says exactly where they must go."""
     if not pack or os.sep in pack or (os.altsep and os.altsep in pack) or pack in (".", ".."):
@@ -100,18 +123,7 @@ def find_pack_dir(insightface_roots: list[str], pack: str) -> str:
     for root in insightface_roots:
         expected = os.path.join(root, "models", pack)
         if os.path.isdir(expected):
-            if _onnx_files(expected):
-                return expected
-            nested = [d for d in glob.glob(os.path.join(expected, "*")) if os.path.isdir(d) and _onnx_files(d)]
-            if nested:
-                raise ModelFolderError(
-                    f"the .onnx files are one folder too deep (the zip was extracted into a folder of its own): "
-                    f"found them in {nested[0]}; move them up into {expected}"
-                )
-            raise ModelFolderError(
-                f"{expected} has no .onnx files; put the pack's detector and recognizer there "
-                f"(antelopev2: scrfd_10g_bnkps.onnx and glintr100.onnx; buffalo_l: det_10g.onnx and w600k_r50.onnx)"
-            )
+            return check_pack_folder(expected)
         misplaced = os.path.join(root, pack)
         if os.path.isdir(misplaced) and _onnx_files(misplaced):
             raise ModelFolderError(f"found the pack at {misplaced}; it must be at {expected} (note the models/ level)")
@@ -191,7 +203,7 @@ def _as_analyzer(obj) -> FaceAnalyzer:
         return obj
     if hasattr(obj, "get") and hasattr(obj, "models"):  # a FaceAnalysis from another pack's loader
         return FaceAnalyzer(obj, getattr(obj, "model_dir", "?"), ["?"], "?")
-    raise ValueError(f"expected an INSIGHTFACE model from Load InsightFace, got {type(obj).__name__}")
+    raise PackError(f"expected an INSIGHTFACE model from Load InsightFace, got {type(obj).__name__}")
 
 
 def _select(faces: list, selection: str, index: int) -> list:
@@ -202,7 +214,7 @@ def _select(faces: list, selection: str, index: int) -> list:
     if selection == "index":
         ordered = sorted(faces, key=lambda f: float(f.bbox[0]))  # left to right
         return [ordered[index]] if 0 <= index < len(ordered) else []
-    raise ValueError(f"face selection must be one of {FACE_SELECTIONS}, got {selection!r}")
+    raise ConfigError(f"face selection must be one of {FACE_SELECTIONS}, got {selection!r}")
 
 
 def embed_faces(
@@ -220,9 +232,9 @@ def embed_faces(
     out; if no image has one the embeds are empty and the crops are one black image.
     """
     if on_no_face not in NO_FACE_POLICIES:
-        raise ValueError(f"on_no_face must be one of {NO_FACE_POLICIES}, got {on_no_face!r}")
+        raise ConfigError(f"on_no_face must be one of {NO_FACE_POLICIES}, got {on_no_face!r}")
     if selection not in FACE_SELECTIONS:
-        raise ValueError(f"face selection must be one of {FACE_SELECTIONS}, got {selection!r}")
+        raise ConfigError(f"face selection must be one of {FACE_SELECTIONS}, got {selection!r}")
     analyzer = _as_analyzer(analyzer)
     _, face_align = import_insightface()
     bgr_images = to_bgr_uint8(images)
