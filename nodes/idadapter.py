@@ -65,7 +65,14 @@ class IDAdapterMFFEmbed(io.ComfyNode):
                              tooltip="N references fed to the MFF; 0 = the N the adapter was trained with"),
                 io.Boolean.Input("augment", default=True,
                                  tooltip="fill up to N with flipped/rotated/colour-jittered copies (else plain copies)"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                # control_after_generate=False: no "control after generate" widget, so the seed stays as set and
+                # a result can be reproduced. ComfyUI 0.3.64 takes only a bool here and its frontend starts every
+                # control widget at "randomize" (which an INT named "seed" gets unless this says False); 0.38
+                # also accepts io.ControlAfterGenerate.fixed, but one layout for every version keeps saved
+                # widgets_values valid everywhere. Workflows saved with a control value still load (the
+                # frontend drops the extra value).
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="seed of the augmentation; fixed, so the same inputs give the same tokens"),
                 FaceEmbeds.Input("face_embeds", optional=True, tooltip="ArcFace vectors of the references"),
                 InsightFace.Input("insightface", optional=True, tooltip="or: compute them from the images"),
             ],

@@ -1,0 +1,244 @@
+"""The example workflows on a live ComfyUI server (COMFYUI_PATH): queued over HTTP in API format, and loaded by
+ComfyUI's real frontend in a headless Chromium.
+
+One server per module, started on 127.0.0.1 with ``--base-directory`` at a temporary folder: the pack linked
+into custom_nodes/, the tiny random SD1.5-shaped checkpoint, CLIP vision file, IDAdapter and insightface pack
+of tests/comfyui_checks.py. The workflows name real models (an SD2.1 checkpoint, ViT-H/14, antelopev2, ...):
+the models tree gets symlinks under exactly those names that point at the tiny stand-ins (``STAND_INS``), so
+the workflow files are queued with their own model names. To keep a CPU run short, the converted prompts
+sample 3 steps at 64x64 (``FAST``); everything else is the workflow's.
+
+The browser tests need playwright (pip) and Chromium at CHROMIUM (default /usr/bin/chromium, Debian's
+``chromium`` package); they are skipped otherwise.
+"""
+
+import copy
+import glob
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfyui_server import start_server, ui_to_api
+from test_comfyui import COMFYUI_PATH, REPO, make_work_dir, needs_comfyui, run_check
+from tiny_face_models import make_pack
+
+pytestmark = needs_comfyui
+
+WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
+# loader node type -> (models subfolder, the tiny stand-in made by the fixture) for the name its first widget holds
+STAND_INS = {"CheckpointLoaderSimple": ("checkpoints", "tiny_sd15.safetensors"),
+             "CLIPVisionLoader": ("clip_vision", "vit_l.safetensors"),
+             "IDA_LoadIDAdapter": ("idadapter", "tiny.safetensors")}
+FAST = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 3}}
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _provide_workflow_models(work):
+    """Symlinks under every model name the example workflows use, pointing at the tiny stand-ins."""
+    models = work / "models"
+    for path in WORKFLOWS:
+        for node in _load(path)["nodes"]:
+            if node["type"] in STAND_INS:
+                folder, stand_in = STAND_INS[node["type"]]
+                link = models / folder / node["widgets_values"][0]
+                if not link.exists():
+                    os.symlink(models / folder / stand_in, link)
+            elif node["type"] == "IDA_LoadInsightFace":
+                pack = node["widgets_values"][0]
+                if not (models / "insightface" / "models" / pack).exists():
+                    make_pack(str(models / "insightface"), pack)
+
+
+def _bad_adapter_files(work):
+    folder = work / "models" / "idadapter"
+    # an IP-Adapter-style file (no format metadata) where an IDAdapter is expected
+    save_file({"image_proj.proj.weight": torch.zeros(8, 4), "ip_adapter.1.to_k_ip.weight": torch.zeros(4, 4)},
+              str(folder / "ip-adapter_sd15.safetensors"))
+    data = (folder / "tiny.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = make_work_dir(tmp_path_factory.mktemp("comfy_server") / "base")
+    run_check(work, "make_sd15_assets", {})
+    run_check(work, "make_idadapters", {})
+    _provide_workflow_models(work)
+    _bad_adapter_files(work)
+    (work / "user" / "default").mkdir(parents=True)
+    # no first-run template browser over the canvas
+    (work / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    srv = start_server(COMFYUI_PATH, str(work), python=os.environ.get("COMFYUI_PYTHON"))
+    srv.work = work
+    srv.object_info = srv.get("/object_info", timeout=120)
+    yield srv
+    srv.stop()
+
+
+def api_prompt(server, path):
+    prompt = ui_to_api(_load(path), server.object_info)
+    for node in prompt.values():
+        node["inputs"].update(FAST.get(node["class_type"], {}))
+    return prompt
+
+
+def output_images(server, entry):
+    images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    for img in images:
+        assert (server.work / img["type"] / img["subfolder"] / img["filename"]).is_file(), img
+    return images
+
+
+def errors(entry):
+    return [data for event, data in entry["status"]["messages"] if event == "execution_error"]
+
+
+def test_converter_uses_the_servers_widget_layout(server):
+    prompt = ui_to_api(_load(os.path.join(REPO, "example_workflows", "idadapter_portrait.json")), server.object_info)
+    assert prompt["3"] == {"class_type": "LoadImage", "inputs": {"image": "face.png"}}  # upload button value dropped
+    ks = prompt["12"]["inputs"]
+    assert (ks["seed"], ks["steps"], ks["cfg"], ks["sampler_name"]) == (0, 30, 7.0, "dpmpp_2m")  # after "fixed"
+    assert ks["model"] == ["8", 0] and ks["latent_image"] == ["11", 0]
+    assert prompt["7"]["inputs"]["seed"] == 0 and prompt["7"]["inputs"]["face_embeds"] == ["5", 0]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_example_workflow_runs_on_the_server(server, path):
+    entry = server.run(api_prompt(server, path))
+    assert entry["status"]["status_str"] == "success", errors(entry) or server.log_tail()
+    assert output_images(server, entry)
+
+
+def _portrait_with(server, **changes):
+    prompt = api_prompt(server, os.path.join(REPO, "example_workflows", "idadapter_portrait.json"))
+    for node_id, inputs in changes.items():
+        prompt[node_id]["inputs"].update(inputs)
+    return prompt
+
+
+def test_bad_inputs_fail_with_the_packs_message_and_the_fixed_graph_runs(server):
+    face = api_prompt(server, os.path.join(REPO, "example_workflows", "face_embeds.json"))
+    no_face = copy.deepcopy(face)
+    no_face["1"]["inputs"]["image"] = "empty.png"
+    cases = [
+        (no_face, face, "IDA_FaceEmbed", "no face"),
+        (_portrait_with(server, **{"6": {"file": "ip-adapter_sd15.safetensors"}}), _portrait_with(server),
+         "IDA_LoadIDAdapter", "has format None, expected 'idadapter/1'"),
+        (_portrait_with(server, **{"6": {"file": "truncated.safetensors"}}), _portrait_with(server),
+         "IDA_LoadIDAdapter", "is not a readable safetensors file"),
+    ]
+    for bad, fixed, node_type, message in cases:
+        entry = server.run(bad)
+        assert entry["status"]["status_str"] == "error", entry["status"]
+        (err,) = errors(entry)
+        assert err["node_type"] == node_type and message in err["exception_message"], err
+        entry = server.run(fixed)
+        assert entry["status"]["status_str"] == "success", errors(entry) or server.log_tail()
+        assert output_images(server, entry)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the real frontend, in Chromium
+
+def _browser_missing():
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright; never `playwright install`: Chromium comes from apt)"
+    if not shutil.which(CHROMIUM) and not os.path.isfile(CHROMIUM):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
+    return None
+
+
+def open_frontend(playwright, server, width=1600, height=1000):
+    """A page with ComfyUI's frontend ready (window.app set up); collects page errors in ``page.errors``."""
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.errors = []
+    page.on("pageerror", lambda exc: page.errors.append(f"{exc}\n{exc.stack}"))
+    page.goto(server.url, timeout=120_000)
+    page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+    # frontend 1.27.10 itself throws once while it registers its settings on a fresh user folder
+    # (Comfy.Canvas.NavigationMode's onChange): errors count from here on
+    page.startup_errors, page.errors = page.errors, []
+    return browser, page
+
+
+LOAD_JS = """async (wf) => {
+  const app = window.app;
+  const registered = window.LiteGraph?.registered_node_types ?? app.graph.constructor.registered_node_types ?? {};
+  const missing = wf.nodes.map(n => n.type).filter(t => !(t in registered));
+  await app.loadGraphData(wf, true, true, null);
+  await new Promise(r => requestAnimationFrame(() => r()));
+  const saved = app.graph.serialize();
+  const dialogs = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText.slice(0, 300));
+  const nodes = app.graph.nodes.map(n => ({
+    id: n.id, type: n.type, has_errors: !!n.has_errors,
+    widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value})),
+  }));
+  return {missing, dialogs, nodes, saved: saved.nodes.map(n => ({id: n.id, type: n.type, widgets_values: n.widgets_values}))};
+}"""
+
+NEW_NODE_JS = """(type) => {
+  const node = window.LiteGraph.createNode(type);
+  return (node.widgets || []).map(w => ({name: w.name, value: w.value}));
+}"""
+
+
+@pytest.fixture(scope="module")
+def frontend(server):
+    reason = _browser_missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser, page = open_frontend(p, server)
+        yield page
+        browser.close()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_example_workflow_loads_cleanly_in_the_frontend(frontend, path):
+    wf = _load(path)
+    result = frontend.evaluate(LOAD_JS, wf)
+    assert result["missing"] == [] and result["dialogs"] == [], result
+    assert not frontend.errors, frontend.errors
+    assert sorted((n["id"], n["type"]) for n in result["nodes"]) == sorted((n["id"], n["type"]) for n in wf["nodes"])
+    assert not [n for n in result["nodes"] if n["has_errors"]], result["nodes"]
+    loaded = {n["id"]: n["widgets_values"] or [] for n in result["saved"]}
+    for node in wf["nodes"]:  # a value the frontend rejects, rewrites or adds (e.g. a control widget) shows here
+        assert loaded[node["id"]] == node.get("widgets_values", []), (node["type"], loaded[node["id"]])
+    for node in result["nodes"]:  # no pack node's seed re-draws on each queue
+        controls = [w for w in node["widgets"] if w["name"] == "control_after_generate"]
+        assert all(w["value"] == "fixed" for w in controls), (node["type"], controls)
+
+
+def test_workflow_saved_with_a_seed_control_still_loads(frontend):
+    """Saved by an earlier version, MFF Embed stored a control value after its seed: the node loads with its values."""
+    wf = _load(os.path.join(REPO, "example_workflows", "idadapter_portrait.json"))
+    (mff,) = [n for n in wf["nodes"] if n["type"] == "IDA_IDAdapterMFFEmbed"]
+    mff["widgets_values"] = [2, False, 1234, "randomize"]
+    result = frontend.evaluate(LOAD_JS, wf)
+    assert result["missing"] == [] and result["dialogs"] == [] and not frontend.errors, (result, frontend.errors)
+    (loaded,) = [n for n in result["saved"] if n["id"] == mff["id"]]
+    assert loaded["widgets_values"] == [2, False, 1234]
+
+
+def test_new_mff_embed_node_keeps_its_seed(frontend):
+    """Added from the node menu (no stored values), IDAdapter MFF Embed's seed must not re-draw on each queue."""
+    widgets = frontend.evaluate(NEW_NODE_JS, "IDA_IDAdapterMFFEmbed")
+    names = [w["name"] for w in widgets]
+    assert "seed" in names, widgets
+    assert all(w["value"] != "randomize" for w in widgets), widgets
