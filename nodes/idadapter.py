@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 
 import folder_paths
 from comfy_api.latest import io
@@ -18,16 +19,30 @@ from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
 IDAdapterType = io.Custom("IDADAPTER")
 IDAdapterEmbedsType = io.Custom("IDADAPTER_EMBEDS")
 
+
+@dataclass
+class LoadedIDAdapter(ida.IDAdapterWeights):
+    """IDADAPTER: an idadapter/1 file's weights and the ComfyUI model patcher that owns their gated-attention
+    modules (:func:`patches.adapter_patcher`).
+
+    Made and dropped together: ComfyUI's memory manager can only unload modules whose patcher is alive, so the
+    patcher must live as long as the modules it may have put on the GPU.
+    """
+
+    patcher: object
+
+
 _cache: dict = {}
 _cache_lock = threading.Lock()
 
 
-def load_cached(path: str) -> ida.IDAdapterWeights:
+def load_cached(path: str) -> LoadedIDAdapter:
     key = (path, os.path.getmtime(path), os.path.getsize(path))
     with _cache_lock:
         if key not in _cache:
             _cache.clear()  # keep one file resident; another Load node reloads its own
-            _cache[key] = ida.load_idadapter(path)
+            weights = ida.load_idadapter(path)
+            _cache[key] = LoadedIDAdapter(weights.adapter, weights.kv_deltas, patches.adapter_patcher(weights.adapter))
         return _cache[key]
 
 
@@ -135,7 +150,7 @@ class ApplyIDAdapter(io.ComfyNode):
             return io.NodeOutput(patched)
         sampling = model.get_model_object("model_sampling")
         patch = patches.IDAdapterMiddlePatch(
-            idadapter.adapter,
+            idadapter.patcher,
             embeds.tokens,
             weight,
             sigma_start=sampling.percent_to_sigma(start_percent),

@@ -7,15 +7,18 @@
 - :func:`inject_identity_tokens`: puts identity vectors where the identifier word's tokens are in the
   output of ``clip.tokenize``.
 
-Patch objects are immutable once attached and share their weights across ``model.clone()`` (ComfyUI
-deep-copies ``model_options`` on every clone). They move their small weights to the activations' device and
-dtype when called, keeping one converted copy per (device, dtype).
+Patch objects are immutable once attached and shared by every ``model.clone()``. The gated-attention weights
+belong to ComfyUI's memory manager: the patch holds them through a model patcher that it returns from
+``models()``, so ``load_models_gpu`` loads and offloads them with the MODEL (under --lowvram and dynamic VRAM too);
+each call casts them to the activations' device and dtype without keeping the cast. What the patch derives per
+device (identity tokens, masks, the step's sigma) is memoised under a lock: ComfyUI 0.38 runs the cond batches
+of one step on several devices in threads that share the patch.
 """
 
 from __future__ import annotations
 
-import copy
 import math
+import threading
 import weakref
 
 import torch
@@ -24,16 +27,21 @@ import torch.nn.functional as F
 from .arch.idadapter import BlockSpec, IDAdapter, add_on_rows, block_name
 from .errors import PackError
 
-_converted: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
+def adapter_patcher(adapter: IDAdapter):
+    """A ComfyUI model patcher owning ``adapter``'s gated-attention modules (all the UNet patch runs).
 
-def module_on(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """A copy of ``module`` on device/dtype, made once and shared by every patch that uses the module."""
-    per_module = _converted.setdefault(module, {})
-    key = (str(device), dtype)
-    if key not in per_module:
-        per_module[key] = copy.deepcopy(module).to(device=device, dtype=dtype).requires_grad_(False)
-    return per_module[key]
+    ComfyUI 0.38 builds patch models with ``comfy.model_patcher.CoreModelPatcher``, which main.py rebinds at
+    startup to the dynamic-VRAM patcher where that is on (so it is looked up here, at call time); 0.3.x has only
+    ``ModelPatcher``. Make one per loaded adapter and keep it as long as the adapter: every Apply of that
+    IDADAPTER shares it, and with it a single copy of the weights.
+    """
+    import comfy.model_management
+    import comfy.model_patcher
+
+    patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    return patcher_class(adapter.adapters, load_device=comfy.model_management.get_torch_device(),
+                         offload_device=comfy.model_management.unet_offload_device())
 
 
 def comfy_attention():
@@ -43,16 +51,48 @@ def comfy_attention():
     return lambda q, k, v, heads: optimized_attention(q, k, v, heads)
 
 
-class _PerStepCache:
-    """Remembers one value per object (the step's sigmas tensor, a device...) without keeping it alive."""
+class PerDeviceMemo:
+    """Values computed once per key, where a key starts with the torch.device the value lives on.
+
+    Safe when several threads (one per device) ask at once. A value is computed outside the lock, so one device's
+    copy never waits for another's; if two threads race on one key, both get the first value stored.
+    """
 
     def __init__(self):
-        self._ref, self._value = None, None
+        self._lock = threading.Lock()
+        self._values: dict = {}
 
-    def get(self, obj, compute):
-        if self._ref is None or self._ref() is not obj:
-            self._ref, self._value = weakref.ref(obj), compute(obj)
-        return self._value
+    def get(self, key: tuple, compute):
+        with self._lock:
+            if key in self._values:
+                return self._values[key]
+        value = compute()
+        with self._lock:
+            return self._values.setdefault(key, value)
+
+    def release_accelerator_values(self) -> None:
+        """Forgets every value not on the CPU (callers still holding one keep it alive until they are done)."""
+        with self._lock:
+            self._values = {k: v for k, v in self._values.items() if k[0].type == "cpu"}
+
+
+class StepSigma:
+    """The current step's sigma as a float, read off each device once per step (every block of a step sees the
+    same ``sigmas`` tensor; each multi-GPU thread has its own), without keeping the tensor alive."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._seen: dict = {}  # device -> (weakref to the sigmas tensor, its value)
+
+    def get(self, sigmas: torch.Tensor) -> float:
+        with self._lock:
+            seen = self._seen.get(sigmas.device)
+        if seen is not None and seen[0]() is sigmas:
+            return seen[1]
+        sigma = float(sigmas.detach().max())
+        with self._lock:
+            self._seen[sigmas.device] = (weakref.ref(sigmas), sigma)
+        return sigma
 
 
 def conditional_rows(cond_or_uncond, batch: int) -> list[int] | None:
@@ -64,8 +104,15 @@ def conditional_rows(cond_or_uncond, batch: int) -> list[int] | None:
 
 
 def token_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
-    """(h, w) of a block's token grid, from the latent size in ``original_shape``."""
-    height, width = extra_options["original_shape"][-2:]
+    """(h, w) of a block's token grid: the ``activations_shape`` [B, C, H, W] its SpatialTransformer sets, or
+    where that is missing or does not fit, the downscale of the latent in ``original_shape`` that holds ``tokens``."""
+    shape = extra_options.get("activations_shape")
+    if shape is not None and len(shape) == 4 and shape[-2] * shape[-1] == tokens:
+        return int(shape[-2]), int(shape[-1])
+    original = extra_options.get("original_shape")
+    if original is None:
+        raise PackError(f"cannot place {tokens} tokens: the block gave neither activations_shape nor original_shape")
+    height, width = original[-2:]
     for level in range(8):
         f = 2**level
         h, w = math.ceil(height / f), math.ceil(width / f)
@@ -79,11 +126,13 @@ class IDAdapterMiddlePatch:
 
     The unconditional chunk runs the plain UNet: training drops the image condition by switching the adapter
     branch off, so this is the model's own unconditional prediction (and it halves the adapter's cost).
+    ``patcher`` is the ComfyUI model patcher of the adapter's gated-attention modules (:func:`adapter_patcher`);
+    the patch reads the modules through its ``.model`` at call time, wherever ComfyUI has put them.
     """
 
     def __init__(
         self,
-        adapter: IDAdapter,
+        patcher,
         tokens: torch.Tensor,
         weight: float,
         sigma_start: float = float("inf"),
@@ -91,37 +140,48 @@ class IDAdapterMiddlePatch:
         mask: torch.Tensor | None = None,
         attention=None,
     ):
-        self.adapter = adapter
+        self.patcher = patcher
         self.tokens = tokens.detach()
         self.weight = float(weight)
         self.sigma_start = float(sigma_start)
         self.sigma_end = float(sigma_end)
         self.mask = None if mask is None else mask.detach().float().reshape(-1, *mask.shape[-2:])
         self.attention = attention
-        # every block of a step sees the same sigmas tensor: read it off the device once per step
-        self._sigma = _PerStepCache()
-        self._tokens: dict = {}
-        self._masks: dict = {}
+        self._sigma = StepSigma()
+        self._tokens = PerDeviceMemo()
+        self._masks = PerDeviceMemo()
 
     def __deepcopy__(self, memo):
-        return self  # immutable once attached: clones share it (and its weights)
+        return self  # immutable once attached: clones share it (and its patcher)
 
-    def to(self, *args, **kwargs):
-        return self  # weights follow the activations at call time
+    def models(self) -> list:
+        """The patchers ComfyUI's ``load_models_gpu`` loads with the MODEL."""
+        return [self.patcher]
+
+    def to(self, device_or_dtype, **kwargs):
+        """ComfyUI calls ``.to(load device)`` and ``.to(model dtype)`` before sampling (0.38: ``.to(device)`` in each
+        multi-GPU thread too) and ``.to(offload device)`` when it detaches the MODEL. The weights move through
+        :meth:`models` and the per-device tensors are made on first use, so only a move to the CPU has work: it
+        lets go of the copies on accelerators. Returns the patch itself, so every thread shares one object."""
+        if isinstance(device_or_dtype, (str, torch.device)) and torch.device(device_or_dtype).type == "cpu":
+            self._tokens.release_accelerator_values()
+            self._masks.release_accelerator_values()
+        return self
 
     def active_at(self, sigma: float | None) -> bool:
         return sigma is None or self.sigma_end <= sigma <= self.sigma_start
 
-    def __call__(self, x: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, extra_options: dict, **kwargs) -> torch.Tensor:
         block = extra_options.get("block")
         if block is None:
             return x
-        key = (block[0], block[1], extra_options.get("block_index", 0))
-        if block_name(key) not in self.adapter.adapters or not self.active_at(self._current_sigma(extra_options)):
+        name = block_name((block[0], block[1], extra_options.get("block_index", 0)))
+        adapters = self.patcher.model
+        if name not in adapters or not self.active_at(self._current_sigma(extra_options)):
             return x
         rows = conditional_rows(extra_options.get("cond_or_uncond"), x.shape[0])
-        adapter = module_on(self.adapter.adapters[block_name(key)], x.device, x.dtype)
-        tokens = self._tokens_on(x.device, x.dtype)
+        adapter = adapters[name]
+        tokens = self._tokens.get((x.device, x.dtype), lambda: self.tokens.to(x.device, x.dtype))
         attention = {"attention": self.attention} if self.attention else {}
 
         def residual(y, _rows):
@@ -135,24 +195,19 @@ class IDAdapterMiddlePatch:
 
     def _current_sigma(self, extra_options: dict) -> float | None:
         sigmas = extra_options.get("sigmas")
-        return None if sigmas is None else self._sigma.get(sigmas, lambda s: float(s.detach().max()))
-
-    def _tokens_on(self, device, dtype) -> torch.Tensor:
-        key = (str(device), dtype)
-        if key not in self._tokens:
-            self._tokens[key] = self.tokens.to(device, dtype)
-        return self._tokens[key]
+        return None if sigmas is None else self._sigma.get(sigmas)
 
     def _mask_for(self, extra_options, rows: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
         h, w = token_grid(extra_options, tokens)
-        key = (h, w, rows, str(like.device), like.dtype)
-        if key not in self._masks:
+
+        def resized():
             mask = F.interpolate(self.mask.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False)
             mask = mask.reshape(mask.shape[0], h * w, 1).to(like.device, like.dtype)
             if mask.shape[0] != 1:  # one mask per image, repeated for each conditional chunk
                 mask = mask.repeat(rows // mask.shape[0], 1, 1)
-            self._masks[key] = mask
-        return self._masks[key]
+            return mask
+
+        return self._masks.get((like.device, like.dtype, h, w, rows), resized)
 
 
 def unet_transformer_blocks(diffusion_model) -> dict[str, BlockSpec]:

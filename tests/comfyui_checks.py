@@ -159,7 +159,7 @@ def clone_shares_adapter(work, payload):
 
     pack, _ = _pack_modules()
     model, _ = _load_checkpoint(work)
-    weights = pack.ida.load_idadapter(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
+    weights = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
     embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64), {"l": torch.randn(768)}, "sd15")
     apply = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"]
     patched = apply.execute(model, weights, embeds, 1.0, 0.0, 1.0).result[0]
@@ -168,11 +168,55 @@ def clone_shares_adapter(work, payload):
     theirs = sibling.model_options["transformer_options"]["patches"]["middle_patch"]
     return {
         "same_patch_object": mine[0] is theirs[0],
-        "same_weights": mine[0].adapter is theirs[0].adapter,
+        "same_weights": mine[0].models()[0].model is theirs[0].models()[0].model,
         "input_model_untouched": "middle_patch" not in model.model_options.get("transformer_options", {}).get("patches", {}),
         "kv_patch_count": len(patched.patches),
         "input_model_patch_count": len(model.patches),
     }
+
+
+def adapter_weights_follow_the_model(work, payload):
+    """KSampler with Apply IDAdapter, as ComfyUI's memory manager sees it: is the adapter's patcher among the loaded
+    models while the UNet runs (and the MODEL with it), is it unloaded by unloading everything, and how many
+    tensors in the process hold the values of one adapter weight (1: the module the patcher owns)."""
+    import gc
+
+    import comfy.model_management
+    import nodes
+
+    pack, _ = _pack_modules()
+    model, clip = _load_checkpoint(work)
+    idadapter = nodes.NODE_CLASS_MAPPINGS["IDA_LoadIDAdapter"].execute("tiny.safetensors").result[0]
+    embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64), {"l": torch.randn(768)}, "sd15")
+    patched = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(model, idadapter, embeds, 1.0, 0.0, 1.0).result[0]
+    adapters = idadapter.adapter.adapters  # the gated-attention modules the UNet patch runs
+    seen = {}
+
+    def loaded_patcher(module):
+        return next((m.model for m in comfy.model_management.current_loaded_models
+                     if m.model is not None and m.model.model is module), None)
+
+    def probe(x, extra_options):  # after the adapter's patch, in every transformer block
+        if not seen:
+            patcher = loaded_patcher(adapters)
+            seen.update(adapter_loaded=patcher is not None, model_loaded=loaded_patcher(model.model) is not None,
+                        adapter_loaded_bytes=0 if patcher is None else patcher.loaded_size())
+        return x
+
+    patched.set_model_patch(probe, "middle_patch")
+    positive = nodes.CLIPTextEncode().encode(clip, "a photo of a person")[0]
+    negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    nodes.common_ksampler(patched, 0, 2, 2.0, "euler", "normal", positive, negative, {"samples": torch.zeros(1, 4, 8, 8)})
+
+    weight = adapters["input_1_0"].proj.weight
+    gc.collect()
+    holders = sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.shape == weight.shape
+                  and torch.equal(obj.detach().float().cpu(), weight.detach().float().cpu()))
+    comfy.model_management.unload_all_models()
+    return dict(seen, tensors_holding_a_weight=holders, adapter_size=comfy.model_management.module_size(adapters),
+                adapter_loaded_after_unload=loaded_patcher(adapters) is not None,
+                model_loaded_after_unload=loaded_patcher(model.model) is not None,
+                adapter_bytes_after_unload=idadapter.patcher.loaded_size())
 
 
 def _random_clip(kind):
@@ -241,7 +285,7 @@ def comfyui_unet_with_idadapter(work, payload):
 
     pack, _ = _pack_modules()
     model, _ = _load_checkpoint(work)
-    weights = pack.ida.load_idadapter(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
+    weights = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
     inputs = load_file(payload["inputs"])
     embeds = pack.ida.IDAdapterEmbeds(inputs["tokens"], {"l": torch.zeros(768)}, "sd15")
     return _run_patched_unet(model, weights, embeds, inputs, TINY_UNET_CONFIG, payload)
@@ -299,7 +343,7 @@ def comfyui_sdxl_unet_with_idadapter(work, payload):
             gated.gamma.fill_(0.8)
     deltas = {n: {p: torch.randn(s.channels, s.context_dim) * 0.05 for p in ("to_k", "to_v")} for n, s in blocks.items()}
     ida.save_idadapter(ida.IDAdapterWeights(adapter, deltas), payload["adapter"])
-    weights = ida.load_idadapter(payload["adapter"])
+    weights = pack.load_cached(payload["adapter"])
     inputs = load_file(payload["inputs"])
     embeds = ida.IDAdapterEmbeds(inputs["tokens"], {"g": torch.zeros(1280), "l": torch.zeros(768)}, "sdxl")
     result = _run_patched_unet(patcher, weights, embeds, inputs, None, payload, y=inputs["y"])

@@ -31,3 +31,11 @@ def tiny_adapter(family="sd15", gamma=0.0, seed=0, with_kv=True, **overrides) ->
         kv = {name: {p: torch.randn(spec.channels, spec.context_dim) * 0.01 for p in ("to_k", "to_v")}
               for name, spec in cfg.blocks.items()}
     return IDAdapterWeights(adapter.eval().requires_grad_(False), kv)
+
+
+class StandInPatcher:
+    """What the IDAdapter patch uses of ComfyUI's ModelPatcher, for tests outside ComfyUI: ``.model``, the module
+    the patcher owns (the adapter's gated-attention modules)."""
+
+    def __init__(self, model):
+        self.model = model

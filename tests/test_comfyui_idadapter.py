@@ -74,6 +74,16 @@ def test_clone_shares_weights_and_input_model_stays_clean(work):
                       "kv_patch_count": 14, "input_model_patch_count": 0}
 
 
+def test_adapter_weights_are_loaded_and_unloaded_with_the_model(work):
+    """Issue 9: ComfyUI's memory manager owns the adapter's weights (``models()``), and the pack keeps no copy."""
+    result = run_check(work, "adapter_weights_follow_the_model", {})
+    assert result["adapter_loaded"] and result["model_loaded"], result
+    assert result["adapter_loaded_bytes"] == result["adapter_size"] > 0, result
+    assert result["tensors_holding_a_weight"] == 1, result
+    assert not result["adapter_loaded_after_unload"] and not result["model_loaded_after_unload"], result
+    assert result["adapter_bytes_after_unload"] == 0, result
+
+
 def test_text_token_equals_edited_embedding_table(work):
     result = run_check(work, "text_injection_matches_edited_embedding_table", {"families": ["sd15", "sd21", "sdxl"]})
     assert result["sd15"]["keys"] == ["l"] and result["sd21"]["keys"] == ["h"] and result["sdxl"]["keys"] == ["g", "l"]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from idadapter_helpers import StandInPatcher
 from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention
 
@@ -59,7 +60,7 @@ def test_fuser_equals_comfyui_middle_patch(cond_or_uncond):
     with torch.no_grad():
         unet(latents, 10, encoder_hidden_states=torch.randn(batch * chunks, 77, 768),
              cross_attention_kwargs=diffusers_binding.idadapter_kwargs(tokens, active, beta=0.7))
-    patch = patches.IDAdapterMiddlePatch(adapter, tokens, 0.7, attention=sdpa_attention)
+    patch = patches.IDAdapterMiddlePatch(StandInPatcher(adapter.adapters), tokens, 0.7, attention=sdpa_attention)
     assert set(seen) == set(adapter.adapters)
     for name, (hidden, fused) in seen.items():
         kind, ident, index = name.rsplit("_", 2)

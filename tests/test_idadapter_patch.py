@@ -1,11 +1,14 @@
 """The ComfyUI-side IDAdapter patches, driven the way ComfyUI calls them (signatures: reference/comfyui-api.md)."""
 
 import copy
+import gc
+import threading
+import time
 
 import pytest
 import torch
 
-from idadapter_helpers import tiny_adapter
+from idadapter_helpers import StandInPatcher, tiny_adapter
 from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch.idadapter import sdpa_attention
 from comfyui_idadapter.nodes.errors import PackError
@@ -25,7 +28,8 @@ def options(block=("input", 1), sigma=5.0, cond_or_uncond=(1, 0), latent=(8, 8),
 def make_patch(gamma=0.5, weight=1.0, **kwargs):
     weights = tiny_adapter(gamma=gamma)
     tokens = torch.randn(1, 4, 24)
-    return patches.IDAdapterMiddlePatch(weights.adapter, tokens, weight, attention=sdpa_attention, **kwargs), weights
+    patcher = StandInPatcher(weights.adapter.adapters)
+    return patches.IDAdapterMiddlePatch(patcher, tokens, weight, attention=sdpa_attention, **kwargs), weights
 
 
 def test_gamma_zero_is_bit_identical():
@@ -48,7 +52,7 @@ def test_only_conditional_chunks_change_and_match_cond_alone():
 
 def test_weight_scales_the_residual():
     one, _ = make_patch(weight=1.0)
-    two = patches.IDAdapterMiddlePatch(one.adapter, one.tokens, 2.5, attention=sdpa_attention)
+    two = patches.IDAdapterMiddlePatch(one.patcher, one.tokens, 2.5, attention=sdpa_attention)
     x = torch.randn(2, 64, 32)
     torch.testing.assert_close(two(x, options()) - x, 2.5 * (one(x, options()) - x), rtol=1e-5, atol=1e-6)
 
@@ -85,13 +89,31 @@ def test_unknown_blocks_pass_through():
 def test_clone_shares_patch_and_weights():
     patch, weights = make_patch()
     model_options = {"transformer_options": {"patches": {"middle_patch": [patch]}}}
-    cloned = copy.deepcopy(model_options)  # what ModelPatcher.clone() does
+    cloned = copy.deepcopy(model_options)  # what ModelPatcher.clone() does in ComfyUI 0.3.x
     assert cloned["transformer_options"]["patches"]["middle_patch"][0] is patch
-    x = torch.randn(2, 64, 32)
-    patch(x, options())
-    first = patches.module_on(weights.adapter.adapters["input_1_0"], x.device, x.dtype)
-    assert patches.module_on(weights.adapter.adapters["input_1_0"], x.device, x.dtype) is first
+    assert patch.models() == [patch.patcher] and patch.patcher.model is weights.adapter.adapters
     assert patch.to(torch.device("cpu")) is patch and patch.to(torch.float16) is patch
+
+
+def test_weights_are_cast_per_call_and_never_copied():
+    """The module ComfyUI's patcher owns is the one that runs: no converted copy outlives a call."""
+    patch, weights = make_patch()
+    proj = weights.adapter.adapters["input_1_0"].proj.weight
+    before = _tensors_like(proj)
+    patch(torch.randn(2, 64, 32), options())
+    patch(torch.randn(2, 64, 32, dtype=torch.bfloat16), options())
+    assert _tensors_like(proj) == before
+
+
+def _tensors_like(param: torch.Tensor) -> int:
+    """How many live tensors hold ``param``'s values in their own storage (any dtype)."""
+    gc.collect()
+    count = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.shape == param.shape and obj.device.type == "cpu":
+            if torch.equal(obj.detach().float(), param.detach().float().to(obj.dtype).float()):
+                count += 1
+    return count
 
 
 def test_runs_in_half_precision():
@@ -108,6 +130,105 @@ def test_token_grid_and_bad_shapes():
     assert patches.token_grid({"original_shape": [2, 4, 9, 7]}, 20) == (5, 4)
     with pytest.raises(PackError, match="cannot place 17 tokens"):
         patches.token_grid({"original_shape": [2, 4, 8, 8]}, 17)
+    with pytest.raises(PackError, match="neither activations_shape nor original_shape"):
+        patches.token_grid({}, 16)
+
+
+def test_token_grid_reads_the_blocks_activations_shape():
+    # a grid no power-of-two downscale of the latent gives: only the block knows it
+    assert patches.token_grid({"activations_shape": [2, 32, 3, 5], "original_shape": [2, 4, 9, 7]}, 15) == (3, 5)
+    assert patches.token_grid({"activations_shape": [2, 32, 3, 5]}, 15) == (3, 5)
+    # a shape that does not hold these tokens (not this block's) falls back to the latent size
+    assert patches.token_grid({"activations_shape": [2, 32, 4, 4], "original_shape": [2, 4, 9, 7]}, 20) == (5, 4)
+
+
+def test_mask_follows_activations_shape_without_original_shape():
+    mask = torch.zeros(1, 64, 128)
+    mask[:, :, :64] = 1.0  # left half
+    patch, _ = make_patch(mask=mask)
+    x = torch.randn(2, 32, 32)  # a 4x8 block
+    opts = dict(options(), activations_shape=[2, 32, 4, 8])
+    del opts["original_shape"]
+    change = (patch(x, opts) - x)[1].abs().sum(-1).reshape(4, 8)
+    assert change[:, :4].min() > 1e-4 and change[:, 4:].max() == 0
+
+
+def test_per_device_memo_gives_racing_threads_one_value():
+    memo = patches.PerDeviceMemo()
+    threads_ready = threading.Barrier(8)
+    results = [None] * 8
+
+    def slow_value():
+        time.sleep(0.02)  # every thread is inside compute before any stores
+        return object()
+
+    def worker(i):
+        threads_ready.wait()
+        results[i] = memo.get((torch.device("cpu"), torch.float16), slow_value)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is results[0] for r in results)
+    assert memo.get((torch.device("cpu"), torch.float16), object) is results[0]
+
+
+def test_per_device_memo_releases_only_accelerator_values():
+    memo = patches.PerDeviceMemo()
+    on_cpu = memo.get((torch.device("cpu"), 1), object)
+    on_gpu = memo.get((torch.device("cuda", 0), 1), object)
+    memo.release_accelerator_values()
+    assert memo.get((torch.device("cpu"), 1), object) is on_cpu
+    assert memo.get((torch.device("cuda", 0), 1), object) is not on_gpu
+
+
+def test_moving_the_patch_to_the_cpu_lets_go_of_other_devices_tensors():
+    """ComfyUI calls .to(offload device) when it detaches the MODEL: the tokens and masks made for the
+    accelerator (here the meta device stands in for one) go with it."""
+    patch, _ = make_patch(mask=torch.ones(1, 64, 64))
+    patch(torch.randn(2, 64, 32, device="meta"), options())
+    assert _meta_tensors(patch.tokens.shape) == 1
+    assert patch.to(torch.device("cpu")) is patch
+    assert _meta_tensors(patch.tokens.shape) == 0
+
+
+def _meta_tensors(shape) -> int:
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.device.type == "meta"
+               and obj.shape == shape)
+
+
+def test_threads_sharing_the_patch_match_one_thread():
+    """ComfyUI 0.38 runs a step's cond batches in one thread per device, each with its own sigmas tensor, all
+    calling the same patch (dtypes stand in for devices here: each gets its own tokens and masks)."""
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :32] = 1.0
+    patch, _ = make_patch(mask=mask, sigma_start=10.0, sigma_end=2.0)
+    work = [(dtype, sigma, block, torch.randn(2, tokens, channels).to(dtype), latent)
+            for dtype in (torch.float32, torch.float64, torch.bfloat16)
+            for sigma in (5.0, 14.6)
+            for block, tokens, channels, latent in ((("input", 1), 64, 32, (8, 8)), (("middle", 0), 16, 64, (8, 8)))]
+    expected = [patch(x, options(block=block, sigma=sigma, latent=latent)) for _, sigma, block, x, latent in work]
+    fresh, _ = make_patch(mask=mask, sigma_start=10.0, sigma_end=2.0)  # same seeded weights, empty caches
+    outputs = {}
+    threads_ready = threading.Barrier(len(work))
+
+    def worker(i, sigma, block, x, latent):
+        threads_ready.wait()
+        outputs[i] = [fresh(x, options(block=block, sigma=sigma, latent=latent)) for _ in range(5)]
+
+    threads = [threading.Thread(target=worker, args=(i, sigma, block, x, latent))
+               for i, (_, sigma, block, x, latent) in enumerate(work)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outputs) == len(work)
+    for i, want in enumerate(expected):
+        for got in outputs[i]:
+            assert torch.equal(got, want)
 
 
 def test_kv_weight_patch_keys():

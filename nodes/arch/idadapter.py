@@ -111,6 +111,34 @@ class IDAdapterConfig:
         return cls(**json.loads(text))
 
 
+def cast_like(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight`` on x's device and in x's dtype, for this call only (no copy when they already match).
+
+    Whoever owns the weights decides where they are stored (ComfyUI's memory manager may keep them on the CPU
+    under --lowvram); the activations decide the compute dtype, unless autocast is choosing it (the trainer).
+    """
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return weight.to(x.device)
+    return weight.to(x)
+
+
+class CastLinear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) computing with :func:`cast_like` weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, cast_like(self.weight, x), None if self.bias is None else cast_like(self.bias, x))
+
+
+class CastLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters and state-dict keys) computing with :func:`cast_like` weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else cast_like(self.weight, x)
+        bias = None if self.bias is None else cast_like(self.bias, x)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
 class _Attention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections (the layout of the UNet's own attention)."""
 
@@ -118,10 +146,10 @@ class _Attention(nn.Module):
         super().__init__()
         context_dim = context_dim or dim
         self.heads = heads
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
+        self.to_q = CastLinear(dim, dim, bias=False)
+        self.to_k = CastLinear(context_dim, dim, bias=False)
+        self.to_v = CastLinear(context_dim, dim, bias=False)
+        self.to_out = CastLinear(dim, dim)
 
     def forward(self, x, context, attention: Attention = sdpa_attention):
         return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
@@ -195,13 +223,14 @@ class GatedSelfAttention(nn.Module):
     """One UNet transformer block's adapter: ``y + beta * tanh(gamma) * S([y, proj(E_r)])[:, :len(y)]``.
 
     Only the first len(y) outputs of the self-attention are kept, so queries are computed for y alone;
-    keys and values cover ``[y, proj(E_r)]``.
+    keys and values cover ``[y, proj(E_r)]``. Weights are cast to y's device and dtype per call, so the module
+    runs wherever its owner (ComfyUI's memory manager, the trainer) stores it.
     """
 
     def __init__(self, channels: int, heads: int, embed_dim: int):
         super().__init__()
-        self.proj = nn.Linear(embed_dim, channels)
-        self.norm = nn.LayerNorm(channels)
+        self.proj = CastLinear(embed_dim, channels)
+        self.norm = CastLayerNorm(channels)
         self.attn = _Attention(channels, heads)
         self.gamma = nn.Parameter(torch.zeros(()))  # tanh(0) = 0: an untrained adapter is the identity
 
@@ -209,7 +238,7 @@ class GatedSelfAttention(nn.Module):
         """tanh(gamma) * S([y, proj(E_r)])[:, :len(y)]: what is added to y at weight beta = 1."""
         h = self.norm(torch.cat([y, self.proj(tokens)], dim=1))
         out = self.attn(h[:, : y.shape[1]], h, attention)
-        return torch.tanh(self.gamma) * out
+        return torch.tanh(cast_like(self.gamma, out)) * out
 
     def forward(self, y, tokens, beta: float = 1.0, attention: Attention = sdpa_attention):
         return y + beta * self.residual(y, tokens, attention)
