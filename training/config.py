@@ -72,6 +72,9 @@ class IDAdapterTrainConfig:
     validation_steps: int = 30
     log_every: int = 10
     report_to: str = "tensorboard"  # tensorboard | none
+    # write each process's examples per step (identity, target and reference files) to
+    # <output_dir>/examples/rank-<rank>.jsonl: what each GPU trained on, for auditing data and sharding
+    log_examples: bool = False
     export_name: str = "idadapter.safetensors"
     # --preset tiny: tiny random models and a synthetic identity set, same code path
     preset: str = ""

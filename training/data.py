@@ -229,15 +229,21 @@ def load_square(image: "FaceImage", size: int) -> tuple[torch.Tensor, torch.Tens
     return pixels.float() / 255, (image.landmarks - torch.tensor([left, top], dtype=image.landmarks.dtype)) * scale
 
 
-def sample_batch(identities: list[Identity], batch_size: int, num_images: int, step: int, seed: int) -> list[dict]:
-    """The batch for ``step``: a pure function of (seed, step), so a resumed run sees the same data.
+def sample_batch(identities: list[Identity], batch_size: int, num_images: int, step: int, seed: int,
+                 rank: int = 0, processes: int = 1) -> list[dict]:
+    """Process ``rank``'s batch for ``step``: a pure function of (seed, step, rank, processes), so a resumed run sees
+    the same data.
+
+    The step's global batch (``batch_size * processes`` examples) is drawn once and each process takes its own
+    slice, so the processes train on different examples (different identities while the global batch is no larger
+    than the identity count). With one process this is the whole batch.
 
     Per example: an identity, a target image (with caption) and up to N reference images of that identity.
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     picks = torch.randperm(len(identities), generator=gen)
     examples = []
-    for i in range(batch_size):
+    for i in range(batch_size * processes):
         identity = identities[int(picks[i % len(picks)])]
         order = torch.randperm(len(identity.images), generator=gen).tolist()
         examples.append({
@@ -246,4 +252,4 @@ def sample_batch(identities: list[Identity], batch_size: int, num_images: int, s
             "references": [identity.images[j] for j in order[:num_images]],
             "augment_seed": int(torch.randint(2**31 - 1, (1,), generator=gen)),
         })
-    return examples
+    return examples[rank * batch_size:(rank + 1) * batch_size]

@@ -9,6 +9,7 @@ the cross-attention W_K, W_V; everything else is frozen. Loss: L_SD + lambda * F
 
 from __future__ import annotations
 
+import json
 import os
 from collections import OrderedDict
 
@@ -214,6 +215,7 @@ class IDAdapterTask:
         self.family = base_family(unet)
         self.prompts = PromptEncoder(self.family, components.tokenizers, components.text_encoders, config.identifier,
                                      config.resolution)
+        self.data_dir = data_dir
         cache_dir = config.cache_dir or os.path.join(config.output_dir, "cache")
         self.identities, self.report = dataset.scan_dataset(data_dir, components.analyzer, cache_dir, log=log)
         self.heldout = []
@@ -292,7 +294,7 @@ class IDAdapterTask:
     # ---- one step
 
     def _generator(self, step: int, salt: int) -> torch.Generator:
-        rank = self.accelerator.process_index if hasattr(self, "accelerator") else 0
+        rank = self._rank()[0]
         return torch.Generator().manual_seed(((self.config.seed * 1_000_003 + step) * 97 + salt) * 131 + rank)
 
     # ---- the frozen models' per-image outputs (through the cache)
@@ -362,9 +364,29 @@ class IDAdapterTask:
                                for ex in examples]).to(self.device)
         return self.adapter.encode(patches, arcface, classes) + (arcface,)
 
+    def _rank(self) -> tuple[int, int]:
+        """(this process's index, number of processes)."""
+        accelerator = getattr(self, "accelerator", None)
+        return (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+
+    def log_examples(self, step: int, examples: list[dict]) -> None:
+        """One JSON line per micro-step in <output_dir>/examples/rank-<rank>.jsonl (a resumed run appends)."""
+        rank, _ = self._rank()
+        folder = os.path.join(self.config.output_dir, "examples")
+        os.makedirs(folder, exist_ok=True)
+        rel = lambda image: os.path.relpath(image.path, self.data_dir)  # noqa: E731
+        line = {"step": step, "rank": rank, "examples": [
+            {"identity": ex["identity"].name, "target": rel(ex["target"]), "references": [rel(r) for r in ex["references"]]}
+            for ex in examples]}
+        with open(os.path.join(folder, f"rank-{rank}.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
     def loss(self, model, step: int):
         cfg = self.config
-        examples = dataset.sample_batch(self.identities, cfg.batch_size, cfg.num_images, step, cfg.seed)
+        rank, processes = self._rank()
+        examples = dataset.sample_batch(self.identities, cfg.batch_size, cfg.num_images, step, cfg.seed, rank, processes)
+        if cfg.log_examples:
+            self.log_examples(step, examples)
         gen = self._generator(step, 0)
         keep_image = torch.rand(len(examples), generator=gen) >= cfg.image_dropout  # stays on the CPU (host-side rows)
         keep_text = torch.rand(len(examples), generator=gen) >= cfg.text_dropout

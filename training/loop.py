@@ -16,7 +16,15 @@ A trainer supplies a *task* object:
   closing summary.
 
 Checkpoints are written to ``checkpoint-<step>.tmp`` and renamed when complete, so killing the process at
-any moment loses at most the steps since the last checkpoint and never leaves a half-written one.
+any moment loses at most the steps since the last checkpoint and never leaves a half-written one. They hold
+safetensors and JSON only (``training.checkpoint``): resuming reads no pickle.
+
+With several processes (``accelerate launch`` / ``torchrun``: DDP, one process per GPU) every process trains on
+its own examples (the task samples from (seed, step, rank)) and gradients are averaged, so the global batch is
+the per-process batch x processes x accumulation steps. The main process alone builds shared files first (tiny
+assets, the face cache; see ``main_process_first``), prints, shows the progress bar, writes TensorBoard logs,
+validation images, the export and the checkpoint's shared files; every process writes its RNG state into the
+checkpoint, which the main process renames once all have finished.
 """
 
 from __future__ import annotations
@@ -30,22 +38,10 @@ import time
 import torch
 
 from ..nodes.errors import ConfigError
+from . import checkpoint as ckpt
 
 log = logging.getLogger("training")
-TRAINABLE_FILE = "trainable.safetensors"
-
-
-class LoopState:
-    """The step counter, saved in every checkpoint through accelerate's custom-object hook."""
-
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = int(state["step"])
+TRAINABLE_FILE = ckpt.TRAINABLE_FILE
 
 
 def checkpoints(output_dir: str) -> list[str]:
@@ -68,20 +64,48 @@ def resolve_resume(resume: str, output_dir: str) -> str | None:
     return resume
 
 
-def run(task, config, accelerator=None) -> str:
-    """Trains ``task`` for ``config.max_steps`` optimiser steps; returns the path of the exported weights."""
+def make_accelerator(config):
+    """The Accelerator a run uses (DDP over the processes ``accelerate launch`` or ``torchrun`` started)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers.optimization import get_scheduler
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    accelerator = accelerator or Accelerator(
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    # without a GPU, accelerate treats processes started by torchrun as independent single-process runs (each
+    # training alone on the same data and writing the same files) unless told to use the CPU: gloo DDP
+    has_device = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=processes > 1 and not has_device,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")),
+        # a process whose micro-batch dropped every text (or image) condition leaves P_textual (or the adapter)
+        # without a gradient on that step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if accelerator.num_processes != processes:
+        raise RuntimeError(f"{processes} processes were started (WORLD_SIZE) but accelerate set up "
+                           f"{accelerator.num_processes} ({accelerator.distributed_type.value})")
+    return accelerator
+
+
+def main_print(accelerator):
+    """``print`` on the main process only (``accelerator.print`` prints once per node)."""
+    return print if accelerator.is_main_process else (lambda *args, **kwargs: None)
+
+
+def run(task, config, accelerator=None) -> str:
+    """Trains ``task`` for ``config.max_steps`` optimiser steps; returns the path of the exported weights."""
+    from accelerate.utils import DistributedType, set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    accelerator = accelerator or make_accelerator(config)
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
+        raise ValueError(f"{accelerator.distributed_type.value} is not supported (checkpoints and the export read the "
+                         "whole trainable state on each process): run `accelerate config` with multi-GPU (DDP)")
+    say = main_print(accelerator)
+    processes, rank = accelerator.num_processes, accelerator.process_index
     set_seed(config.seed)
     task.setup(accelerator)
     params = [p for p in task.trainable.parameters() if p.requires_grad]
@@ -95,27 +119,28 @@ def run(task, config, accelerator=None) -> str:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=config.ema_decay)
-        accelerator.register_for_checkpointing(ema)
-    state = LoopState()
-    accelerator.register_for_checkpointing(state)
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            save_file({k: v.detach().cpu().contiguous() for k, v in task.trainable_state().items()},
-                      os.path.join(output_dir, TRAINABLE_FILE))
-        weights.clear()  # the frozen base is not checkpointed
-
-    def load_hook(models, input_dir):
-        task.load_trainable_state(load_file(os.path.join(input_dir, TRAINABLE_FILE)))
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    step = 0
+    batch = getattr(config, "batch_size", None)
+    if batch is not None:
+        say(f"global batch {batch * processes * config.gradient_accumulation_steps} = batch {batch} x {processes} "
+            f"process(es) x {config.gradient_accumulation_steps} accumulation step(s)")
 
     resume_from = resolve_resume(config.resume, config.output_dir)
     if resume_from:
-        accelerator.load_state(resume_from)
-        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        saved = ckpt.load_main(resume_from, task, optimizer, scheduler, ema, accelerator.scaler, accelerator.device)
+        step = saved["step"]
+        accelerator.step = saved.get("accelerator_step", step * config.gradient_accumulation_steps)
+        has_rng = ckpt.load_rng(resume_from, rank)
+        ignored = sorted(f for f in os.listdir(resume_from) if f.endswith((".pkl", ".bin", ".pt", ".pth")))
+        if ignored:
+            say(f"ignored in {resume_from} (pickles are never loaded): {', '.join(ignored)}")
+        if saved.get("processes") != processes:
+            say(f"note: {resume_from} was written by {saved.get('processes')} process(es), this run has {processes}: "
+                "the steps from here draw other examples, and the LR schedule (stepped once per process) shifts; "
+                "resume with the same number of processes to continue exactly")
+        if not has_rng:
+            print(f"process {rank}: no RNG state for it in {resume_from}; continuing with its seeded RNG")
+        say(f"resumed from {resume_from} at step {step}")
     if accelerator.is_main_process:
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, "config.json"), "w") as f:
@@ -125,47 +150,57 @@ def run(task, config, accelerator=None) -> str:
                                                            if isinstance(v, (int, float, str, bool))})
 
     def checkpoint():
-        accelerator.wait_for_everyone()
-        final = os.path.join(config.output_dir, f"checkpoint-{state.step}")
+        final = os.path.join(config.output_dir, f"checkpoint-{step}")
         tmp = final + ".tmp"
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
-        accelerator.wait_for_everyone()
+            os.makedirs(tmp)
+        accelerator.wait_for_everyone()  # the folder exists before any process writes into it
+        ckpt.save_rng(tmp, rank)
         if accelerator.is_main_process:
+            ckpt.save_main(tmp, task, optimizer, scheduler, ema, accelerator.scaler, step, processes, accelerator.step)
+        accelerator.wait_for_everyone()  # every process has finished writing: rename once
+        if accelerator.is_main_process:
+            missing = [ckpt.rng_file(r) for r in range(processes) if not os.path.isfile(os.path.join(tmp, ckpt.rng_file(r)))]
+            if missing:
+                raise RuntimeError(f"{tmp} lacks {missing}: with several nodes --output_dir must be on a file system "
+                                   "every node sees")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in checkpoints(config.output_dir)[:-config.checkpoints_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
 
-    started, first_step = time.monotonic(), state.step
+    started, first_step = time.monotonic(), step
     before = task.heldout_check() if accelerator.is_main_process else None
-    bar = tqdm(total=config.max_steps, initial=state.step, disable=not accelerator.is_local_main_process, desc="steps")
-    while state.step < config.max_steps:
+    bar = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_main_process, desc="steps")
+    while step < config.max_steps:
         logs = {}
         for micro in range(config.gradient_accumulation_steps):
             with accelerator.accumulate(model):
-                loss, logs = task.loss(model, state.step * config.gradient_accumulation_steps + micro)
+                loss, logs = task.loss(model, step * config.gradient_accumulation_steps + micro)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+        if processes > 1:  # the mean over processes: every process sees the same value, so all stop together
+            logs["loss"] = accelerator.reduce(logs["loss"].detach().float().reshape(1).to(accelerator.device), "mean")[0]
         if not all(math.isfinite(float(v)) for v in logs.values()):
-            raise FloatingPointError(f"step {state.step}: non-finite loss {logs}; lower --learning_rate or use bf16")
+            raise FloatingPointError(f"step {step}: non-finite loss {logs}; lower --learning_rate or use bf16")
         if ema is not None:
             ema.step(params)
-        state.step += 1
+        step += 1
         bar.update(1)
         bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items()})
-        if state.step % config.log_every == 0 and config.report_to != "none":
-            accelerator.log({**{k: float(v) for k, v in logs.items()}, "lr": scheduler.get_last_lr()[0]}, step=state.step)
-        if state.step % config.checkpoint_every == 0 or state.step == config.max_steps:
+        if step % config.log_every == 0 and config.report_to != "none":
+            accelerator.log({**{k: float(v) for k, v in logs.items()}, "lr": scheduler.get_last_lr()[0]}, step=step)
+        if step % config.checkpoint_every == 0 or step == config.max_steps:
             checkpoint()
-        if config.validation_every and state.step % config.validation_every == 0 and accelerator.is_main_process:
-            _validate(task, model, state.step, config, accelerator, ema, params)
+        if config.validation_every and step % config.validation_every == 0 and accelerator.is_main_process:
+            _validate(task, model, step, config, accelerator, ema, params)
     bar.close()
 
     export_path = os.path.join(config.output_dir, config.export_name)
@@ -178,8 +213,7 @@ def run(task, config, accelerator=None) -> str:
         after = task.heldout_check() if before is not None else None
         if ema is not None:
             ema.restore(params)
-        accelerator.print(summary(task, config, export_path, (first_step, state.step), time.monotonic() - started,
-                                  before, after))
+        say(summary(task, config, export_path, (first_step, step), time.monotonic() - started, before, after))
     accelerator.end_training()
     return export_path
 

@@ -172,10 +172,12 @@ def tiny_tokenizer(folder: str):
     add("<|startoftext|>")
     add("<|endoftext|>")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    # written to a temporary file and renamed: several processes of one run may build the tokenizer at once
+    for name, text in (("vocab.json", json.dumps(vocab)), ("merges.txt", "#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")):
+        tmp = os.path.join(folder, f"{name}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(folder, name))
     return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
 
 

@@ -28,7 +28,11 @@ from comfyui_idadapter.training.idadapter_task import IDAdapterTask  # noqa: E40
 
 def main(argv=None) -> str:
     config = parse_args(IDAdapterTrainConfig, argv, description=__doc__)
-    return loop.run(IDAdapterTask(config), config)
+    accelerator = loop.make_accelerator(config)
+    # the main process builds what the others then read (tiny assets, the face cache), and reports the dataset once
+    with accelerator.main_process_first():
+        task = IDAdapterTask(config, log=loop.main_print(accelerator))
+    return loop.run(task, config, accelerator)
 
 
 def cli(argv=None) -> int:
