@@ -277,18 +277,26 @@ def text_injection_matches_edited_embedding_table(work, payload):
     return results
 
 
-def comfyui_unet_with_idadapter(work, payload):
-    """Runs ComfyUI's UNet of the tiny checkpoint with Apply IDAdapter's patches (weight 0.7) on the inputs in
-    ``payload["inputs"]``; writes its output and the UNet's weights under diffusers names, so the test can run the
-    trainer's binding on exactly the same weights outside ComfyUI (whose top-level ``nodes`` hides the pack's)."""
-    from safetensors.torch import load_file
+def trainer_parity_sd15(work, payload):
+    """Issue #5's parity, in one process: ComfyUI's UNet of the tiny checkpoint with Apply IDAdapter's patches
+    (weight 0.7) against the trainer's diffusers UNet with the same weights, the binding and 0.7 x the K/V deltas."""
+    import comfy.utils
 
     pack, _ = _pack_modules()
     model, _ = _load_checkpoint(work)
-    weights = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
-    inputs = load_file(payload["inputs"])
+    adapter_path = os.path.join(work, "models", "idadapter", "tiny.safetensors")
+    gen = torch.Generator().manual_seed(6)
+    inputs = {"x": torch.randn(2, 4, 8, 8, generator=gen), "t": torch.tensor([500, 500]),
+              "text": torch.randn(2, 77, 768, generator=gen), "tokens": torch.randn(1, 4, 64, generator=gen)}
     embeds = pack.ida.IDAdapterEmbeds(inputs["tokens"], {"l": torch.zeros(768)}, "sd15")
-    return _run_patched_unet(model, weights, embeds, inputs, TINY_UNET_CONFIG, payload)
+    base = {k: v.detach().float().clone() for k, v in model.model.state_dict().items()}  # before the K/V patches land
+    theirs, dtype = _comfyui_unet_with_idadapter(model, pack.load_cached(adapter_path), embeds, inputs)
+    unet = _tiny_diffusers_unet()
+    mapping = comfy.utils.unet_to_diffusers(TINY_UNET_CONFIG)
+    unet.load_state_dict({d: base["diffusion_model." + name] for d, name in mapping.items()
+                          if "diffusion_model." + name in base})  # the map also names keys this UNet lacks
+    plain, ours = _trainer_unet_with_idadapter(unet.eval(), adapter_path, inputs)
+    return _parity(theirs, ours, plain, dtype)
 
 
 # the SDXL shape in miniature: level 0 without attention, 2 transformer blocks per attention, text_time ADM
@@ -309,18 +317,16 @@ def _tiny_sdxl_diffusers_unet():
     )
 
 
-def comfyui_sdxl_unet_with_idadapter(work, payload):
-    """ComfyUI's SDXL model class on the tiny SDXL-shaped UNet (weights from ``payload["weights"]``, diffusers
-    names), with Apply IDAdapter's patches from an sdxl IDAdapter made here for its blocks; writes the adapter
-    and the UNet output."""
-    import comfy.model_management
+def trainer_parity_sdxl(work, payload):
+    """The same parity on ComfyUI's SDXL model class with the tiny SDXL-shaped UNet (a level without attention, two
+    transformer blocks per attention, the text_time ADM) and an sdxl IDAdapter made here for its blocks."""
     import comfy.model_patcher
     import comfy.supported_models
     import comfy.utils
-    from safetensors.torch import load_file
 
     pack, patches = _pack_modules()
     ida = pack.ida
+    unet = _tiny_sdxl_diffusers_unet().eval()
     unet_config = dict(TINY_SDXL_UNET_CONFIG, in_channels=4, out_channels=4, model_channels=32, context_dim=2048,
                        use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False,
                        num_classes="sequential", adm_in_channels=TINY_SDXL_ADM, image_size=None,
@@ -330,7 +336,7 @@ def comfyui_sdxl_unet_with_idadapter(work, payload):
     model = config.get_model({})
     mapping = comfy.utils.unet_to_diffusers(TINY_SDXL_UNET_CONFIG)
     missing, unexpected = model.diffusion_model.load_state_dict(
-        {mapping[k]: v for k, v in load_file(payload["weights"]).items()}, strict=False)
+        {mapping[k]: v for k, v in unet.state_dict().items()}, strict=False)
     assert not missing and not unexpected, (missing[:5], unexpected[:5])
     patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
     blocks = patches.unet_transformer_blocks(model.diffusion_model)
@@ -342,26 +348,28 @@ def comfyui_sdxl_unet_with_idadapter(work, payload):
         for gated in adapter.adapters.values():
             gated.gamma.fill_(0.8)
     deltas = {n: {p: torch.randn(s.channels, s.context_dim) * 0.05 for p in ("to_k", "to_v")} for n, s in blocks.items()}
-    ida.save_idadapter(ida.IDAdapterWeights(adapter, deltas), payload["adapter"])
-    weights = pack.load_cached(payload["adapter"])
-    inputs = load_file(payload["inputs"])
+    adapter_path = os.path.join(work, "sdxl_adapter.safetensors")
+    ida.save_idadapter(ida.IDAdapterWeights(adapter, deltas), adapter_path)
+
+    gen = torch.Generator().manual_seed(7)
+    added = {"text_embeds": torch.randn(2, 1280, generator=gen), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
+    with torch.no_grad():  # ComfyUI's y is diffusers' added-embedding input: pooled text + time-id Fourier features
+        y = torch.cat([added["text_embeds"], unet.add_time_proj(added["time_ids"].flatten()).reshape(2, -1)], -1)
+    inputs = {"x": torch.randn(2, 4, 8, 8, generator=gen), "t": torch.tensor([500, 500]),
+              "text": torch.randn(2, 77, 2048, generator=gen), "tokens": torch.randn(1, 4, 64, generator=gen)}
     embeds = ida.IDAdapterEmbeds(inputs["tokens"], {"g": torch.zeros(1280), "l": torch.zeros(768)}, "sdxl")
-    result = _run_patched_unet(patcher, weights, embeds, inputs, None, payload, y=inputs["y"])
-    return dict(result, blocks=sorted(blocks), model_class=type(model).__name__)
+    theirs, dtype = _comfyui_unet_with_idadapter(patcher, pack.load_cached(adapter_path), embeds, inputs, y=y)
+    plain, ours = _trainer_unet_with_idadapter(unet, adapter_path, inputs, added_cond_kwargs=added)
+    return dict(_parity(theirs, ours, plain, dtype), model_class=type(model).__name__, blocks=sorted(blocks),
+                trainer_blocks=sorted(_trainer_blocks(unet)))
 
 
-def _run_patched_unet(model, weights, embeds, inputs, unet_config, payload, **unet_kwargs):
+def _comfyui_unet_with_idadapter(model, weights, embeds, inputs, **unet_kwargs):
     """Apply IDAdapter (weight 0.7) on ``model``, then its UNet on ``inputs`` with the cond chunk second."""
     import comfy.model_management
-    import comfy.utils
     import nodes
 
     patched = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(model, weights, embeds, 0.7, 0.0, 1.0).result[0]
-    if unet_config is not None:  # the UNet's weights under diffusers names, for the test's side
-        mapping = comfy.utils.unet_to_diffusers(unet_config)
-        base = model.model.state_dict()
-        save_file({d: base["diffusion_model." + l].float().contiguous() for d, l in mapping.items()
-                   if "diffusion_model." + l in base}, payload["weights"])  # the map also names keys this UNet lacks
     comfy.model_management.load_models_gpu([patched], force_patch_weights=True)
     dm = patched.model.diffusion_model
     options = {"patches": patched.model_options["transformer_options"]["patches"], "cond_or_uncond": [1, 0],
@@ -370,8 +378,40 @@ def _run_patched_unet(model, weights, embeds, inputs, unet_config, payload, **un
     with torch.no_grad():
         out = dm(inputs["x"].to(dtype), timesteps=inputs["t"], context=inputs["text"].to(dtype),
                  transformer_options=options, **unet_kwargs)
-    save_file({"out": out.float().contiguous()}, payload["output"])
-    return {"dtype": str(dtype)}
+    return out.float(), dtype
+
+
+def _trainer_blocks(unet):
+    import pack_import  # noqa: F401  (the checkout as `comfyui_idadapter`, beside ComfyUI's `nodes`)
+    from comfyui_idadapter.training import diffusers_binding
+
+    return diffusers_binding.transformer_blocks(unet)
+
+
+def _trainer_unet_with_idadapter(unet, adapter_path, inputs, **unet_kwargs):
+    """The trainer's side on a diffusers UNet: (plain output, output with the binding and 0.7 x the K/V deltas)."""
+    import pack_import  # noqa: F401
+    from comfyui_idadapter.nodes.arch.idadapter import load_idadapter
+    from comfyui_idadapter.training import diffusers_binding
+
+    weights = load_idadapter(adapter_path)
+    blocks = diffusers_binding.transformer_blocks(unet)
+    with torch.no_grad():
+        plain = unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["text"], **unet_kwargs).sample
+        for name, deltas in weights.kv_deltas.items():  # Apply scales the K/V deltas by its weight too
+            for proj, delta in deltas.items():
+                getattr(blocks[name].attn2, proj).weight += 0.7 * delta.float()
+        diffusers_binding.attach(unet, weights.adapter)
+        kwargs = diffusers_binding.idadapter_kwargs(inputs["tokens"], torch.tensor([False, True]), beta=0.7)
+        ours = unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["text"], cross_attention_kwargs=kwargs,
+                    **unet_kwargs).sample
+    return plain, ours
+
+
+def _parity(theirs, ours, plain, dtype):
+    return {"dtype": str(dtype), "adapter_effect": float((ours - plain).abs().max()),
+            "max_diff": float((ours - theirs).abs().max()),
+            "close": bool(torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5))}
 
 
 def node_and_trainer_prompts(work, payload):
@@ -379,7 +419,7 @@ def node_and_trainer_prompts(work, payload):
     process that holds ComfyUI's ``nodes``, the pack as ComfyUI loaded it and the trainer's modules."""
     import sys
 
-    import comfy
+    import comfy.sd1_clip
     import nodes
     import pack_import  # noqa: F401  (the checkout as `comfyui_idadapter`, beside ComfyUI's `nodes`)
     from transformers import CLIPTokenizer
@@ -403,7 +443,9 @@ def node_and_trainer_prompts(work, payload):
         def encode_from_tokens_scheduled(self, tokens):
             return clip.encode_from_tokens_scheduled(tokens)
 
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(os.path.dirname(comfy.__file__), "sd1_tokenizer"))
+    # ComfyUI's copy of the SD1.5 vocabulary; model_max_length as SD1.5's own tokenizer files set it
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_tokenizer"),
+                                              model_max_length=77)
     trainer = PromptEncoder("sd15", [tokenizer], [None], payload["identifier"], 512)
     embeds = ida.IDAdapterEmbeds(torch.zeros(1, 4, 8), {"l": torch.zeros(768)}, "sd15")
     results = []
