@@ -1,6 +1,8 @@
 """FACE_EMBEDS: ArcFace identity vectors with the face geometry they came from, and their file format.
 
-Files are safetensors (never pickle) with ``__metadata__["format"] = "face_embeds/1"``.
+Files are safetensors (never pickle) with ``__metadata__["format"] = "face_embeds/1"``. The loader checks the
+tensor names and shapes in the header before reading any data, and refuses NaN or infinite values and all-zero
+ArcFace vectors (no identity at all).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, ModelFileError, NoFaceError
-from .files import read_safetensors, write_safetensors
+from .files import check_shapes, first_few, open_safetensors, write_safetensors
 
 FORMAT = "face_embeds/1"
 COMBINE_MODES = ("mean", "norm-mean", "concat")
+_RESAVE = "Save the faces again with Save Face Embeds"
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,24 @@ def save_face_embeds(fe: FaceEmbeds, path: str) -> None:
 
 
 def load_face_embeds(path: str) -> FaceEmbeds:
-    _, tensors = read_safetensors(path, FORMAT, "face embeds file", "Save Face Embeds")
-    if "embeds" not in tensors:
-        raise ModelFileError(f"{path} has no 'embeds' tensor (keys: {sorted(tensors)})")
-    unknown = sorted(set(tensors) - {"embeds", *_GEOMETRY})
-    if unknown:
-        raise ModelFileError(f"{path} has unexpected tensors {unknown}")
+    with open_safetensors(path, FORMAT, "face embeds file", "Save Face Embeds") as f:
+        embeds_shape = f.shapes.get("embeds")
+        if embeds_shape is None:
+            raise ModelFileError(f"{path} has no 'embeds' tensor (keys: {sorted(f.shapes)}). {_RESAVE}")
+        if len(embeds_shape) != 2 or embeds_shape[1] == 0:
+            raise ModelFileError(f"{path}: embeds must be a [faces, dim] tensor, got {embeds_shape}. {_RESAVE}")
+        present = [name for name in _GEOMETRY if name in f.shapes]
+        if present and len(present) != len(_GEOMETRY):
+            raise ModelFileError(f"{path}: face geometry is partial ({present}); expected all of {list(_GEOMETRY)}. "
+                                 f"{_RESAVE}")
+        expected = {"embeds": embeds_shape}
+        expected.update({name: (embeds_shape[0], *_GEOMETRY[name]) for name in present})
+        check_shapes(path, f.shapes, expected, "the face embeds layout", _RESAVE)
+        tensors = f.tensors()
+    zero_rows = (tensors["embeds"] == 0).all(dim=1).nonzero().flatten().tolist()
+    if zero_rows:
+        raise ModelFileError(f"{path}: embeds rows {first_few(zero_rows)} are all zeros, expected ArcFace vectors "
+                             f"of non-zero length. {_RESAVE}")
     try:
         return FaceEmbeds(**tensors)
     except ModelFileError as exc:

@@ -1,8 +1,17 @@
-"""Safetensors files of this pack: written atomically, read with the checks every loader needs."""
+"""Safetensors files of this pack: written atomically, read with the checks every loader needs.
+
+Reading goes in two steps on one open file: the header (format, metadata, tensor shapes) first, so that a loader
+can refuse a file whose shapes do not fit before anything is allocated, then the tensor data, refusing NaN and
+infinities. safetensors itself checks that the header's shapes add up to the file's size, so tensors read from a
+file whose header passed the loader's check can never take more memory than the file holds.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
+from typing import Iterator
 
 import torch
 
@@ -10,17 +19,58 @@ from ..errors import ModelFileError
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
-    """Writes to a temporary file and renames it, so a crash never leaves a half-written file behind."""
+    """Writes to a temporary file and renames it, so a crash never leaves a half-written file behind.
+
+    The file gets the mode ``open()`` would give it (0o666 less the umask): safetensors' ``save_file`` makes
+    owner-only files, which a ComfyUI running as another user cannot read.
+    """
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(tmp)  # a leftover of a crashed run would keep its own mode
+    # creating the file ourselves reads the umask's mode without os.umask(), which would change it for every thread
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
-def read_safetensors(path: str, expected_format: str, what: str, writer: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a file whose ``__metadata__["format"]`` must be ``expected_format``.
+class SafetensorsReader:
+    """An open safetensors file whose format has been checked: ``metadata``, ``shapes`` (from the header, nothing
+    read yet) and :meth:`tensors` to read the data."""
+
+    def __init__(self, path: str, handle, metadata: dict[str, str], what: str, writer: str):
+        self.path, self._handle, self.metadata, self._what, self._writer = path, handle, metadata, what, writer
+        self.shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the file; NaN or infinite values are refused, naming the tensor."""
+        tensors = {}
+        for name in self._handle.keys():
+            tensor = self._handle.get_tensor(name)
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ModelFileError(
+                    f"{self.path}: tensor {name!r} holds NaN or infinite values, expected finite numbers; the "
+                    f"{self._what} is damaged or came from a diverged run: write it again with {self._writer}"
+                )
+            tensors[name] = tensor
+        return tensors
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str, expected_format: str, what: str, writer: str) -> Iterator[SafetensorsReader]:
+    """The file at ``path``, open, once its ``__metadata__["format"]`` is known to be ``expected_format``.
 
     ``what`` names the kind of file in messages ("IDAdapter file"), ``writer`` says what makes such files.
     """
@@ -29,16 +79,43 @@ def read_safetensors(path: str, expected_format: str, what: str, writer: str) ->
     if not os.path.isfile(path):
         raise ModelFileError(f"{what} not found: {path}")
     try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        # safe_open reports every failure to open a file as FileNotFoundError; open() tells a permission apart
+        with open(path, "rb"):
+            pass
+        handle_context = safe_open(path, framework="pt")
+    except PermissionError as exc:
+        raise ModelFileError(
+            f"cannot read {path}: permission denied; expected a {what} readable by the user running ComfyUI "
+            f"(give it read access, e.g. chmod a+r)"
+        ) from exc
     except Exception as exc:
         raise ModelFileError(
             f"{path} is not a readable safetensors file ({type(exc).__name__}); expected a {what} written by {writer}"
         ) from exc
-    if meta.get("format") != expected_format:
-        raise ModelFileError(
-            f"{os.path.basename(path)} has format {meta.get('format')!r}, expected {expected_format!r} "
-            f"({what}, written by {writer})"
-        )
-    return meta, tensors
+    with handle_context as handle:
+        meta = handle.metadata() or {}
+        if meta.get("format") != expected_format:
+            raise ModelFileError(
+                f"{os.path.basename(path)} has format {meta.get('format')!r}, expected {expected_format!r} "
+                f"({what}, written by {writer})"
+            )
+        yield SafetensorsReader(path, handle, meta, what, writer)
+
+
+def first_few(names: list) -> str:
+    """Up to four items of a sorted list, with how many more there are."""
+    return f"{names[:4]}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def check_shapes(path: str, shapes: dict[str, tuple], expected: dict[str, tuple], against: str, fix: str) -> None:
+    """Refuses a file whose header ``shapes`` are not exactly ``expected`` (names and shapes), before any tensor is
+    read. ``against`` says where ``expected`` comes from ("its own config"), ``fix`` how to get a good file."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [f"{k} has shape {shapes[k]}, expected {expected[k]}"
+             for k in sorted(set(expected) & set(shapes)) if tuple(shapes[k]) != tuple(expected[k])]
+    problems = ([f"missing {first_few(missing)}"] if missing else []) + \
+               ([f"unexpected tensors {first_few(unexpected)}"] if unexpected else []) + wrong[:4] + \
+               ([f"{len(wrong) - 4} more shapes differ"] if len(wrong) > 4 else [])
+    if problems:
+        raise ModelFileError(f"{path} does not match {against}: {'; '.join(problems)}. {fix}")

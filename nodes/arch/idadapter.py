@@ -14,13 +14,21 @@ File format ``idadapter/1``: safetensors; ``__metadata__`` holds ``format``, ``f
 :class:`IDAdapterConfig`). Tensors: ``mff.*``, ``textual.*``, ``adapters.<block>.*`` and
 ``kv_delta.<block>.to_k`` / ``.to_v`` ([out, context_dim], trained minus base weight), where ``<block>`` is
 ComfyUI's block key written ``input_4_0`` (block, id, index inside the SpatialTransformer).
+K/V deltas are all or nothing: a file holds both ``to_k`` and ``to_v`` of every configured block (what the trainer
+exports), or no ``kv_delta.*`` tensor at all (an adapter trained without K/V fine-tuning). A block with only one of
+the two, or deltas for some blocks but not others, is a malformed file.
+
+:func:`load_idadapter` trusts nothing in a file: every config field is checked (type, sign, generous upper bounds,
+heads dividing widths), the module is built on the ``meta`` device and its shapes compared with the safetensors
+header before any memory is allocated, and NaN or infinite weights are refused.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -28,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ModelFileError, NoFaceError
-from .files import read_safetensors, write_safetensors
+from .files import check_shapes, first_few, open_safetensors, write_safetensors
 
 FORMAT = "idadapter/1"
 # Each base family's text encoders (ComfyUI's token-dict keys, in the base model's order: text_encoder,
@@ -105,10 +113,6 @@ class IDAdapterConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "IDAdapterConfig":
-        return cls(**json.loads(text))
 
 
 def cast_like(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -276,47 +280,134 @@ class IDAdapterWeights:
         return self.adapter.config
 
 
+_WRITER = "training/train_idadapter.py (IP-Adapter, AdaFace and W+ files go into their own loaders)"
+_REEXPORT = "The file is damaged or was edited: export it again with training/train_idadapter.py"
+KV_PREFIX = "kv_delta."
+KV_PROJECTIONS = ("to_k", "to_v")
+# Upper bounds of the config's integers: far above any real model (SDXL's widest block has 1280 channels and 20
+# heads), low enough that a hostile config cannot make building the module loop or allocate without end.
+_CONFIG_LIMITS = {"clip_vision_dim": 8192, "arcface_dim": 8192, "width": 8192, "mff_heads": 256, "mff_depth": 64,
+                  "num_tokens": 1024, "embed_dim": 8192, "textual_hidden": 16384, "num_images": 256}
+_BLOCK_LIMITS = {"channels": 8192, "heads": 256, "context_dim": 8192}
+_MAX_BLOCKS = 1024  # SDXL has 70 transformer blocks
+_BLOCK_NAME = re.compile(r"(input|middle|output)_\d+_\d+")
+
+
 def save_idadapter(weights: IDAdapterWeights, path: str, dtype: torch.dtype = torch.float32) -> None:
     """Writes ``idadapter/1`` atomically."""
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.adapter.state_dict().items()}
     for name, deltas in weights.kv_deltas.items():
         for proj, delta in deltas.items():
-            tensors[f"kv_delta.{name}.{proj}"] = delta.detach().to("cpu", dtype).contiguous()
+            tensors[f"{KV_PREFIX}{name}.{proj}"] = delta.detach().to("cpu", dtype).contiguous()
     cfg = weights.config
     write_safetensors(tensors, path, {"format": FORMAT, "family": cfg.family, "config": cfg.to_json()})
 
 
-def load_idadapter(path: str) -> IDAdapterWeights:
-    meta, tensors = read_safetensors(path, FORMAT, "IDAdapter file", "training/train_idadapter.py "
-                                     "(IP-Adapter, AdaFace and W+ files go into their own loaders)")
+def config_from_metadata(meta: dict[str, str], path: str) -> IDAdapterConfig:
+    """The :class:`IDAdapterConfig` in an ``idadapter/1`` file's metadata, every field checked."""
+
+    def refuse(name: str, expected: str, got) -> ModelFileError:
+        return ModelFileError(f"{path}: IDAdapter config field {name!r} must be {expected}, got {got!r}. {_REEXPORT}")
+
+    def bounded_int(name: str, value, limit: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise refuse(name, f"an integer from 1 to {limit}", value)
+        return value
+
+    def divides(heads_name: str, heads: int, width_name: str, width: int) -> None:
+        if width % heads:
+            raise refuse(heads_name, f"a divisor of {width_name} ({width})", heads)
+
+    if "config" not in meta:
+        raise ModelFileError(f"{path}: the metadata has no 'config' field (the JSON IDAdapter config). {_REEXPORT}")
     try:
-        cfg = IDAdapterConfig.from_json(meta["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelFileError(f"{path}: unreadable IDAdapter config in the metadata ({exc})") from exc
-    adapter = IDAdapter(cfg)
-    module_tensors = {k: v.float() for k, v in tensors.items() if not k.startswith("kv_delta.")}
-    expected = adapter.state_dict()
-    missing = sorted(set(expected) - set(module_tensors))
-    unexpected = sorted(set(module_tensors) - set(expected))
-    wrong = [
-        f"{k} {tuple(module_tensors[k].shape)} != {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(module_tensors))
-        if module_tensors[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or wrong:
-        raise ModelFileError(
-            f"{path} does not match its own config: missing {missing[:4]}, unexpected {unexpected[:4]}, "
-            f"wrong shapes {wrong[:4]}"
-        )
-    adapter.load_state_dict(module_tensors)
+        raw = json.loads(meta["config"])
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+        raise ModelFileError(f"{path}: the metadata field 'config' is not JSON ({type(exc).__name__}: {exc}). "
+                             f"{_REEXPORT}") from exc
+    if not isinstance(raw, dict):
+        raise refuse("config", "a JSON object", type(raw).__name__)
+    unknown = sorted(set(raw) - {f.name for f in fields(IDAdapterConfig)})
+    if unknown:
+        raise ModelFileError(f"{path}: unknown IDAdapter config fields {first_few(unknown)}; this loader knows "
+                             f"{sorted(f.name for f in fields(IDAdapterConfig))}. {_REEXPORT}")
+    family = raw.get("family")
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise refuse("family", f"one of {sorted(FAMILIES)}", family)
+    values = {name: bounded_int(name, raw[name], limit) for name, limit in _CONFIG_LIMITS.items() if name in raw}
+    divides("mff_heads", values.get("mff_heads", IDAdapterConfig.mff_heads),
+            "width", values.get("width", IDAdapterConfig.width))
+    text_dims = raw.get("text_dims", FAMILIES[family]["text_dims"])
+    if text_dims != FAMILIES[family]["text_dims"]:
+        raise refuse("text_dims", f"{family}'s text encoder widths {FAMILIES[family]['text_dims']}", text_dims)
+    blocks = raw.get("blocks")
+    if not isinstance(blocks, dict) or len(blocks) > _MAX_BLOCKS:
+        raise refuse("blocks", f"a mapping of at most {_MAX_BLOCKS} block names to block dims",
+                     blocks if not isinstance(blocks, dict) else f"{len(blocks)} blocks")
+    specs = {}
+    for name, spec in blocks.items():
+        if not _BLOCK_NAME.fullmatch(name):
+            raise refuse(f"blocks.{name}", "named like 'input_4_0' (input/middle/output, block id, index)", name)
+        if not isinstance(spec, dict) or set(spec) != set(_BLOCK_LIMITS):
+            raise refuse(f"blocks.{name}", f"a mapping with exactly {sorted(_BLOCK_LIMITS)}", spec)
+        dims = {k: bounded_int(f"blocks.{name}.{k}", spec[k], limit) for k, limit in _BLOCK_LIMITS.items()}
+        divides(f"blocks.{name}.heads", dims["heads"], f"blocks.{name}.channels", dims["channels"])
+        if dims["context_dim"] != FAMILIES[family]["context_dim"]:
+            raise refuse(f"blocks.{name}.context_dim", f"{family}'s cross-attention width "
+                         f"{FAMILIES[family]['context_dim']}", dims["context_dim"])
+        specs[name] = BlockSpec(**dims)
+    return IDAdapterConfig(family=family, blocks=specs, text_dims=dict(text_dims), **values)
+
+
+def _kv_delta_shapes(cfg: IDAdapterConfig, names, path: str) -> dict[str, tuple[int, int]]:
+    """The K/V delta tensors a file must hold, given the tensor ``names`` it has: none, or both projections of
+    every configured block (see the module docstring)."""
+    present: dict[str, set[str]] = {}
+    for key in names:
+        if not key.startswith(KV_PREFIX):
+            continue
+        parts = key.split(".")
+        if len(parts) != 3 or parts[1] not in cfg.blocks or parts[2] not in KV_PROJECTIONS:
+            raise ModelFileError(
+                f"{path}: malformed K/V delta tensor {key!r}; expected '{KV_PREFIX}<block>.to_k' or '.to_v' with "
+                f"<block> one of the config's blocks {first_few(sorted(cfg.blocks))}. {_REEXPORT}"
+            )
+        present.setdefault(parts[1], set()).add(parts[2])
+    if not present:
+        return {}
+    halves = sorted(name for name, projections in present.items() if len(projections) < len(KV_PROJECTIONS))
+    if halves:
+        raise ModelFileError(f"{path}: the K/V deltas of blocks {first_few(halves)} hold only one of to_k/to_v; "
+                             f"every block needs both. {_REEXPORT}")
+    missing = sorted(set(cfg.blocks) - set(present))
+    if missing:
+        raise ModelFileError(f"{path}: K/V deltas are missing for blocks {first_few(missing)}; a file holds them for "
+                             f"every configured block or for none. {_REEXPORT}")
+    return {f"{KV_PREFIX}{name}.{projection}": (spec.channels, spec.context_dim)
+            for name, spec in cfg.blocks.items() for projection in KV_PROJECTIONS}
+
+
+def load_idadapter(path: str) -> IDAdapterWeights:
+    """Reads ``idadapter/1``; nothing is allocated before the config and every tensor shape fit the file."""
+    with open_safetensors(path, FORMAT, "IDAdapter file", _WRITER) as f:
+        cfg = config_from_metadata(f.metadata, path)
+        with torch.device("meta"):  # shapes only, no memory: the real tensors come from the file
+            adapter = IDAdapter(cfg)
+        expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+        expected.update(_kv_delta_shapes(cfg, f.shapes, path))
+        check_shapes(path, f.shapes, expected, "its own config", _REEXPORT)
+        tensors = f.tensors()
     kv: dict[str, dict[str, torch.Tensor]] = {}
+    module_tensors = {}
     for k, v in tensors.items():
-        if k.startswith("kv_delta."):
-            _, name, proj = k.split(".")
-            spec = cfg.blocks.get(name)
-            if spec is None or proj not in ("to_k", "to_v") or tuple(v.shape) != (spec.channels, spec.context_dim):
-                raise ModelFileError(f"{path}: K/V delta {k} {tuple(v.shape)} does not fit the configured blocks")
-            kv.setdefault(name, {})[proj] = v
+        if k.startswith(KV_PREFIX):
+            _, name, projection = k.split(".")
+            kv.setdefault(name, {})[projection] = v
+        else:
+            module_tensors[k] = v
+    # fresh, aligned storage: tensors read from a file sit at arbitrary offsets, where CPU kernels take other paths
+    # and give results that differ in the last bit
+    adapter.to_empty(device="cpu").load_state_dict(module_tensors)
     return IDAdapterWeights(adapter.eval().requires_grad_(False), kv)
 
 
