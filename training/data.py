@@ -7,13 +7,16 @@ Layout (one folder per identity)::
     <dataset>/<identity>/class_noun.txt   optional: the class noun ("woman", "man", ...); default "person"
 
 Every image is checked once before training: unreadable files, images without a face, and identities left
-with no usable image are skipped, counted and reported, never a crash mid-run. Detections (box, 5 landmarks)
-and ArcFace embeddings are cached in ``<cache_dir>/faces.safetensors`` keyed by file path, size and mtime, so
-later runs (and resumes) skip detection.
+with no usable image are skipped, counted and reported, never a crash mid-run; so are broken or looping symbolic
+links, unusable metadata.jsonl lines (that caption is left out) and an unreadable class_noun.txt ("person" is
+used). Detections (box, 5 landmarks) and ArcFace embeddings are cached in ``<cache_dir>/faces.safetensors``
+keyed by file path, size and mtime, so later runs (and resumes) skip detection; a cache that cannot be read is
+reported and rebuilt.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -59,29 +62,77 @@ class DatasetReport:
         return "\n".join(lines)
 
 
-def _captions(folder: str) -> dict[str, str]:
+METADATA_NOT_UTF8 = "metadata.jsonl line that is not UTF-8 text (caption left out)"
+METADATA_NOT_JSON = "metadata.jsonl line that is not JSON (caption left out)"
+METADATA_NOT_ENTRY = 'metadata.jsonl line that is not {"file_name": "...", "caption": "..."} (caption left out)'
+
+
+def _broken_link_reason(path: str) -> str | None:
+    """Why ``path`` cannot be followed (a dangling symbolic link or a loop of links), or None when it can."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if os.path.islink(path):
+            return "broken symbolic link (its target does not exist)"
+        return f"unreadable ({type(exc).__name__}: {exc.strerror})"
+    return None
+
+
+def _captions(folder: str, skip=lambda reason, item: None, where: str = "") -> dict[str, str]:
+    """Captions by file name from ``metadata.jsonl``. A line that cannot be used (not UTF-8, not JSON, not an object
+    with a string file_name) is left out and passed to ``skip(reason, "<where>/metadata.jsonl line N")``."""
     path = os.path.join(folder, "metadata.jsonl")
+    shown = os.path.join(where, "metadata.jsonl")
     captions = {}
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        entry = json.loads(line)
-                        captions[entry["file_name"]] = str(entry.get("caption", ""))
-                    except (ValueError, KeyError, TypeError) as exc:
-                        raise DatasetError(f"{path} line {number}: expected {{\"file_name\": ..., \"caption\": ...}} "
-                                         f"({exc})") from exc
+    if not os.path.lexists(path):
+        return captions
+    problem = _broken_link_reason(path) or (None if os.path.isfile(path) else "not a file")
+    if problem is None:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            problem = f"unreadable ({type(exc).__name__})"
+    if problem is not None:
+        skip(f"metadata.jsonl {problem} (captions left out)", shown)
+        return captions
+    for number, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError:
+            skip(METADATA_NOT_UTF8, f"{shown} line {number}")
+            continue
+        if not text.strip():
+            continue
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            skip(METADATA_NOT_JSON, f"{shown} line {number}")
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+            skip(METADATA_NOT_ENTRY, f"{shown} line {number}")
+            continue
+        captions[entry["file_name"]] = str(entry.get("caption", ""))
     return captions
 
 
-def _class_noun(folder: str) -> str:
+def _class_noun(folder: str, skip=lambda reason, item: None, where: str = "") -> str:
+    """The class noun from ``class_noun.txt``, or "person" (an unusable file is passed to ``skip``)."""
     path = os.path.join(folder, "class_noun.txt")
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            noun = f.read().strip()
-        if noun:
-            return noun
+    if not os.path.lexists(path):
+        return "person"
+    problem = _broken_link_reason(path) or (None if os.path.isfile(path) else "not a file")
+    if problem is None:
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode("utf-8-sig").strip() or "person"
+        except UnicodeDecodeError:
+            problem = "not UTF-8 text"
+        except OSError as exc:
+            problem = f"unreadable ({type(exc).__name__})"
+    skip(f'class_noun.txt {problem} ("person" used)', os.path.join(where, "class_noun.txt"))
     return "person"
 
 
@@ -99,21 +150,46 @@ class FaceCache:
     def __init__(self, path: str):
         self.path = path
         self.entries: dict[str, dict] = {}
-        if os.path.isfile(path):
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") == CACHE_FORMAT:
-                    index = json.loads(meta["index"])
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
-                    for key, entry in index.items():
-                        if "row" in entry:
-                            row = entry["row"]
-                            entry = dict(entry, box=tensors["boxes"][row], landmarks=tensors["landmarks"][row],
-                                         embedding=tensors["embeddings"][row])
-                        self.entries[key] = entry
+        self.problem = None  # why an existing cache file was discarded (it is rebuilt on save)
         self.dirty = False
+        if os.path.lexists(path):
+            try:
+                self.entries = self._read(path)
+            except Exception as exc:  # truncated, not safetensors, broken index: detect again
+                self.entries = {}
+                self.problem = f"corrupt face cache, rebuilt ({type(exc).__name__})"
+                self.dirty = True
+
+    @staticmethod
+    def _read(path: str) -> dict[str, dict]:
+        from safetensors import safe_open
+
+        entries = {}
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CACHE_FORMAT:
+                return entries  # another version's cache: detect again
+            index = json.loads(meta["index"])
+            tensors = {k: f.get_tensor(k) for k in ("boxes", "landmarks", "embeddings")}
+        rows = tensors["boxes"].shape[0]
+        if (not isinstance(index, dict) or tensors["boxes"].shape != (rows, 4)
+                or tensors["landmarks"].shape != (rows, 5, 2) or tensors["embeddings"].ndim != 2
+                or tensors["embeddings"].shape[0] != rows
+                or not all(torch.isfinite(t).all() for t in tensors.values())):
+            raise ValueError("index or tensors of the wrong shape")
+        for key, entry in index.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("stamp"), str):
+                raise ValueError(f"bad index entry for {key!r}")
+            if "row" in entry:
+                row = entry["row"]
+                if not isinstance(row, int) or not 0 <= row < rows:
+                    raise ValueError(f"bad row for {key!r}")
+                entry = dict(entry, box=tensors["boxes"][row], landmarks=tensors["landmarks"][row],
+                             embedding=tensors["embeddings"][row])
+            elif not isinstance(entry.get("skip"), str):
+                raise ValueError(f"bad index entry for {key!r}")
+            entries[key] = entry
+        return entries
 
     @staticmethod
     def stamp(path: str) -> str:
@@ -157,22 +233,49 @@ def scan_dataset(root: str, analyzer, cache_dir: str, log=print) -> tuple[list[I
 
     if not os.path.isdir(root):
         raise DatasetError(f"dataset folder {root!r} does not exist")
-    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    if not folders:
-        raise DatasetError(f"dataset folder {root!r} has no identity sub-folders (expected <dataset>/<identity>/*.jpg)")
-    cache = FaceCache(os.path.join(cache_dir, "faces.safetensors"))
     report = DatasetReport()
+
+    def skip(reason: str, item: str):
+        report.skipped[reason].append(item)
+
+    try:
+        entries = sorted(os.listdir(root))
+    except OSError as exc:
+        raise DatasetError(f"cannot list the dataset folder {root!r} ({type(exc).__name__}: {exc.strerror})") from exc
+    folders = []
+    for name in entries:
+        problem = _broken_link_reason(os.path.join(root, name))
+        if problem is not None:  # a dangling link or a loop of links where an identity folder may have been meant
+            skip(problem, name)
+        elif os.path.isdir(os.path.join(root, name)):
+            folders.append(name)
+    if not folders:
+        raise DatasetError(f"dataset folder {root!r} has no identity sub-folders (expected <dataset>/<identity>/*.jpg)"
+                           + (f":\n{report.summary()}" if report.skipped else ""))
+    cache = FaceCache(os.path.join(cache_dir, "faces.safetensors"))
+    if cache.problem:
+        skip(cache.problem, cache.path)
     identities = []
     for name in folders:
         folder = os.path.join(root, name)
-        captions = _captions(folder)
-        noun = _class_noun(folder)
+        try:
+            files = sorted(os.listdir(folder))
+        except OSError as exc:
+            skip(f"unreadable identity folder ({type(exc).__name__})", name)
+            continue
+        captions = _captions(folder, skip, name)
+        noun = _class_noun(folder, skip, name)
         usable = []
-        for file in sorted(os.listdir(folder)):
+        for file in files:
             if os.path.splitext(file)[1].lower() not in IMAGE_EXTENSIONS:
                 continue
             path = os.path.join(folder, file)
-            key, stamp = os.path.relpath(path, root), FaceCache.stamp(path)
+            key = os.path.relpath(path, root)
+            problem = _broken_link_reason(path)
+            if problem is not None:
+                skip(problem, key)
+                continue
+            stamp = FaceCache.stamp(path)
             entry = cache.get(key, stamp)
             if entry is None:
                 entry = {"stamp": stamp}

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ImageInputError, MissingDependencyError, ModelFileError
+from ..errors import ImageInputError, ModelFileError
+from .onnx_files import load_onnx_graph
 
 # Blocks per stage of the published backbones (arcface_torch ``get_model``).
 IRESNET_LAYERS = {
@@ -296,19 +297,8 @@ class _OnnxParams:
 
 def iresnet_from_onnx(path: str) -> IResNet:
     """Builds the fused IResNet matching an insightface recognition ONNX file and copies its weights in."""
-    try:
-        import onnx
-    except ImportError as exc:
-        raise MissingDependencyError("reading ONNX files needs the onnx package: pip install onnx") from exc
-    if not os.path.isfile(path):
-        raise ModelFileError(f"recognition model not found: {path}")
-    try:
-        model = onnx.load(path)
-    except Exception as exc:
-        raise ModelFileError(
-            f"{path} is not a readable ONNX file ({type(exc).__name__}); re-download it "
-            "(expected an insightface recognition model such as glintr100.onnx or w600k_r50.onnx)"
-        ) from exc
+    # the graph only: a file whose tensors live in other files is refused (they could be anywhere on disk)
+    model = load_onnx_graph(path, "recognition model")
     params = _OnnxParams(model, path)
     arch = params.arch(path)
     net = IResNet(tuple(arch["layers"]), tuple(arch["widths"]), arch["num_features"], fused=True)

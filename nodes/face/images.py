@@ -8,6 +8,10 @@ import torch
 from ..errors import ImageInputError
 
 MIN_SIDE = 32  # below this no face detector finds anything; say so instead of "no face"
+# The detector scales the long side to its input size (e.g. 640): past this ratio the short side shrinks towards
+# 0 px and OpenCV's resize fails; well before that, faces are too small to find.
+MAX_ASPECT = 16
+MAX_PIXELS = 8192 * 8192  # larger images cost gigabytes as float tensors and OpenCV buffers, for no better detection
 
 
 def to_bgr_uint8(images: torch.Tensor) -> list[np.ndarray]:
@@ -32,6 +36,17 @@ def to_bgr_uint8(images: torch.Tensor) -> list[np.ndarray]:
         raise ImageInputError(
             f"image is {width}x{height} px; face detection needs at least {MIN_SIDE}x{MIN_SIDE} "
             "(upscale it, or use a larger crop around the face)"
+        )
+    long_side, short_side = max(height, width), min(height, width)
+    if long_side > MAX_ASPECT * short_side:
+        raise ImageInputError(
+            f"image is {width}x{height} px, an aspect ratio of {long_side / short_side:.0f}:1; face detection "
+            f"accepts at most {MAX_ASPECT}:1 (crop the image around the face)"
+        )
+    if height * width > MAX_PIXELS:
+        raise ImageInputError(
+            f"image is {width}x{height} px ({height * width / 1e6:.0f} megapixels); face detection accepts at most "
+            f"{MAX_PIXELS / 1e6:.0f} megapixels, e.g. 8192x8192 (downscale it: the detector works at 640 px anyway)"
         )
     images = images.detach().float().cpu()
     if not torch.isfinite(images).all():

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..arch.face_embeds import FaceEmbeds
+from ..arch.onnx_files import graph_input_shape, load_onnx_graph
 from ..errors import ConfigError, MissingDependencyError, ModelFileError, ModelFolderError, NoFaceError, PackError
 from .images import bgr_uint8_to_image, to_bgr_uint8
 
@@ -133,6 +134,77 @@ def find_pack_dir(insightface_roots: list[str], pack: str) -> str:
     )
 
 
+RECOGNIZER_INPUT = "[batch, 3, 112, 112]"
+DETECTOR_INPUT = "[batch, 3, height, width] (height and width free, or fixed multiples of 32)"
+DETECTOR_STRIDE = 32  # SCRFD's coarsest feature stride: a fixed input size must be a multiple of it
+
+
+def check_pack_files(files: list[str]) -> dict[str, list | None]:
+    """Reads each .onnx file's graph (never any other file) and returns its input shape by path. ModelFileError
+    naming the file when it is unreadable or keeps tensor data in separate files (which could lie anywhere)."""
+    shapes = {}
+    for path in files:
+        shapes[path] = graph_input_shape(load_onnx_graph(path, "face model"))
+    return shapes
+
+
+def _dim_text(dim) -> str:
+    if isinstance(dim, int) and dim > 0:
+        return str(dim)
+    return dim if isinstance(dim, str) and dim else "?"
+
+
+def _shape_text(shape) -> str:
+    return "(unknown)" if shape is None else "[" + ", ".join(_dim_text(d) for d in shape) + "]"
+
+
+def _describe_shapes(shapes: dict) -> str:
+    return ", ".join(f"{os.path.basename(f)} {_shape_text(s)}" for f, s in shapes.items()) or "no files"
+
+
+def _fixed(dim) -> bool:
+    return isinstance(dim, int) and dim > 0
+
+
+def _session_input_shape(model):
+    session = getattr(model, "session", None)
+    if session is not None:
+        return list(session.get_inputs()[0].shape)
+    return list(getattr(model, "input_shape", None) or [])
+
+
+def check_input_shapes(app, det_size: int) -> None:
+    """After insightface has routed the files: the detector and recognizer must take inputs insightface can feed
+    them (3-channel images, one at a time), or the first image would fail deep inside onnxruntime."""
+    for task, expected in (("detection", DETECTOR_INPUT), ("recognition", RECOGNIZER_INPUT)):
+        model = app.models[task]
+        shape = _session_input_shape(model)
+        problems = []
+        if len(shape) != 4:
+            problems.append(f"{len(shape)} dimensions instead of 4")
+        else:
+            batch, channels, height, width = shape
+            if _fixed(batch) and batch != 1:
+                problems.append(f"a fixed batch of {batch} (insightface runs one image at a time)")
+            if _fixed(channels) and channels != 3:
+                problems.append(f"{channels} channel(s) instead of 3 (insightface feeds RGB/BGR images)")
+            if task == "detection":
+                bad = [d for d in (height, width) if _fixed(d) and (d < DETECTOR_STRIDE or d % DETECTOR_STRIDE)]
+                if bad:
+                    problems.append(f"a fixed size that is not a multiple of {DETECTOR_STRIDE} (SCRFD's strides)")
+        if problems:
+            role = "face detector" if task == "detection" else "ArcFace recognizer"
+            raise ModelFileError(
+                f"{getattr(model, 'model_file', '?')}: this {role} takes input {_shape_text(shape)}: "
+                f"{'; '.join(problems)}; expected {expected}. Use the pack's own file (antelopev2: "
+                "scrfd_10g_bnkps.onnx and glintr100.onnx; buffalo_l: det_10g.onnx and w600k_r50.onnx)"
+            )
+    height, width = _session_input_shape(app.models["detection"])[2:4]
+    if _fixed(height) and _fixed(width) and (height, width) != (det_size, det_size):
+        log.info("%s has a fixed input of %dx%d: detection runs at that size, not at det_size %d",
+                 os.path.basename(getattr(app.models["detection"], "model_file", "detector")), width, height, det_size)
+
+
 @dataclass
 class FaceAnalyzer:
     """A loaded insightface detector + recognizer, and the execution provider really in use."""
@@ -170,6 +242,8 @@ def load_analyzer(pack_dir: str, provider: str = "auto", det_size: int = 640) ->
     with _cache_lock:
         if key in _cache:
             return _cache[key]
+    # before insightface/onnxruntime open them: readable, self-contained (no external data), and their input shapes
+    shapes = check_pack_files(files)
     try:
         app = FaceAnalysis(name=pack_dir, providers=providers, allowed_modules=["detection", "recognition"])
     except AssertionError as exc:  # insightface's own check: no detector among the files
@@ -179,14 +253,25 @@ def load_analyzer(pack_dir: str, provider: str = "auto", det_size: int = 640) ->
         ) from exc
     except Exception as exc:
         raise ModelFileError(
-            f"could not load the models in {pack_dir} ({type(exc).__name__}: {exc}). A file may be corrupt or "
-            "incompletely downloaded: download the pack again"
+            f"could not load the models in {pack_dir} ({type(exc).__name__}: {exc}; input shapes: "
+            f"{_describe_shapes(shapes)}). A file may be corrupt or incompletely downloaded, or not an insightface "
+            "model: download the pack again"
         ) from exc
     if "recognition" not in app.models:
+        detector = getattr(app.models["detection"], "model_file", None)
+        others = {f: shape for f, shape in shapes.items() if f != detector}
+        if others:
+            raise ModelFileError(
+                f"no ArcFace recognizer in {pack_dir}: a recognizer takes input {RECOGNIZER_INPUT} (RGB faces, "
+                f"square, at least 112 px and a multiple of 16), and no file but the detector does "
+                f"({_describe_shapes(others)}); the pack needs one such as glintr100.onnx (antelopev2) or "
+                "w600k_r50.onnx (buffalo_l)"
+            )
         raise ModelFolderError(
             f"no ArcFace recognizer in {pack_dir} (files: {[os.path.basename(f) for f in files]}); the pack needs "
             "one such as glintr100.onnx (antelopev2) or w600k_r50.onnx (buffalo_l)"
         )
+    check_input_shapes(app, det_size)
     on_cpu = providers[0] == PROVIDERS["CPU"]
     app.prepare(ctx_id=-1 if on_cpu else 0, det_size=(det_size, det_size))
     in_use = app.models["detection"].session.get_providers()[0]
