@@ -5,6 +5,7 @@ folder holding planted malicious pickles) gives the uninterrupted run's export a
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def test_two_processes_train_on_different_examples_and_resume_exactly(tmp_path):
     straight = tmp_path / "straight"
     # a fresh folder: the main process builds the tiny assets and the face cache while the other waits
     output = torchrun(straight, "--report_to", "tensorboard")
-    assert output.count("dataset: 6 identities, 30 usable") == 1  # one dataset report
+    assert len(re.findall(r"^dataset: 6 identities", output, re.M)) == 1  # one dataset report
     assert output.count("held-out dataset: ") == 1
     assert output.count("global batch 4 = batch 2 x 2 process(es)") == 1
     assert output.count("steps:   0%") == 1  # one progress bar

@@ -15,7 +15,11 @@ system every node sees)::
     optimizer.safetensors   the optimiser's per-parameter tensors; param groups and scalars as JSON metadata
     ema.safetensors         the EMA shadow parameters and its scalars (with --use_ema)
     rng-<rank>.safetensors  each process's torch / CUDA / numpy / python RNG state
-    state.json              step, number of processes, LR schedule, gradient scaler (fp16)
+    state.json              step, number of processes, LR schedule, gradient scaler (fp16), the run's options
+
+Resuming first checks a folder cheaply (``check``: state.json parses, every safetensors header is whole and covers
+the file, as safetensors verifies on opening), so a truncated or garbled newest checkpoint is skipped for the
+previous one before anything is loaded.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import random
 
 import numpy as np
 import torch
+
+from ..nodes.errors import ConfigError, ModelFileError
 
 FORMAT = "training-checkpoint/1"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -38,8 +44,8 @@ def rng_file(rank: int) -> str:
     return f"rng-{rank}.safetensors"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be resumed from; the message says why."""
+class CheckpointError(ModelFileError):
+    """A checkpoint folder that cannot be resumed from (missing or corrupt files); the message says why."""
 
 
 def _write(tensors: dict[str, torch.Tensor], path: str, meta: dict) -> None:
@@ -54,19 +60,36 @@ def _read(path: str, device="cpu") -> tuple[dict, dict[str, torch.Tensor]]:
 
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing")
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not a {FORMAT} file (format {meta.get('format')!r})")
-        tensors = {k: f.get_tensor(k).to(device) for k in f.keys()}
-    return {k: json.loads(v) for k, v in meta.items() if k != "format"}, tensors
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not a {FORMAT} file (format {meta.get('format')!r})")
+            tensors = {k: f.get_tensor(k).to(device) for k in f.keys()} if device is not None else {}
+        return {k: json.loads(v) for k, v in meta.items() if k != "format"}, tensors
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors' own error (truncated, garbled header) or bad JSON metadata
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
+
+
+def check(folder: str) -> dict:
+    """Cheap completeness check of a checkpoint folder (no tensor is read); returns its state.json content."""
+    state = read_state(folder)
+    for name in sorted(os.listdir(folder)):
+        if name in (TRAINABLE_FILE, OPTIMIZER_FILE, EMA_FILE) or (name.startswith("rng-") and name.endswith(".safetensors")):
+            _read(os.path.join(folder, name), device=None)
+    for name in (TRAINABLE_FILE, OPTIMIZER_FILE):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise CheckpointError(f"{folder} has no {name}")
+    return state
 
 
 # ---- the main process's part: trained tensors, optimiser, EMA, step and schedule
 
 
 def save_main(folder: str, task, optimizer, scheduler, ema, scaler, step: int, processes: int,
-              accelerator_step: int) -> None:
+              accelerator_step: int, config: dict | None = None) -> None:
     _write(task.trainable_state(), os.path.join(folder, TRAINABLE_FILE), {})
 
     opt = optimizer.state_dict()
@@ -85,7 +108,8 @@ def save_main(folder: str, task, optimizer, scheduler, ema, scaler, step: int, p
         _write({f"shadow.{i}": p for i, p in enumerate(shadow)}, os.path.join(folder, EMA_FILE), {"state": state})
 
     state = {"format": FORMAT, "step": step, "processes": processes, "accelerator_step": accelerator_step,
-             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None}
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+             "config": config}
     try:
         text = json.dumps(state, indent=1)
     except TypeError as exc:
@@ -100,8 +124,11 @@ def read_state(folder: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{folder} has no {STATE_FILE}: not a checkpoint of this trainer (checkpoints written "
                               "before the pickle-free format cannot be resumed)")
-    with open(path, encoding="utf-8") as f:
-        state = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}): the checkpoint is corrupt or truncated") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{path} is not a {FORMAT} state file")
     return state
@@ -110,7 +137,9 @@ def read_state(folder: str) -> dict:
 def load_main(folder: str, task, optimizer, scheduler, ema, scaler, device) -> dict:
     """Restores what ``save_main`` wrote (every process calls this); returns the state.json content."""
     state = read_state(folder)
-    task.load_trainable_state(_read(os.path.join(folder, TRAINABLE_FILE))[1])
+    trainable = _read(os.path.join(folder, TRAINABLE_FILE))[1]
+    check_trainable_shapes(folder, task.trainable_state(), trainable)
+    task.load_trainable_state(trainable)
 
     meta, tensors = _read(os.path.join(folder, OPTIMIZER_FILE))
     current = optimizer.state_dict()["param_groups"]
@@ -127,9 +156,12 @@ def load_main(folder: str, task, optimizer, scheduler, ema, scaler, device) -> d
         per_param.setdefault(int(index), {})[name] = value
     for index, values in meta["scalars"].items():
         per_param.setdefault(int(index), {}).update(values)
+    # this run's hyperparameters (from its options) win over the checkpoint's: see keep_hyperparameters
+    wanted = [{k: g[k] for k in ("initial_lr", "weight_decay") if k in g} for g in current]
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
 
     scheduler.load_state_dict(state["scheduler"])
+    keep_hyperparameters(optimizer, scheduler, wanted)
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
 
@@ -143,6 +175,46 @@ def load_main(folder: str, task, optimizer, scheduler, ema, scaler, device) -> d
             raise CheckpointError(f"{path} holds {len(tensors)} EMA tensors; this run has {len(ema.shadow_params)}")
         ema.load_state_dict(ema_state)
     return state
+
+
+ARCHITECTURE_HINT = ("--num_tokens, --mff_width, --mff_heads, --embed_dim, --textual_hidden, --num_images or the "
+                     "base model")
+
+
+def check_trainable_shapes(folder: str, expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """A checkpoint of another adapter shape is a ConfigError (not a state-dict traceback)."""
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(saved) if tuple(expected[k].shape) != tuple(saved[k].shape))
+    if not (missing or extra or shapes):
+        return
+    details = [f"{k}: checkpoint {tuple(saved[k].shape)}, this run {tuple(expected[k].shape)}" for k in shapes[:3]]
+    details += [f"{len(missing)} tensor(s) missing (e.g. {missing[0]})"] if missing else []
+    details += [f"{len(extra)} unexpected tensor(s) (e.g. {extra[0]})"] if extra else []
+    raise ConfigError(f"{folder} holds an adapter of another shape than this run builds ({'; '.join(details)}): "
+                      f"{ARCHITECTURE_HINT} differ from the run that wrote it. Resume with that run's values (its "
+                      "config.json), or start a new --output_dir")
+
+
+def keep_hyperparameters(optimizer, scheduler, wanted: list[dict]) -> None:
+    """After loading a checkpoint, puts this run's base learning rates and weight decay back into the optimiser and
+    the LR schedule (which both saved the old ones), so that a changed --learning_rate, --kv_learning_rate or
+    --adam_weight_decay really applies from the resumed step on. Unchanged values are left untouched (an unchanged
+    resume stays bit-exact)."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps the LambdaLR
+    for i, (group, new) in enumerate(zip(optimizer.param_groups, wanted)):
+        if "weight_decay" in new and group.get("weight_decay") != new["weight_decay"]:
+            group["weight_decay"] = new["weight_decay"]
+        base = new.get("initial_lr")
+        if base is None or group.get("initial_lr") == base:
+            continue
+        group["initial_lr"] = base
+        if hasattr(inner, "base_lrs"):
+            inner.base_lrs[i] = base
+        lambdas = getattr(inner, "lr_lambdas", None)
+        group["lr"] = base * lambdas[i](inner.last_epoch) if lambdas else base
+    if hasattr(inner, "_last_lr"):
+        inner._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 # ---- every process's part: its RNG state

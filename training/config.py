@@ -6,13 +6,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
 from ..nodes.arch.idadapter import DEFAULT_IDENTIFIER, check_identifier
-from ..nodes.errors import ConfigError
+from ..nodes.errors import ConfigError, PackError
 
 __all__ = ["ConfigError", "IDAdapterTrainConfig", "parse_args"]
+
+# diffusers.optimization.get_scheduler's names that need no option this trainer lacks ("piecewise_constant" needs
+# step rules); listed here so that checking the options does not import diffusers (a test keeps them in sync)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+# options that decide the shape of the trained tensors (or which models they were trained against): a resumed run
+# must keep the checkpoint's values. Every other option may change on resume; the new value applies from there on.
+ARCHITECTURE_OPTIONS = ("num_tokens", "mff_width", "mff_heads", "embed_dim", "textual_hidden", "num_images", "preset")
+# options that are expected to differ on a resume and are not reported
+RESUME_QUIET = ("resume",)
 
 
 @dataclass
@@ -65,7 +76,7 @@ class IDAdapterTrainConfig:
     seed: int = 0
     # bookkeeping
     checkpoint_every: int = 1000
-    checkpoints_total_limit: int = 3
+    checkpoints_total_limit: int = 3  # 0 keeps every checkpoint
     resume: str = ""  # "latest" or a checkpoint folder
     validation_every: int = 1000
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo of sks", "a painting of sks, smiling"])
@@ -83,6 +94,7 @@ class IDAdapterTrainConfig:
     tiny_base_steps: int = 120  # the tiny base UNet is first trained as a plain denoiser (a stand-in for SD)
 
     def validate(self) -> None:
+        """Checks every option (fast: no model is loaded); one ConfigError lists every problem found."""
         problems = []
         if self.preset not in ("", "tiny"):
             problems.append(f"--preset must be 'tiny' or absent, got {self.preset!r}")
@@ -92,23 +104,55 @@ class IDAdapterTrainConfig:
             problems.append(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.report_to not in ("tensorboard", "none"):
             problems.append(f"--report_to must be tensorboard or none, got {self.report_to!r}")
-        for name in ("num_images", "batch_size", "max_steps", "gradient_accumulation_steps", "num_tokens"):
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"--{name} must be a finite number, got {value}")
+        for name in ("num_images", "batch_size", "max_steps", "gradient_accumulation_steps", "num_tokens", "mff_width",
+                     "mff_heads", "embed_dim", "textual_hidden", "checkpoint_every", "validation_steps", "log_every",
+                     "synthetic_images"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.cache_mb < 0:
-            problems.append(f"--cache_mb must be 0 (off) or more, got {self.cache_mb}")
+        for name, meaning in (("cache_mb", "0 (off) or more"), ("lr_warmup_steps", "0 or more"),
+                              ("kv_learning_rate", "0 (= --learning_rate) or more"), ("id_loss_weight", "0 (off) or more"),
+                              ("id_gate_ratio", "0 (gate always on) or more"), ("adam_weight_decay", "0 or more"),
+                              ("max_grad_norm", "0 (no clipping) or more"), ("validation_every", "0 (off) or more"),
+                              ("checkpoints_total_limit", "0 (keep all) or more"), ("tiny_base_steps", "0 or more")):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must be {meaning}, got {getattr(self, name)}")
+        if self.synthetic_identities < 2:
+            problems.append(f"--synthetic_identities must be at least 2 (the held-out check compares identities), "
+                            f"got {self.synthetic_identities}")
         for name in ("text_dropout", "image_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 < self.ema_decay < 1.0:
+            problems.append(f"--ema_decay must be in (0, 1) (e.g. 0.9999), got {self.ema_decay}")
         if self.learning_rate <= 0:
             problems.append(f"--learning_rate must be positive, got {self.learning_rate}")
-        if self.mff_width % self.mff_heads:
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--seed must be in [0, 2**32), got {self.seed}")
+        if self.mff_heads >= 1 and self.mff_width % self.mff_heads:
             problems.append(f"--mff_width ({self.mff_width}) must be divisible by --mff_heads ({self.mff_heads})")
+        if self.validation_every and not (self.validation_prompts and all(p.strip() for p in self.validation_prompts)):
+            problems.append("--validation_prompts must be one or more non-empty prompts while --validation_every is "
+                            "not 0 (or set --validation_every 0)")
+        if not self.output_dir:
+            problems.append("--output_dir must not be empty")
+        elif os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            problems.append(f"--output_dir {self.output_dir!r} is a file, not a folder")
+        if self.cache_dir and os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
+            problems.append(f"--cache_dir {self.cache_dir!r} is a file, not a folder")
+        if (not self.export_name.endswith(".safetensors") or os.path.basename(self.export_name) != self.export_name
+                or self.export_name.startswith(".")):
+            problems.append(f"--export_name must be a file name ending in .safetensors (no folder; it is written into "
+                            f"--output_dir), got {self.export_name!r}")
         if not self.preset:
             for name in ("base_model", "clip_vision", "insightface_pack", "dataset"):
                 if not getattr(self, name):
                     problems.append(f"--{name} is required (or use --preset tiny)")
-        for name in ("base_model", "clip_vision", "insightface_pack", "dataset", "heldout_dataset"):
+        for name in ("base_model", "clip_vision", "insightface_pack", "arcface", "dataset", "heldout_dataset"):
             value = getattr(self, name)
             if value and not os.path.exists(value):
                 problems.append(f"--{name} {value!r} does not exist")
@@ -116,18 +160,49 @@ class IDAdapterTrainConfig:
             check_identifier(self.identifier)
         except ConfigError as exc:
             problems.append(f"--identifier: {exc}")
-        if self.resume:
+        if self.resume and not problems:
             from .loop import resolve_resume
 
             try:
-                resolve_resume(self.resume, self.output_dir)
-            except ConfigError as exc:
+                folder, _ = resolve_resume(self.resume, self.output_dir)
+                if folder:
+                    check_resume_config(self, folder)
+            except PackError as exc:  # ConfigError, or a corrupt checkpoint named by --resume
                 problems.append(str(exc))
         if problems:
             raise ConfigError("invalid training configuration:\n  " + "\n  ".join(problems))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+
+def resume_changes(config, saved: dict) -> tuple[list[str], list[str]]:
+    """(architecture options that differ from the checkpoint's run, other options that differ), as
+    "--name old -> new" lines."""
+    arch, other = [], []
+    for f in dataclasses.fields(config):
+        if f.name in RESUME_QUIET or f.name not in saved:
+            continue
+        old, new = saved[f.name], getattr(config, f.name)
+        if old != new:
+            (arch if f.name in ARCHITECTURE_OPTIONS else other).append(f"--{f.name} {old!r} -> {new!r}")
+    return arch, other
+
+
+def check_resume_config(config, folder: str) -> list[str]:
+    """Compares this run's options with those saved in a checkpoint: a changed architecture option is a
+    ConfigError naming it; the other changes are returned (this run's values win, the trainer prints them)."""
+    from .checkpoint import read_state
+
+    saved = read_state(folder).get("config")
+    if not isinstance(saved, dict):  # a checkpoint written before options were saved in it: shapes are checked later
+        return []
+    arch, other = resume_changes(config, saved)
+    if arch:
+        raise ConfigError(f"--resume {folder}: the checkpoint was trained with other adapter options ({'; '.join(arch)}); "
+                          "its weights have another shape. Resume with the checkpoint's values, or start a new "
+                          "--output_dir")
+    return other
 
 
 # values a preset sets unless the command line sets them too

@@ -17,7 +17,11 @@ A trainer supplies a *task* object:
 
 Checkpoints are written to ``checkpoint-<step>.tmp`` and renamed when complete, so killing the process at
 any moment loses at most the steps since the last checkpoint and never leaves a half-written one. They hold
-safetensors and JSON only (``training.checkpoint``): resuming reads no pickle.
+safetensors and JSON only (``training.checkpoint``): resuming reads no pickle. ``--resume latest`` skips a
+checkpoint that fails ``checkpoint.check`` (truncated or garbled files) for the previous one and says so; the
+options saved in a checkpoint are compared with this run's (``config.check_resume_config``: a changed adapter
+shape is refused, other changes are listed and the new values win). The output folder is held for the whole run
+(``training.outdir``: one run per folder, checked writable, interrupted runs' temporary files removed).
 
 With several processes (``accelerate launch`` / ``torchrun``: DDP, one process per GPU) every process trains on
 its own examples (the task samples from (seed, step, rank)) and gradients are averaged, so the global batch is
@@ -29,6 +33,7 @@ checkpoint, which the main process renames once all have finished.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -39,6 +44,7 @@ import torch
 
 from ..nodes.errors import ConfigError
 from . import checkpoint as ckpt
+from . import outdir
 
 log = logging.getLogger("training")
 TRAINABLE_FILE = ckpt.TRAINABLE_FILE
@@ -52,16 +58,34 @@ def checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d[11:]))]
 
 
-def resolve_resume(resume: str, output_dir: str) -> str | None:
+def resolve_resume(resume: str, output_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The checkpoint to resume from (None: start at step 0) and the newer ones skipped as incomplete or corrupt,
+    with the reason. ``latest`` falls back to the newest checkpoint that passes ``checkpoint.check``; a folder named
+    explicitly must pass it."""
     if not resume:
-        return None
+        return None, []
     if resume == "latest":
-        found = checkpoints(output_dir)
-        return found[-1] if found else None
+        skipped = []
+        for folder in reversed(checkpoints(output_dir)):
+            try:
+                ckpt.check(folder)
+                return folder, skipped
+            except ckpt.CheckpointError as exc:
+                skipped.append((folder, str(exc)))
+        if skipped:
+            raise ConfigError(f"--resume latest: no usable checkpoint in {output_dir}: "
+                              + "; ".join(f"{os.path.basename(f)}: {why}" for f, why in skipped)
+                              + ". Remove the broken folders to start from step 0, or resume from a copy you trust")
+        return None, []
     if not os.path.isfile(os.path.join(resume, TRAINABLE_FILE)):
         raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no {TRAINABLE_FILE} in it); "
-                         f"use 'latest' or one of {checkpoints(output_dir)[-3:]}")
-    return resume
+                          f"use 'latest' or one of {checkpoints(output_dir)[-3:]}")
+    try:
+        ckpt.check(resume)
+    except ckpt.CheckpointError as exc:
+        raise ConfigError(f"--resume {resume!r} cannot be used: {exc}. Pass an older checkpoint, or 'latest' "
+                          "(which skips broken ones)") from exc
+    return resume, []
 
 
 def make_accelerator(config):
@@ -95,12 +119,20 @@ def main_print(accelerator):
 
 
 def run(task, config, accelerator=None) -> str:
-    """Trains ``task`` for ``config.max_steps`` optimiser steps; returns the path of the exported weights."""
+    """Trains ``task`` for ``config.max_steps`` optimiser steps; returns the path of the exported weights.
+
+    The output folder is held (``training.outdir.hold``) for the run; the CLI takes it before building the task,
+    so a second run into one folder is refused before it loads anything."""
+    accelerator = accelerator or make_accelerator(config)
+    with outdir.hold(config.output_dir, accelerator, log=main_print(accelerator)):
+        return _run(task, config, accelerator)
+
+
+def _run(task, config, accelerator) -> str:
     from accelerate.utils import DistributedType, set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    accelerator = accelerator or make_accelerator(config)
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
         raise ValueError(f"{accelerator.distributed_type.value} is not supported (checkpoints and the export read the "
                          "whole trainable state on each process): run `accelerate config` with multi-GPU (DDP)")
@@ -125,8 +157,18 @@ def run(task, config, accelerator=None) -> str:
         say(f"global batch {batch * processes * config.gradient_accumulation_steps} = batch {batch} x {processes} "
             f"process(es) x {config.gradient_accumulation_steps} accumulation step(s)")
 
-    resume_from = resolve_resume(config.resume, config.output_dir)
+    resume_from, skipped = resolve_resume(config.resume, config.output_dir)
+    for folder, why in skipped:
+        say(f"skipped {folder} (not resumable: {why}); falling back to the previous checkpoint")
+    if config.resume and not resume_from:
+        say(f"no checkpoint in {config.output_dir}: starting from step 0")
     if resume_from:
+        from .config import check_resume_config
+
+        changed = check_resume_config(config, resume_from)
+        if changed:
+            say(f"resuming with changed options; the new values apply from step {ckpt.read_state(resume_from)['step']} "
+                f"on (learning rates and weight decay included, the optimiser's moments are kept): {', '.join(changed)}")
         saved = ckpt.load_main(resume_from, task, optimizer, scheduler, ema, accelerator.scaler, accelerator.device)
         step = saved["step"]
         accelerator.step = saved.get("accelerator_step", step * config.gradient_accumulation_steps)
@@ -142,15 +184,28 @@ def run(task, config, accelerator=None) -> str:
             print(f"process {rank}: no RNG state for it in {resume_from}; continuing with its seeded RNG")
         say(f"resumed from {resume_from} at step {step}")
     if accelerator.is_main_process:
-        os.makedirs(config.output_dir, exist_ok=True)
-        with open(os.path.join(config.output_dir, "config.json"), "w") as f:
-            f.write(config.to_json())
+        with outdir.writing(config.output_dir, "writing config.json", "nothing was lost"):
+            os.makedirs(config.output_dir, exist_ok=True)
+            with open(os.path.join(config.output_dir, "config.json"), "w") as f:
+                f.write(config.to_json())
         if config.report_to != "none":
             accelerator.init_trackers("idadapter", config={k: v for k, v in vars(config).items()
                                                            if isinstance(v, (int, float, str, bool))})
 
+    options = json.loads(config.to_json())
+
     def checkpoint():
         final = os.path.join(config.output_dir, f"checkpoint-{step}")
+        try:
+            with outdir.writing(config.output_dir, f"writing checkpoint-{step}", f"the checkpoints already there are "
+                                f"intact ({_names(checkpoints(config.output_dir)) or 'none yet'}): resume with "
+                                "--resume latest once the folder is writable"):
+                write_checkpoint(final)
+        except ConfigError:
+            shutil.rmtree(final + ".tmp", ignore_errors=True)
+            raise
+
+    def write_checkpoint(final):
         tmp = final + ".tmp"
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -159,7 +214,8 @@ def run(task, config, accelerator=None) -> str:
         accelerator.wait_for_everyone()  # the folder exists before any process writes into it
         ckpt.save_rng(tmp, rank)
         if accelerator.is_main_process:
-            ckpt.save_main(tmp, task, optimizer, scheduler, ema, accelerator.scaler, step, processes, accelerator.step)
+            ckpt.save_main(tmp, task, optimizer, scheduler, ema, accelerator.scaler, step, processes, accelerator.step,
+                           options)
         accelerator.wait_for_everyone()  # every process has finished writing: rename once
         if accelerator.is_main_process:
             missing = [ckpt.rng_file(r) for r in range(processes) if not os.path.isfile(os.path.join(tmp, ckpt.rng_file(r)))]
@@ -168,8 +224,9 @@ def run(task, config, accelerator=None) -> str:
                                    "every node sees")
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            for old in checkpoints(config.output_dir)[:-config.checkpoints_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+            if config.checkpoints_total_limit:  # 0 keeps every checkpoint
+                for old in checkpoints(config.output_dir)[:-config.checkpoints_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
     started, first_step = time.monotonic(), step
@@ -209,13 +266,19 @@ def run(task, config, accelerator=None) -> str:
         if ema is not None:
             ema.store(params)
             ema.copy_to(params)
-        task.export(export_path)
+        with outdir.writing(config.output_dir, f"writing the export {config.export_name}",
+                            f"the trained weights are in {_names(checkpoints(config.output_dir)[-1:]) or 'no checkpoint'}"):
+            task.export(export_path)
         after = task.heldout_check() if before is not None else None
         if ema is not None:
             ema.restore(params)
         say(summary(task, config, export_path, (first_step, step), time.monotonic() - started, before, after))
     accelerator.end_training()
     return export_path
+
+
+def _names(folders: list[str]) -> str:
+    return ", ".join(os.path.basename(f) for f in folders)
 
 
 def summary(task, config, export_path: str, steps: tuple[int, int], seconds: float, before, after) -> str:

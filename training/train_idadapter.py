@@ -20,19 +20,23 @@ if not __package__:  # run as a script: import this checkout as `comfyui_idadapt
     sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_pack)
 
-from comfyui_idadapter.training import loop  # noqa: E402
 from comfyui_idadapter.nodes.errors import PackError  # noqa: E402
 from comfyui_idadapter.training.config import IDAdapterTrainConfig, parse_args  # noqa: E402
-from comfyui_idadapter.training.idadapter_task import IDAdapterTask  # noqa: E402
 
 
 def main(argv=None) -> str:
-    config = parse_args(IDAdapterTrainConfig, argv, description=__doc__)
+    config = parse_args(IDAdapterTrainConfig, argv, description=__doc__)  # every option checked, before heavy imports
+    from comfyui_idadapter.training import loop, outdir
+    from comfyui_idadapter.training.idadapter_task import IDAdapterTask
+
     accelerator = loop.make_accelerator(config)
-    # the main process builds what the others then read (tiny assets, the face cache), and reports the dataset once
-    with accelerator.main_process_first():
-        task = IDAdapterTask(config, log=loop.main_print(accelerator))
-    return loop.run(task, config, accelerator)
+    say = loop.main_print(accelerator)
+    # one run per output folder, and a writable one: checked before anything heavy is built or loaded
+    with outdir.hold(config.output_dir, accelerator, log=say):
+        # the main process builds what the others then read (tiny assets, the face cache), and reports the dataset once
+        with accelerator.main_process_first():
+            task = IDAdapterTask(config, log=say)
+        return loop.run(task, config, accelerator)
 
 
 def cli(argv=None) -> int:
