@@ -10,7 +10,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from ..nodes.arch.idadapter import DEFAULT_IDENTIFIER, check_identifier
+from ..nodes.arch.idadapter import CONFIG_LIMITS, DEFAULT_IDENTIFIER, check_identifier
 from ..nodes.errors import ConfigError, PackError
 
 __all__ = ["ConfigError", "IDAdapterTrainConfig", "parse_args"]
@@ -21,6 +21,9 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 
 # options that decide the shape of the trained tensors (or which models they were trained against): a resumed run
 # must keep the checkpoint's values. Every other option may change on resume; the new value applies from there on.
+# trainer option -> the idadapter/1 config field it sets
+ADAPTER_CONFIG_FIELDS = {"num_tokens": "num_tokens", "mff_width": "width", "mff_heads": "mff_heads",
+                         "embed_dim": "embed_dim", "textual_hidden": "textual_hidden", "num_images": "num_images"}
 ARCHITECTURE_OPTIONS = ("num_tokens", "mff_width", "mff_heads", "embed_dim", "textual_hidden", "num_images", "preset")
 # options that are expected to differ on a resume and are not reported
 RESUME_QUIET = ("resume",)
@@ -114,6 +117,10 @@ class IDAdapterTrainConfig:
                      "synthetic_images"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name, field_name in ADAPTER_CONFIG_FIELDS.items():  # the export must be a file Load IDAdapter accepts
+            if getattr(self, name) > CONFIG_LIMITS[field_name]:
+                problems.append(f"--{name} must be at most {CONFIG_LIMITS[field_name]} (the largest IDAdapter files "
+                                f"the nodes load), got {getattr(self, name)}")
         for name, meaning in (("cache_mb", "0 (off) or more"), ("lr_warmup_steps", "0 or more"),
                               ("kv_learning_rate", "0 (= --learning_rate) or more"), ("id_loss_weight", "0 (off) or more"),
                               ("id_gate_ratio", "0 (gate always on) or more"), ("adam_weight_decay", "0 or more"),

@@ -286,7 +286,7 @@ KV_PREFIX = "kv_delta."
 KV_PROJECTIONS = ("to_k", "to_v")
 # Upper bounds of the config's integers: far above any real model (SDXL's widest block has 1280 channels and 20
 # heads), low enough that a hostile config cannot make building the module loop or allocate without end.
-_CONFIG_LIMITS = {"clip_vision_dim": 8192, "arcface_dim": 8192, "width": 8192, "mff_heads": 256, "mff_depth": 64,
+CONFIG_LIMITS = {"clip_vision_dim": 8192, "arcface_dim": 8192, "width": 8192, "mff_heads": 256, "mff_depth": 64,
                   "num_tokens": 1024, "embed_dim": 8192, "textual_hidden": 16384, "num_images": 256}
 _BLOCK_LIMITS = {"channels": 8192, "heads": 256, "context_dim": 8192}
 _MAX_BLOCKS = 1024  # SDXL has 70 transformer blocks
@@ -334,7 +334,7 @@ def config_from_metadata(meta: dict[str, str], path: str) -> IDAdapterConfig:
     family = raw.get("family")
     if not isinstance(family, str) or family not in FAMILIES:
         raise refuse("family", f"one of {sorted(FAMILIES)}", family)
-    values = {name: bounded_int(name, raw[name], limit) for name, limit in _CONFIG_LIMITS.items() if name in raw}
+    values = {name: bounded_int(name, raw[name], limit) for name, limit in CONFIG_LIMITS.items() if name in raw}
     divides("mff_heads", values.get("mff_heads", IDAdapterConfig.mff_heads),
             "width", values.get("width", IDAdapterConfig.width))
     text_dims = raw.get("text_dims", FAMILIES[family]["text_dims"])
