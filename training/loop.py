@@ -134,7 +134,7 @@ def _run(task, config, accelerator) -> str:
     from tqdm.auto import tqdm
 
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
-        raise ValueError(f"{accelerator.distributed_type.value} is not supported (checkpoints and the export read the "
+        raise ConfigError(f"{accelerator.distributed_type.value} is not supported (checkpoints and the export read the "
                          "whole trainable state on each process): run `accelerate config` with multi-GPU (DDP)")
     say = main_print(accelerator)
     processes, rank = accelerator.num_processes, accelerator.process_index
