@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_idadapter.nodes.arch import adaface as ada
-from comfyui_idadapter.nodes.errors import ModelFileError
+from comfyui_idadapter.nodes.errors import ConfigError, ModelFileError
 
 HIDDEN, HEADS, VOCAB, POSITIONS = 32, 4, 100, 77
 
@@ -160,6 +160,8 @@ def test_invert_places_face_embeddings_and_mixes_strength_with_pad_embeddings():
 
     mixed = ada.invert(inverter, faces, template, weights, pad, strength=1.5)
     torch.testing.assert_close(mixed, out * 1.5 + pad[4:20] * -0.5)
+    with pytest.raises(ConfigError, match="does not hold: use strength 1"):
+        ada.invert(inverter, faces, template, weights, None, strength=1.5)
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelFileError
+from ..errors import ConfigError, ModelFileError
 from .files import check_shapes, open_safetensors, write_safetensors
 
 FORMAT = "adaface/1"
@@ -237,7 +237,8 @@ def invert(inverter: CLIPTextTransformer, face_prompt_embs: torch.Tensor, templa
     if strength == 1.0:
         return out
     if pad_embeddings is None:
-        raise ValueError("a strength other than 1 mixes towards the padding embeddings, and none were given")
+        raise ConfigError("a strength other than 1 mixes the tokens with the padding embeddings, which this AdaFace "
+                          "file does not hold: use strength 1, or a file written with pad_embeddings")
     return out * strength + pad_embeddings[ID_START:ID_START + k].to(out) * (1.0 - strength)
 
 
