@@ -4,8 +4,9 @@
   self-attention between self- and cross-attention of every transformer block.
 - :func:`kv_weight_patches`: cross-attention K/V deltas as ``ModelPatcher.add_patches`` entries (they stack
   with LoRAs).
-- :func:`inject_identity_tokens`: puts identity vectors where the identifier word's tokens are in the
-  output of ``clip.tokenize``.
+- :func:`inject_identity_tokens`, :func:`place_identity_vectors`: put identity vectors where the identifier
+  word's tokens are in the output of ``clip.tokenize``.
+- :func:`module_patcher`, :func:`run_loaded`: weights owned and loaded by ComfyUI's memory manager.
 
 Patch objects are immutable once attached and shared by every ``model.clone()``. The gated-attention weights
 belong to ComfyUI's memory manager: the patch holds them through a model patcher that it returns from
@@ -28,20 +29,41 @@ from .arch.idadapter import BlockSpec, IDAdapter, add_on_rows, block_name
 from .errors import PackError
 
 
-def adapter_patcher(adapter: IDAdapter):
-    """A ComfyUI model patcher owning ``adapter``'s gated-attention modules (all the UNet patch runs).
+def module_patcher(module: torch.nn.Module):
+    """A ComfyUI model patcher owning ``module``, so that ComfyUI's memory manager loads and offloads it.
 
     ComfyUI 0.38 builds patch models with ``comfy.model_patcher.CoreModelPatcher``, which main.py rebinds at
     startup to the dynamic-VRAM patcher where that is on (so it is looked up here, at call time); 0.3.x has only
-    ``ModelPatcher``. Make one per loaded adapter and keep it as long as the adapter: every Apply of that
-    IDADAPTER shares it, and with it a single copy of the weights.
+    ``ModelPatcher``. Make one per loaded file and keep it as long as the module: every node using that file
+    shares it, and with it a single copy of the weights.
     """
     import comfy.model_management
     import comfy.model_patcher
 
     patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
-    return patcher_class(adapter.adapters, load_device=comfy.model_management.get_torch_device(),
+    return patcher_class(module, load_device=comfy.model_management.get_torch_device(),
                          offload_device=comfy.model_management.unet_offload_device())
+
+
+def adapter_patcher(adapter: IDAdapter):
+    """The model patcher of ``adapter``'s gated-attention modules (all the UNet patch runs)."""
+    return module_patcher(adapter.adapters)
+
+
+def run_loaded(patcher, *args):
+    """The patcher's module called on ``args``, loaded by ComfyUI's memory manager, on its load device.
+
+    Under --lowvram the manager may leave part of the module offloaded, so the call sees every parameter on the
+    load device as float32 for this call only (a no-op for those already there); nothing keeps that copy.
+    """
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher])
+    module = patcher.model
+    device = patcher.load_device
+    params = {name: p.to(device, torch.float32) for name, p in module.named_parameters()}
+    buffers = {name: b.to(device) for name, b in module.named_buffers()}
+    return torch.func.functional_call(module, {**params, **buffers}, args, strict=True, tie_weights=False)
 
 
 def comfy_attention():
@@ -253,5 +275,31 @@ def inject_identity_tokens(tokens: dict, identifier_ids: dict[str, int], vectors
     for key, rows in tokens.items():
         vector = vectors[key].detach().float().reshape(-1)
         ident = identifier_ids[key]
-        out[key] = [[(vector, *entry[1:]) if entry[0] == ident else entry for entry in row] for row in rows]
+        out[key] = [[(vector, *entry[1:]) if _is_token(entry, ident) else entry for entry in row] for row in rows]
     return out
+
+
+def _is_token(entry: tuple, token_id: int) -> bool:
+    """Whether a ``clip.tokenize`` entry is that token (entries of ``embedding:`` names hold tensors instead)."""
+    return isinstance(entry[0], int) and entry[0] == token_id
+
+
+def place_identity_vectors(tokens: dict, key: str, placeholder_id: int, vectors: torch.Tensor) -> tuple[dict, int]:
+    """Each placeholder entry of encoder ``key``'s rows, in reading order, becomes the next of ``vectors`` [K, D],
+    starting over after K: the prompt was written with every placeholder repeated K times.
+
+    Rows keep their length (ComfyUI adds position embeddings to all 77 places), weights and word ids. Returns the
+    tokens and how many entries were replaced.
+    """
+    vectors = vectors.detach().float()
+    placed = 0
+    rows = []
+    for row in tokens[key]:
+        new_row = []
+        for entry in row:
+            if _is_token(entry, placeholder_id):
+                entry = (vectors[placed % len(vectors)], *entry[1:])
+                placed += 1
+            new_row.append(entry)
+        rows.append(new_row)
+    return {**tokens, key: rows}, placed

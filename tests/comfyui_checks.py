@@ -457,3 +457,126 @@ def node_and_trainer_prompts(work, payload):
     return {"modules": sorted(m for m in ("nodes", "comfyui_idadapter.training.tiny",
                                           "comfyui_idadapter.training.diffusers_binding") if m in sys.modules),
             "results": results}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# AdaFace: an adaface/1 file sized for the tiny checkpoint's CLIP-L (768 wide, CLIP's vocabulary), few layers
+
+
+def _adaface_module():
+    import nodes
+
+    return __import__("sys").modules[nodes.NODE_CLASS_MAPPINGS["IDA_AdaFaceEncode"].__module__]
+
+
+def _random_text_model(ada, layers, multipliers, seed):
+    cfg = ada.TextModelConfig(intermediate_size=64, num_layers=layers, kv_multipliers=multipliers)
+    model = ada.CLIPTextTransformer(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            around = 1.0 if "layer_norm" in name and name.endswith("weight") else 0.0
+            p.copy_(around + torch.randn(p.shape, generator=gen) * 0.02)
+    return cfg, model
+
+
+def make_adafaces(work, payload):
+    """tiny_adaface.safetensors (inverter with K/V multipliers [2, 4], padding embeddings, Arc2Face encoder
+    bundled) and inverter_only.safetensors (no encoder), in models/adaface/."""
+    ada = _adaface_module().ada
+    inverter_cfg, inverter = _random_text_model(ada, 2, [2, 4], seed=7)
+    encoder_cfg, encoder = _random_text_model(ada, 1, [1], seed=8)
+    pad = torch.randn(77, 768, generator=torch.Generator().manual_seed(9)) * 0.02
+    folder = os.path.join(work, "models", "adaface")
+    os.makedirs(folder, exist_ok=True)
+    layer_weights = torch.tensor([[1.0], [2.0], [4.0]])
+    ada.save_adaface(ada.AdaFaceWeights(ada.AdaFaceConfig(inverter_cfg, encoder_cfg), inverter, layer_weights, pad,
+                                        encoder), os.path.join(folder, "tiny_adaface.safetensors"), torch.float16)
+    ada.save_adaface(ada.AdaFaceWeights(ada.AdaFaceConfig(inverter_cfg), inverter, layer_weights),
+                     os.path.join(folder, "inverter_only.safetensors"), torch.float16)
+    return sorted(os.listdir(folder))
+
+
+def _face_embeds(module, count=2, seed=10):
+    vectors = torch.nn.functional.normalize(torch.randn(count, 512, generator=torch.Generator().manual_seed(seed)),
+                                            dim=-1)
+    return module.FaceEmbedsValue(vectors)
+
+
+# 16 words that CLIP keeps as one token each, absent from the test prompts: the reference writes them where the
+# identity goes, with their rows of the token table set to the identity's vectors
+REFERENCE_WORDS = "dog cat car tree house river mountain bird fish book chair table lamp door window road".split()
+
+
+def adaface_conditioning_matches_reference(work, payload):
+    """AdaFace Encode equals encoding the prompt with 16 stand-in words whose token-table rows hold the identity's
+    vectors: placeholder present, absent (appended) and in a prompt longer than 77 tokens."""
+    import nodes
+
+    module = _adaface_module()
+    ada = module.ada
+    _, clip = _load_checkpoint(work)
+    adaface = nodes.NODE_CLASS_MAPPINGS["IDA_LoadAdaFace"].execute("tiny_adaface.safetensors",
+                                                                   module.BUNDLED_ENCODER).result[0]
+    faces = _face_embeds(module)
+    vectors = module.identity_vectors(adaface, faces, 1.0)
+    direct = adaface.patcher.model(faces.embeds, 1.0)  # the arch module, run directly on the CPU
+    long_head = " ".join(["red"] * 70)
+    cases = {"present": ("a photo of z in the snow", "a photo of {} in the snow"),
+             "absent": ("a photo in the snow", "a photo in the snow {}"),
+             "long": (f"{long_head} z, smiling", f"{long_head} {{}}, smiling")}
+    encode = nodes.NODE_CLASS_MAPPINGS["IDA_AdaFaceEncode"]
+    ours = {name: encode.execute(clip, adaface, faces, text, "z", 1.0).result[0] for name, (text, _) in cases.items()}
+
+    ids = [clip.tokenize(word)["l"][0][1][0] for word in REFERENCE_WORDS]
+    single = all(clip.tokenize(word)["l"][0][2][0] == 49407 for word in REFERENCE_WORDS)
+    table = _token_embeddings(clip)["l"]
+    with torch.no_grad():  # edits this CLIP's table in place: it is not used afterwards
+        for token, vector in zip(ids, vectors):
+            table.weight[token] = vector.to(table.weight)
+    written = table.weight[ids].float()
+    out = {"single_token_words": single, "vectors_shape": list(vectors.shape),
+           "vectors_vs_direct": float((vectors - direct).abs().max()),
+           "vectors_vs_table": float((vectors - written).abs().max()),
+           "arc2face_ids": clip.tokenize("photo of a id person")["l"][0][:7] == [
+               (int(t), 1.0) for t in ada.arc2face_prompt_ids()[:7]],
+           "template_ids": [t for t, _ in clip.tokenize("photo of a " + ", " * 18)["l"][0][:23]]
+           == ada.inverter_template_ids(16)[:23].tolist()}
+    for name, (_, reference_text) in cases.items():
+        reference = clip.encode_from_tokens_scheduled(clip.tokenize(reference_text.format(" ".join(REFERENCE_WORDS))))
+        out[name] = {"shape": list(ours[name][0][0].shape), "reference_shape": list(reference[0][0].shape),
+                     "max_diff": float((ours[name][0][0] - reference[0][0]).abs().max())
+                     if ours[name][0][0].shape == reference[0][0].shape else None}
+    return out
+
+
+def saved_embedding_matches_encode(work, payload):
+    """Save AdaFace Embedding writes a TI file that ComfyUI's own embedding loader reads, and embedding:<name>
+    in CLIPTextEncode gives AdaFace Encode's conditioning."""
+    import comfy.sd1_clip
+    import folder_paths
+    import nodes
+
+    module = _adaface_module()
+    adaface = nodes.NODE_CLASS_MAPPINGS["IDA_LoadAdaFace"].execute("tiny_adaface.safetensors",
+                                                                   module.BUNDLED_ENCODER).result[0]
+    faces = _face_embeds(module)
+    save = nodes.NODE_CLASS_MAPPINGS["IDA_SaveAdaFaceEmbedding"]
+    word = save.execute(adaface, faces, 1.0, "tiny_person", False).result[0]
+    clip = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sd15.safetensors")[1]  # with the embeddings folder
+    folder = folder_paths.get_folder_paths("embeddings")
+    loaded = comfy.sd1_clip.load_embed("tiny_person", folder, 768, "clip_l")
+    vectors = module.identity_vectors(adaface, faces, 1.0)
+    ours = nodes.NODE_CLASS_MAPPINGS["IDA_AdaFaceEncode"].execute(clip, adaface, faces, "a photo of z in the snow",
+                                                                  "z", 1.0).result[0]
+    theirs = nodes.CLIPTextEncode().encode(clip, f"a photo of {word} in the snow")[0]
+    try:
+        save.execute(adaface, _face_embeds(module, seed=11), 1.0, "tiny_person", False)
+        second = "written"
+    except Exception as exc:  # the pack's ConfigError
+        second = f"{type(exc).__name__}: {exc}"
+    mode = os.stat(os.path.join(folder[0], "tiny_person.safetensors")).st_mode & 0o777
+    return {"word": word, "loaded_shape": list(loaded.shape), "loaded_diff": float((loaded - vectors).abs().max()),
+            "cond_diff": float((ours[0][0] - theirs[0][0]).abs().max()),
+            "changed_vs_plain": float((ours[0][0] - nodes.CLIPTextEncode().encode(clip, "a photo of in the snow")[0][0][0]).abs().max()),
+            "second_save": second, "mode": oct(mode)}

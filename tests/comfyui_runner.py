@@ -27,7 +27,7 @@ def main():
     folder_paths.set_output_directory(os.path.join(work, "output"))
     folder_paths.set_input_directory(os.path.join(work, "input"))
     folder_paths.add_model_folder_path("custom_nodes", os.path.join(work, "custom_nodes"), is_default=True)
-    for kind in ("checkpoints", "clip_vision"):
+    for kind in ("checkpoints", "clip_vision", "embeddings"):
         folder_paths.add_model_folder_path(kind, os.path.join(work, "models", kind), is_default=True)
 
     import nodes

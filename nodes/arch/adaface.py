@@ -36,6 +36,7 @@ weights are refused.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -53,6 +54,12 @@ ID_START = 4
 NUM_ID_VECS = 16
 ARC2FACE_PROMPT_LENGTH = 22  # "photo of a id person" padded to 22 tokens, as the official encoder is run
 LAYER_NORM_EPS = 1e-5
+# CLIP ViT-L/14's vocabulary (the SD1.5 tokenizer's; the pack's ComfyUI tests check these against it): both
+# templates are fixed, so their ids are constants and neither the nodes nor the trainer need a tokenizer for them.
+START_TOKEN, END_TOKEN = 49406, 49407  # the end token also pads, as SD1.5's tokenizer does
+PHOTO_OF_A = (1125, 539, 320)
+ID_WORD_TOKEN, PERSON_TOKEN, COMMA_TOKEN = 1014, 2533, 267
+INVERTER_PROMPT_LENGTH = 77
 
 
 @dataclass
@@ -203,6 +210,21 @@ def _batched_ids(input_ids: torch.Tensor, batch: int) -> torch.Tensor:
     return ids.expand(batch, -1) if ids.shape[0] == 1 else ids
 
 
+def _padded(ids: list[int], length: int) -> torch.Tensor:
+    return torch.tensor(ids + [END_TOKEN] * (length - len(ids)))
+
+
+def arc2face_prompt_ids() -> torch.Tensor:
+    """"photo of a id person" as the official ID encoder is run: [22] ids."""
+    return _padded([START_TOKEN, *PHOTO_OF_A, ID_WORD_TOKEN, PERSON_TOKEN, END_TOKEN], ARC2FACE_PROMPT_LENGTH)
+
+
+def inverter_template_ids(num_id_vecs: int = NUM_ID_VECS) -> torch.Tensor:
+    """"photo of a " + ", " * (num_id_vecs + 2), the official inverter's input: [77] ids."""
+    ids = [START_TOKEN, *PHOTO_OF_A, *[COMMA_TOKEN] * (num_id_vecs + 2), END_TOKEN]
+    return _padded(ids, INVERTER_PROMPT_LENGTH)
+
+
 def arc2face_prompt_embeds(encoder: CLIPTextTransformer, arcface: torch.Tensor, input_ids: torch.Tensor,
                            id_token_id: int) -> torch.Tensor:
     """ArcFace vectors [N, 512] -> Arc2Face image-prompt embeddings [N, 16, D].
@@ -240,6 +262,66 @@ def invert(inverter: CLIPTextTransformer, face_prompt_embs: torch.Tensor, templa
         raise ConfigError("a strength other than 1 mixes the tokens with the padding embeddings, which this AdaFace "
                           "file does not hold: use strength 1, or a file written with pad_embeddings")
     return out * strength + pad_embeddings[ID_START:ID_START + k].to(out) * (1.0 - strength)
+
+
+def mean_identity(arcface: torch.Tensor) -> torch.Tensor:
+    """Several photos' ArcFace vectors [N, 512] -> their unit mean [1, 512] (the official avg_at_stage='id_emb')."""
+    return F.normalize(F.normalize(arcface.float(), dim=-1).mean(0, keepdim=True), dim=-1)
+
+
+class AdaFaceEncoder(nn.Module):
+    """Face -> AdaFace tokens in one module (what the ComfyUI nodes hand to the memory manager).
+
+    ``forward(arcface [N, 512], strength)`` -> [K, D]: the unit mean of one identity's ArcFace vectors goes through
+    the Arc2Face ID encoder, then through the inverter.
+    """
+
+    def __init__(self, weights: "AdaFaceWeights", arc2face: CLIPTextTransformer):
+        super().__init__()
+        if weights.config.num_id_vecs != NUM_ID_VECS:
+            raise ConfigError(f"this AdaFace inverter takes {weights.config.num_id_vecs} image-prompt embeddings; "
+                              f"the Arc2Face ID encoder gives {NUM_ID_VECS}: use an arc2face inverter")
+        width = arc2face.config.hidden_size
+        if width != weights.config.inverter.hidden_size:
+            raise ConfigError(f"the Arc2Face ID encoder is {width} wide, the inverter "
+                              f"{weights.config.inverter.hidden_size}: use Arc2Face's CLIP-L encoder (768)")
+        self.inverter, self.arc2face = weights.inverter, arc2face
+        self.register_buffer("hidden_state_layer_weights", weights.hidden_state_layer_weights)
+        self.register_buffer("pad_embeddings", weights.pad_embeddings)  # None: strength must stay 1
+
+    def forward(self, arcface: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        identity = mean_identity(arcface).to(self.hidden_state_layer_weights.device)
+        face_prompt = arc2face_prompt_embeds(self.arc2face, identity, arc2face_prompt_ids(), ID_WORD_TOKEN)
+        return invert(self.inverter, face_prompt, inverter_template_ids(face_prompt.shape[1]),
+                      self.hidden_state_layer_weights, self.pad_embeddings, strength)[0]
+
+
+# A CLIP word is a run of letters: the tokenizer splits "z2", "z-axis" and "z's" into "z" and the rest, but keeps
+# "zebra" whole, so the placeholder counts as present where no letter touches it (case-insensitively: CLIP lowercases).
+def _placeholder_pattern(placeholder: str) -> re.Pattern:
+    return re.compile(rf"(?<![^\W\d_]){re.escape(placeholder)}(?![^\W\d_])", re.IGNORECASE)
+
+
+def check_placeholder(placeholder: str) -> str:
+    if not re.fullmatch(r"[^\W\d_]+", placeholder):
+        raise ConfigError(f"the placeholder {placeholder!r} must be one word of letters (default 'z'): it marks "
+                          "where the identity's tokens go in the text")
+    return placeholder
+
+
+def expand_placeholder(text: str, placeholder: str, count: int) -> tuple[str, int]:
+    """The text with each placeholder word written ``count`` times, or with ``count`` of them appended (after a
+    space, as the official AdaFace wrapper appends its tokens) when there is none; and how many there were.
+
+    Written out this way, the tokenizer lays the identity's ``count`` tokens into rows of 77 exactly as it lays
+    out a ``count``-vector embedding, long prompts included; each occurrence is then swapped for its vector.
+    """
+    pattern = _placeholder_pattern(check_placeholder(placeholder))
+    repeated = " ".join([placeholder] * count)
+    expanded, found = pattern.subn(repeated, text)
+    if found:
+        return expanded, found
+    return (f"{text.rstrip()} {repeated}" if text.strip() else repeated), 0
 
 
 @dataclass

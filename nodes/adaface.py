@@ -1,0 +1,232 @@
+"""AdaFace nodes: Load AdaFace, AdaFace Encode, Save AdaFace Embedding.
+
+A face becomes 16 ordinary prompt tokens (the SD1.5 text encoder's input space), so the identity needs no MODEL
+patch and works with any SD1.5 checkpoint, LoRA, ControlNet or AnimateDiff.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import folder_paths
+from comfy_api.latest import io
+
+from . import patches
+from .arch import adaface as ada
+from .arch import adaface_official
+from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
+from .arch.files import write_safetensors
+from .errors import ConfigError, ModelFolderError, PackError
+from .face_nodes import CATEGORY, FaceEmbeds
+
+AdaFaceType = io.Custom("ADAFACE")
+BUNDLED_ENCODER = "(bundled in the inverter file)"
+ENCODER_CONFIG = "config.json"
+OFFICIAL_SUFFIXES = (".pt", ".ckpt")
+# the text encoders ComfyUI's CLIP tokenizes for, by family (reference/comfyui-api.md §4.1)
+FAMILY_OF_ENCODERS = {("l",): "sd15", ("h",): "sd21", ("g", "l"): "sdxl"}
+SD15_ENCODER = "l"
+
+
+@dataclass
+class LoadedAdaFace:
+    """ADAFACE: the face -> tokens module of one inverter file and its Arc2Face encoder, owned by a ComfyUI model
+    patcher (loaded and offloaded by the memory manager), and what the tokens need to be placed."""
+
+    config: ada.AdaFaceConfig
+    family: str
+    patcher: object
+    has_pad_embeddings: bool
+
+
+def _encoder_folders() -> dict[str, str]:
+    """Folders under models/adaface/ holding an Arc2Face encoder (config.json + weights), by their relative name."""
+    found = {}
+    for root in folder_paths.get_folder_paths("adaface"):
+        if not os.path.isdir(root):
+            continue
+        for folder, _dirs, files in os.walk(root, followlinks=True):
+            if ENCODER_CONFIG in files:
+                found.setdefault(os.path.relpath(folder, root).replace(os.sep, "/"), folder)
+    return found
+
+
+def _inverter_files() -> list[str]:
+    """models/adaface/ files, less the weights inside Arc2Face encoder folders."""
+    encoders = [name + "/" for name in _encoder_folders()]
+    return [f for f in folder_paths.get_filename_list("adaface")
+            if not any(f.replace(os.sep, "/").startswith(folder) for folder in encoders)]
+
+
+def _read_inverter(path: str) -> ada.AdaFaceWeights:
+    if path.lower().endswith(OFFICIAL_SUFFIXES):
+        return adaface_official.to_adaface_weights(adaface_official.read_official_adaface(path))
+    return ada.load_adaface(path)
+
+
+_cache: dict = {}
+_cache_lock = threading.Lock()
+
+
+def _file_key(path: str) -> tuple:
+    return path, os.path.getmtime(path), os.path.getsize(path)
+
+
+def load_cached(inverter_path: str, encoder_folder: str | None) -> LoadedAdaFace:
+    encoder_key = None if encoder_folder is None else _file_key(os.path.join(encoder_folder, ENCODER_CONFIG))
+    key = (_file_key(inverter_path), encoder_key)
+    with _cache_lock:
+        if key not in _cache:
+            _cache.clear()  # keep one file resident; another Load node reloads its own
+            weights = _read_inverter(inverter_path)
+            if encoder_folder is not None:
+                encoder = adaface_official.load_arc2face_encoder(encoder_folder)
+            elif weights.arc2face is not None:
+                encoder = weights.arc2face
+            else:
+                raise ModelFolderError(
+                    f"{os.path.basename(inverter_path)} holds no Arc2Face ID encoder: put Arc2Face's 'encoder' "
+                    "folder (config.json + pytorch_model.bin or model.safetensors, from FoivosPar/Arc2Face) into "
+                    "models/adaface/ and choose it as arc2face_encoder, or convert the inverter with "
+                    "tools/convert_adaface.py --arc2face_encoder to bundle it")
+            module = ada.AdaFaceEncoder(weights, encoder)
+            _cache[key] = LoadedAdaFace(weights.config, ada.FAMILY, patches.module_patcher(module),
+                                        weights.pad_embeddings is not None)
+        return _cache[key]
+
+
+class LoadAdaFace(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_LoadAdaFace",
+            display_name="Load AdaFace",
+            category=CATEGORY,
+            description="Loads an AdaFace prompt inverter (ours, adaface/1 safetensors, or an official .pt, read "
+            "without running its pickle) and the Arc2Face ID encoder from models/adaface/.",
+            inputs=[
+                io.Combo.Input("inverter", options=_inverter_files(),
+                               tooltip="adaface/1 .safetensors or an official AdaFace .pt (arc2face branch)"),
+                io.Combo.Input("arc2face_encoder", options=[BUNDLED_ENCODER, *sorted(_encoder_folders())],
+                               tooltip="a folder under models/adaface/ holding Arc2Face's encoder (config.json + "
+                               "weights); or the one bundled in an adaface/1 file"),
+            ],
+            outputs=[AdaFaceType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, inverter, arc2face_encoder) -> io.NodeOutput:
+        inverter_path = folder_paths.get_full_path_or_raise("adaface", inverter)
+        encoder_folder = None
+        if arc2face_encoder != BUNDLED_ENCODER:
+            encoder_folder = _encoder_folders().get(arc2face_encoder)
+            if encoder_folder is None:
+                raise ModelFolderError(f"no Arc2Face encoder folder {arc2face_encoder!r} under models/adaface/ "
+                                       f"(a folder holding {ENCODER_CONFIG} and the weights)")
+        return io.NodeOutput(load_cached(inverter_path, encoder_folder))
+
+
+def identity_vectors(adaface: LoadedAdaFace, face_embeds, strength: float):
+    """The identity's AdaFace tokens [K, D] on the CPU, from all faces of ``face_embeds`` (mean of the unit
+    ArcFace vectors, re-normalised, as the official code averages several photos)."""
+    if not isinstance(face_embeds, FaceEmbedsValue) or len(face_embeds) == 0:
+        raise PackError("face_embeds holds no face: the photos need a detectable face (Face Embed)")
+    if strength != 1.0 and not adaface.has_pad_embeddings:
+        raise ConfigError("a strength other than 1 mixes the tokens with the padding prompt's embeddings, which "
+                          "this AdaFace file does not hold: use strength 1")
+    return patches.run_loaded(adaface.patcher, face_embeds.embeds, strength).cpu()
+
+
+def _family_of(clip) -> str:
+    encoders = tuple(sorted(clip.tokenize("")))
+    return FAMILY_OF_ENCODERS.get(encoders, f"a model with text encoders {list(encoders)}")
+
+
+class AdaFaceEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_AdaFaceEncode",
+            display_name="AdaFace Encode",
+            category=CATEGORY,
+            description="Encodes a prompt with the face's 16 AdaFace tokens where the placeholder word is (any "
+            "SD1.5 checkpoint; no MODEL patch).",
+            inputs=[
+                io.Clip.Input("clip"),
+                AdaFaceType.Input("adaface"),
+                FaceEmbeds.Input("face_embeds", tooltip="one person's faces: several photos are averaged"),
+                io.String.Input("text", multiline=True, default="a photo of z, smiling, in a garden"),
+                io.String.Input("placeholder", default="z",
+                                tooltip="the word replaced by the 16 identity tokens; when the text has none, the "
+                                "tokens are appended at the end (as the official AdaFace does)"),
+                io.Float.Input("strength", default=1.0, min=0.0, max=3.0, step=0.05,
+                               tooltip="the official out_id_embs_cfg_scale: below 1 mixes the tokens towards the "
+                               "padding prompt's, above 1 away from it"),
+            ],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip, adaface, face_embeds, text, placeholder, strength) -> io.NodeOutput:
+        family = _family_of(clip)
+        if family != adaface.family:
+            raise PackError(f"this AdaFace writes {adaface.family} prompt tokens (CLIP-L, "
+                            f"{adaface.config.inverter.hidden_size} wide); the CLIP belongs to {family}: use an "
+                            f"{adaface.family} checkpoint's CLIP")
+        placeholder = ada.check_placeholder(placeholder.strip())
+        word = [e[0] for e in clip.tokenize(placeholder, return_word_ids=True)[SD15_ENCODER][0] if e[2] == 1]
+        if len(word) != 1:
+            raise ConfigError(f"the placeholder {placeholder!r} is {len(word)} CLIP tokens; use a word that is one "
+                              "token, such as 'z'")
+        vectors = identity_vectors(adaface, face_embeds, strength)
+        expanded, found = ada.expand_placeholder(text, placeholder, len(vectors))
+        tokens, placed = patches.place_identity_vectors(clip.tokenize(expanded), SD15_ENCODER, word[0], vectors)
+        if placed != len(vectors) * max(found, 1):
+            raise PackError(f"the placeholder {placeholder!r} was found {found} times in the text but tokenized "
+                            f"{placed / len(vectors):g} times: write it as a separate word, or choose another")
+        return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))
+
+
+EMBEDDING_KEYS = ("clip_l", "emb_params")  # ComfyUI reads clip_l for SD1.5; A1111-style front-ends emb_params
+
+
+class SaveAdaFaceEmbedding(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_SaveAdaFaceEmbedding",
+            display_name="Save AdaFace Embedding",
+            category=CATEGORY,
+            description="Saves the face's 16 AdaFace tokens as a textual-inversion embedding in models/embeddings/: "
+            "any workflow then uses the identity by writing embedding:<name> in a prompt, with no pack node.",
+            inputs=[
+                AdaFaceType.Input("adaface"),
+                FaceEmbeds.Input("face_embeds", tooltip="one person's faces: several photos are averaged"),
+                io.Float.Input("strength", default=1.0, min=0.0, max=3.0, step=0.05),
+                io.String.Input("name", default="adaface_person", tooltip="the file name, used as embedding:<name>"),
+                io.Boolean.Input("overwrite", default=False, tooltip="replace an embedding of that name"),
+            ],
+            outputs=[io.String.Output("embedding", tooltip="embedding:<name>, to write into any prompt")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, adaface, face_embeds, strength, name, overwrite) -> io.NodeOutput:
+        name = name.strip()
+        if not name or name != os.path.basename(name) or name.startswith(".") or ":" in name:
+            raise ConfigError(f"the embedding name {name!r} must be a plain file name (no folders or ':'), "
+                              "e.g. adaface_anna")
+        folder = folder_paths.get_folder_paths("embeddings")[0]
+        path = os.path.join(folder, name + ".safetensors")
+        if os.path.exists(path) and not overwrite:
+            raise ConfigError(f"{path} exists: choose another name or turn on overwrite")
+        vectors = identity_vectors(adaface, face_embeds, strength).float().contiguous()
+        os.makedirs(folder, exist_ok=True)
+        write_safetensors({key: vectors.clone() for key in EMBEDDING_KEYS}, path,
+                          {"format": "adaface-embedding/1", "family": adaface.family})
+        return io.NodeOutput(f"embedding:{name}")
+
+
+ADAFACE_NODES = [LoadAdaFace, AdaFaceEncode, SaveAdaFaceEmbedding]

@@ -1,0 +1,40 @@
+"""AdaFace inside a real ComfyUI (COMFYUI_PATH): the nodes against the tiny checkpoint's CLIP."""
+
+import os
+
+import pytest
+
+from test_comfyui import make_work_dir, needs_comfyui, run_check
+
+pytestmark = needs_comfyui
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    work = make_work_dir(tmp_path_factory.mktemp("comfy_adaface") / "work")
+    run_check(work, "make_sd15_assets", {})
+    assert run_check(work, "make_adafaces", {}) == ["inverter_only.safetensors", "tiny_adaface.safetensors"]
+    return work
+
+
+def test_encode_equals_the_prompt_with_the_identity_in_the_token_table(work):
+    result = run_check(work, "adaface_conditioning_matches_reference", {})
+    assert result["single_token_words"] and result["vectors_shape"] == [16, 768]
+    assert result["arc2face_ids"] and result["template_ids"]  # the constant templates are CLIP's own ids
+    assert result["vectors_vs_direct"] < 1e-6  # through the memory manager = the arch module run directly
+    assert result["vectors_vs_table"] < 1e-3  # the table is fp16: the reference holds the vectors rounded, so the
+    # conditionings agree to fp16 rounding (a misplaced or missing vector differs by ~1)
+    for case, shape in (("present", [1, 77, 768]), ("absent", [1, 77, 768]), ("long", [1, 154, 768])):
+        assert result[case]["shape"] == result[case]["reference_shape"] == shape, (case, result[case])
+        assert result[case]["max_diff"] < 2e-3, (case, result[case])
+
+
+def test_saved_embedding_works_through_comfyuis_embedding_syntax(work):
+    result = run_check(work, "saved_embedding_matches_encode", {})
+    assert result["word"] == "embedding:tiny_person"
+    assert result["loaded_shape"] == [16, 768] and result["loaded_diff"] == 0.0
+    assert result["cond_diff"] < 1e-5 and result["changed_vs_plain"] > 1e-3
+    assert "exists: choose another name or turn on overwrite" in result["second_save"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert result["mode"] == oct(0o666 & ~umask)  # readable as the umask says, like ComfyUI's own files
