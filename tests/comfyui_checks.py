@@ -576,7 +576,8 @@ def saved_embedding_matches_encode(work, payload):
     except Exception as exc:  # the pack's ConfigError
         second = f"{type(exc).__name__}: {exc}"
     mode = os.stat(os.path.join(folder[0], "tiny_person.safetensors")).st_mode & 0o777
+    plain = nodes.CLIPTextEncode().encode(clip, "a photo of person in the snow")[0]
     return {"word": word, "loaded_shape": list(loaded.shape), "loaded_diff": float((loaded - vectors).abs().max()),
             "cond_diff": float((ours[0][0] - theirs[0][0]).abs().max()),
-            "changed_vs_plain": float((ours[0][0] - nodes.CLIPTextEncode().encode(clip, "a photo of in the snow")[0][0][0]).abs().max()),
+            "changed_vs_plain": float((ours[0][0] - plain[0][0]).abs().max()),
             "second_save": second, "mode": oct(mode)}
