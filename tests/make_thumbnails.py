@@ -23,7 +23,7 @@ from comfyui_server import start_server  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "CLIPVisionLoader": "clip_vision",
-                 "IDA_LoadIDAdapter": "idadapter"}
+                 "IDA_LoadIDAdapter": "idadapter", "IDA_LoadAdaFace": "adaface"}
 SIZE = (1600, 900)
 MARGIN = 24
 

@@ -32,7 +32,8 @@ WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
 # loader node type -> (models subfolder, the tiny stand-in made by the fixture) for the name its first widget holds
 STAND_INS = {"CheckpointLoaderSimple": ("checkpoints", "tiny_sd15.safetensors"),
              "CLIPVisionLoader": ("clip_vision", "vit_l.safetensors"),
-             "IDA_LoadIDAdapter": ("idadapter", "tiny.safetensors")}
+             "IDA_LoadIDAdapter": ("idadapter", "tiny.safetensors"),
+             "IDA_LoadAdaFace": ("adaface", "tiny_adaface.safetensors")}
 FAST = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 3}}
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -74,6 +75,7 @@ def server(tmp_path_factory):
     work = make_work_dir(tmp_path_factory.mktemp("comfy_server") / "base")
     run_check(work, "make_sd15_assets", {})
     run_check(work, "make_idadapters", {})
+    run_check(work, "make_adafaces", {})
     _provide_workflow_models(work)
     _bad_adapter_files(work)
     (work / "user" / "default").mkdir(parents=True)
@@ -127,6 +129,13 @@ def _portrait_with(server, **changes):
     return prompt
 
 
+def _adaface_with(server, **inputs):
+    prompt = api_prompt(server, os.path.join(REPO, "example_workflows", "adaface_portrait.json"))
+    for node in prompt.values():
+        node["inputs"].update({k: v for k, v in inputs.items() if k in node["inputs"]})
+    return prompt
+
+
 def test_bad_inputs_fail_with_the_packs_message_and_the_fixed_graph_runs(server):
     face = api_prompt(server, os.path.join(REPO, "example_workflows", "face_embeds.json"))
     no_face = copy.deepcopy(face)
@@ -137,6 +146,10 @@ def test_bad_inputs_fail_with_the_packs_message_and_the_fixed_graph_runs(server)
          "IDA_LoadIDAdapter", "has format None, expected 'idadapter/1'"),
         (_portrait_with(server, **{"6": {"file": "truncated.safetensors"}}), _portrait_with(server),
          "IDA_LoadIDAdapter", "is not a readable safetensors file"),
+        (_adaface_with(server, inverter="inverter_only.safetensors"), _adaface_with(server),
+         "IDA_LoadAdaFace", "holds no Arc2Face ID encoder: put Arc2Face's 'encoder' folder"),
+        (_adaface_with(server, placeholder="z1"), _adaface_with(server),
+         "IDA_AdaFaceEncode", "must be one word of letters"),
     ]
     for bad, fixed, node_type, message in cases:
         entry = server.run(bad)

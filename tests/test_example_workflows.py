@@ -10,7 +10,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
 CORE_NODES = {"LoadImage", "PreviewImage", "SaveImage", "CheckpointLoaderSimple", "CLIPTextEncode", "KSampler",
-              "EmptyLatentImage", "VAEDecode", "CLIPVisionLoader"}
+              "EmptyLatentImage", "VAEDecode", "CLIPVisionLoader", "ConditioningConcat"}
 
 
 def pack_node_ids():
