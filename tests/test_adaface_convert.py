@@ -17,12 +17,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from comfyui_idadapter.nodes.arch import adaface as ada
+from comfyui_idadapter.nodes.arch.adaface_official import (convert_official_adaface, read_official_adaface,
+                                                           to_adaface_weights)
 from comfyui_idadapter.nodes.arch.arc2face import load_arc2face_encoder
-from comfyui_idadapter.nodes.errors import ModelFileError
+from comfyui_idadapter.nodes.errors import ConfigError, ModelFileError
 from test_adaface_arch import FixedTokenEmbeddings
-from test_adaface_official import POSITIONS, WIDTH, WritesMarker
+from test_adaface_official import POSITIONS, WIDTH, WritesMarker, official_classes, save_official
 
-VOCAB, HEADS = 100, 4
+VOCAB, HEADS = 100, 4  # the stand-ins' vocabulary and CLIPTextConfig.num_attention_heads
+MULTIPLIERS = [2] * 6 + [4] * 6  # two official expansions over 12 layers
+# "photo of a " + ", " * (16 + 2) and the end token, in the stand-ins' vocabulary, padded with the end token
+TEMPLATE = torch.tensor([0, 11, 12, 13] + [5] * 18 + [2] * (POSITIONS - 22))
 ID_TOKEN = 7
 ARC2FACE_IDS = torch.tensor([0, 11, 12, 13, ID_TOKEN, 14, 2] + [2] * 15)  # "photo of a id person", 22 tokens
 
@@ -35,6 +40,22 @@ def randomized(module: nn.Module, seed: int) -> nn.Module:
             around = 1.0 if "layer_norm" in name and name.endswith("weight") else 0.0
             p.copy_(around + torch.randn_like(p) * 0.3)
     return module
+
+
+def arc2face_generator(package: str, seed: int = 0, multipliers=MULTIPLIERS):
+    generator = official_classes(package)(16, multipliers)
+    randomized(generator.prompt2token_proj, seed)
+    return generator
+
+
+def reference_inverter(generator) -> ada.CLIPTextTransformer:
+    """Our module holding the stand-in's CLIP weights as they are, built from the sizes the test knows."""
+    cfg = ada.TextModelConfig(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=2 * WIDTH,
+                              num_layers=len(MULTIPLIERS), num_heads=HEADS, max_positions=POSITIONS,
+                              kv_multipliers=MULTIPLIERS)
+    model = ada.CLIPTextTransformer(cfg)
+    model.load_state_dict(generator.prompt2token_proj.state_dict())
+    return model.eval()
 
 
 def tiny_arc2face(seed: int = 5):
@@ -71,6 +92,151 @@ def id_prompt_reference(model, arcface: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).last_hidden_state[:, 4:20]
     finally:
         model.embeddings.token_embedding = original
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("package", ["adaface", "ldm.modules"])
+@pytest.mark.parametrize("joint", [False, True], ids=["single", "joint+encoder"])
+def test_official_checkpoint_converts_to_the_same_tokens(tmp_path, package, joint):
+    generator = arc2face_generator(package)
+    generator.hidden_state_layer_weights.copy_(torch.tensor([[0.5], [1.5], [3.0]]))
+    checkpoint, out = str(tmp_path / "official.pt"), str(tmp_path / "adaface.safetensors")
+    encoder = None
+    if joint:
+        consistent_id = randomized(official_classes(package)(4, [1] * 12), seed=9)
+        save_official(checkpoint, nn.ModuleList([consistent_id, generator]))
+        encoder = tiny_arc2face()
+        save_encoder(encoder, tmp_path / "encoder", "bin")
+    else:
+        save_official(checkpoint, generator)
+
+    convert_official_adaface(checkpoint, out, str(tmp_path / "encoder") if joint else None, dtype=torch.float32)
+    loaded = ada.load_adaface(out)
+
+    assert loaded.config.inverter == ada.TextModelConfig(VOCAB, WIDTH, 2 * WIDTH, 12, HEADS, POSITIONS, MULTIPLIERS)
+    assert loaded.config.num_id_vecs == 16 and loaded.config.hidden_state_layers == 3
+    assert torch.equal(loaded.hidden_state_layer_weights, torch.tensor([[0.5], [1.5], [3.0]]))
+    assert torch.equal(loaded.pad_embeddings, generator.pad_embeddings)
+    reference = reference_inverter(generator)
+    faces = torch.randn(2, 16, WIDTH)
+    for strength in (1.0, 0.5):
+        expected = ada.invert(reference, faces, TEMPLATE, generator.hidden_state_layer_weights,
+                              generator.pad_embeddings, strength)
+        got = ada.invert(loaded.inverter, faces, TEMPLATE, loaded.hidden_state_layer_weights, loaded.pad_embeddings,
+                         strength)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    if joint:
+        arcface = torch.randn(2, 24)
+        torch.testing.assert_close(ada.arc2face_prompt_embeds(loaded.arc2face, arcface, ARC2FACE_IDS, ID_TOKEN),
+                                   id_prompt_reference(encoder, arcface), rtol=0, atol=1e-5)
+    else:
+        assert loaded.arc2face is None
+
+
+@pytest.fixture
+def official(tmp_path):
+    """A freshly read single-form checkpoint (its dict may be edited by the test)."""
+    path = str(tmp_path / "official.pt")
+    save_official(path, arc2face_generator("adaface"))
+    return read_official_adaface(path)
+
+
+def test_reader_carries_what_builds_the_module(official):
+    assert official.num_heads == HEADS and official.multipliers == MULTIPLIERS and official.num_id_vecs == 16
+    assert official.path.endswith("official.pt")
+
+
+def test_head_count_comes_from_the_pickled_config(tmp_path):
+    generator = arc2face_generator("adaface")
+    generator.prompt2token_proj.config.num_attention_heads = 8
+    path = str(tmp_path / "eight.pt")
+    save_official(path, generator)
+    official = read_official_adaface(path)
+    assert official.num_heads == 8
+    assert to_adaface_weights(official).config.inverter.num_heads == 8
+    # without a config the heads are CLIP's 64 wide, which a width of 32 cannot hold
+    del generator.prompt2token_proj.config
+    save_official(path, generator)
+    with pytest.raises(ModelFileError, match="num_attention_heads dividing the width 32.*head width 64"):
+        read_official_adaface(path)
+
+
+@torch.no_grad()
+def test_tensors_the_official_inference_ignores_are_dropped(official):
+    plain = to_adaface_weights(official)
+    state = official.state_dict
+    assert any(name.startswith("obj_proj_in.") for name in state)  # the stand-in's non-face projection
+    state["prompt2token_proj.text_model.embeddings.position_ids"] = torch.arange(POSITIONS).unsqueeze(0)
+    state["static_img_suffix_embs"] = torch.randn(1, 4, WIDTH)
+    state["layerwise_proj.0.weight"] = torch.randn(WIDTH, WIDTH)
+    state["hidden_state_layer_weights_grad_scaler._alpha"] = torch.tensor(5.0)
+    state["latent_queries"] = torch.randn(1, 64, WIDTH)
+    weights = to_adaface_weights(official)
+    for name, tensor in plain.inverter.state_dict().items():
+        assert torch.equal(weights.inverter.state_dict()[name], tensor), name
+    assert all(t.dtype == torch.float32 for t in weights.inverter.state_dict().values())
+
+
+@torch.no_grad()
+def test_float16_checkpoints_convert_to_float32(tmp_path):
+    generator = arc2face_generator("adaface").half()
+    path = str(tmp_path / "half.pt")
+    save_official(path, generator)
+    weights = to_adaface_weights(read_official_adaface(path))
+    for name, tensor in generator.prompt2token_proj.state_dict().items():
+        converted = weights.inverter.state_dict()[name]
+        assert converted.dtype == torch.float32 and torch.equal(converted, tensor.float()), name
+    assert weights.hidden_state_layer_weights.dtype == weights.pad_embeddings.dtype == torch.float32
+    assert torch.equal(weights.hidden_state_layer_weights, generator.hidden_state_layer_weights.float())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update({"prompt2token_proj.text_model.encoder.layers.3.self_attn.rotary.weight": torch.ones(2)}),
+     r"unexpected tensors \['prompt2token_proj.text_model.encoder.layers.3.self_attn.rotary.weight'\]"),
+    (lambda s: s.pop("prompt2token_proj.text_model.final_layer_norm.bias"),
+     r"missing \['prompt2token_proj.text_model.final_layer_norm.bias'\]"),
+    (lambda s: s.update({"prompt2token_proj.text_model.encoder.layers.5.mlp.fc2.weight": torch.ones(WIDTH, 48)}),
+     r"layers.5.mlp.fc2.weight has shape \(32, 48\), expected \(32, 64\)"),
+    (lambda s: s["prompt2token_proj.text_model.encoder.layers.7.self_attn.v_proj.bias"].__setitem__(3, float("nan")),
+     "layers.7.self_attn.v_proj.bias holds NaN"),
+    (lambda s: s["hidden_state_layer_weights"].__setitem__(0, float("inf")), "hidden_state_layer_weights holds NaN"),
+    (lambda s: s.pop("prompt2token_proj.text_model.embeddings.token_embedding.weight"),
+     "expected a matrix prompt2token_proj.text_model.embeddings.token_embedding.weight"),
+], ids=["unknown", "missing", "misshaped", "nan", "inf-layer-weights", "no-token-embedding"])
+def test_conversion_refuses_what_the_inverter_cannot_be_built_from(official, edit, message):
+    edit(official.state_dict)  # hidden_state_layer_weights is the reader's tensor of that name
+    with pytest.raises(ModelFileError, match=message):
+        to_adaface_weights(official)
+
+
+def test_pad_embeddings_are_kept_only_when_they_cover_every_position(official):
+    official.pad_embeddings = torch.randn(POSITIONS + 1, WIDTH)
+    assert to_adaface_weights(official).pad_embeddings is None
+
+
+def test_an_encoder_of_another_width_is_refused(official):
+    encoder = ada.CLIPTextTransformer(ada.TextModelConfig(VOCAB, 16, 32, 1, 2, 22))
+    with pytest.raises(ModelFileError, match="hidden_size 32 \\(the inverter's\\)"):
+        to_adaface_weights(official, encoder)
+
+
+def test_converter_refuses_to_overwrite_and_checks_the_dtype(tmp_path):
+    out = tmp_path / "adaface.safetensors"
+    out.write_bytes(b"precious")
+    with pytest.raises(ConfigError, match="already exists.*--overwrite"):
+        convert_official_adaface(str(tmp_path / "official.pt"), str(out))
+    assert out.read_bytes() == b"precious"
+    with pytest.raises(ConfigError, match="bfloat16 is not one of"):
+        convert_official_adaface(str(tmp_path / "official.pt"), str(out), dtype=torch.bfloat16, overwrite=True)
+
+
+def test_writing_float16_refuses_weights_beyond_its_range(official, tmp_path):
+    official.state_dict["prompt2token_proj.text_model.encoder.layers.2.mlp.fc1.bias"][0] = 1e6
+    weights = to_adaface_weights(official)
+    with pytest.raises(ConfigError, match="layers.2.mlp.fc1.bias holds NaN or infinite values in torch.float16.*"
+                                          "write the file in float32"):
+        ada.save_adaface(weights, str(tmp_path / "half.safetensors"), torch.float16)
+    assert not (tmp_path / "half.safetensors").exists()
 
 
 @torch.no_grad()
