@@ -8,11 +8,14 @@ writes it (model.safetensors) and as transformers 4.x wrote the released one (py
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -24,6 +27,7 @@ from comfyui_idadapter.nodes.errors import ConfigError, ModelFileError
 from test_adaface_arch import FixedTokenEmbeddings
 from test_adaface_official import POSITIONS, WIDTH, WritesMarker, official_classes, save_official
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB, HEADS = 100, 4  # the stand-ins' vocabulary and CLIPTextConfig.num_attention_heads
 MULTIPLIERS = [2] * 6 + [4] * 6  # two official expansions over 12 layers
 # "photo of a " + ", " * (16 + 2) and the end token, in the stand-ins' vocabulary, padded with the end token
@@ -237,6 +241,37 @@ def test_writing_float16_refuses_weights_beyond_its_range(official, tmp_path):
                                           "write the file in float32"):
         ada.save_adaface(weights, str(tmp_path / "half.safetensors"), torch.float16)
     assert not (tmp_path / "half.safetensors").exists()
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, "tools/convert_adaface.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_script_writes_a_loadable_file_and_never_overwrites_silently(tmp_path):
+    checkpoint, out = str(tmp_path / "official.pt"), tmp_path / "adaface.safetensors"
+    save_official(checkpoint, arc2face_generator("ldm.modules"))
+
+    done = run_script("--inverter", checkpoint, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "K/V multipliers [2, 2, 2, 2, 2, 2, 4, 4, 4, 4, 4, 4]" in done.stdout
+    assert "ID vectors: 16" in done.stdout and "Arc2Face ID encoder: not bundled" in done.stdout
+    with safe_open(str(out), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}  # the default dtype
+    assert ada.load_adaface(str(out)).config.inverter.kv_multipliers == MULTIPLIERS
+    written = out.read_bytes()
+
+    refused = run_script("--inverter", checkpoint, "--out", str(out), "--dtype", "fp32")
+    assert refused.returncode == 1 and "already exists" in refused.stderr and "--overwrite" in refused.stderr
+    assert out.read_bytes() == written
+
+    encoder = save_encoder(tiny_arc2face(), tmp_path / "encoder", "safetensors")
+    done = run_script("--inverter", checkpoint, "--out", str(out), "--dtype", "fp32", "--overwrite",
+                      "--arc2face_encoder", str(encoder))
+    assert done.returncode == 0, done.stderr
+    assert "Arc2Face ID encoder: bundled" in done.stdout
+    loaded = ada.load_adaface(str(out))
+    assert loaded.arc2face is not None and loaded.hidden_state_layer_weights.dtype == torch.float32
 
 
 @torch.no_grad()
