@@ -23,6 +23,7 @@ from comfyui_idadapter.nodes.arch.adaface_official import read_official_adaface
 from comfyui_idadapter.nodes.errors import ModelFileError
 
 WIDTH = 32
+POSITIONS = 24  # room for the official inverter template of 16 ID vectors ("photo of a " + ", " * 18: 23 tokens)
 CLIP = "transformers.models.clip.modeling_clip"
 
 
@@ -141,8 +142,8 @@ class CLIPEncoder(nn.Module):
 class CLIPTextEmbeddings(nn.Module):
     def __init__(self):
         super().__init__()
-        self.token_embedding, self.position_embedding = nn.Embedding(100, WIDTH), nn.Embedding(16, WIDTH)
-        self.register_buffer("position_ids", torch.arange(16).unsqueeze(0), persistent=False)
+        self.token_embedding, self.position_embedding = nn.Embedding(100, WIDTH), nn.Embedding(POSITIONS, WIDTH)
+        self.register_buffer("position_ids", torch.arange(POSITIONS).unsqueeze(0), persistent=False)
 
 
 @pickled_as(CLIP, "CLIPTextTransformer")
@@ -181,7 +182,7 @@ def official_classes(package):
             self.layerwise_proj = nn.Identity()
             self.hidden_state_layer_weights = nn.Parameter(torch.tensor([[0.9163], [0.9483], [2.0762]]))
             self.hidden_state_layer_weights_grad_scaler = GradientScaler(5.0)
-            self.pad_embeddings = torch.randn(16, WIDTH)
+            self.pad_embeddings = torch.randn(POSITIONS, WIDTH)
             self.static_img_suffix_embs = None
 
     return SubjBasisGenerator

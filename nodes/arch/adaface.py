@@ -345,29 +345,30 @@ TEXT_MODEL_LIMITS = {"vocab_size": 262144, "hidden_size": 8192, "intermediate_si
 MAX_KV_MULTIPLIER = 64
 
 
-def _refusal(path: str, name: str, expected: str, got) -> ModelFileError:
-    return ModelFileError(f"{path}: config field {name!r} is {got!r}, expected {expected}. {_REWRITE}")
+def _refusal(path: str, name: str, expected: str, got, fix: str = _REWRITE) -> ModelFileError:
+    return ModelFileError(f"{path}: config field {name!r} is {got!r}, expected {expected}. {fix}")
 
 
-def _bounded_int(path: str, name: str, value, low: int, high: int) -> int:
+def bounded_int(path: str, name: str, value, low: int, high: int, fix: str = _REWRITE) -> int:
+    """``value`` when it is an integer from ``low`` to ``high``; else a refusal naming the field, ending in ``fix``."""
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise _refusal(path, name, f"an integer from {low} to {high}", value)
+        raise _refusal(path, name, f"an integer from {low} to {high}", value, fix)
     return value
 
 
-def _text_model_config(raw, name: str, path: str) -> TextModelConfig:
+def _text_model_config(raw, name: str, path: str, fix: str) -> TextModelConfig:
     if not isinstance(raw, dict) or set(raw) != {*TEXT_MODEL_LIMITS, "kv_multipliers"}:
         raise _refusal(path, name, f"a mapping with exactly {sorted({*TEXT_MODEL_LIMITS, 'kv_multipliers'})}",
-                       raw if not isinstance(raw, dict) else sorted(raw))
-    values = {k: _bounded_int(path, f"{name}.{k}", raw[k], 1, limit) for k, limit in TEXT_MODEL_LIMITS.items()}
+                       raw if not isinstance(raw, dict) else sorted(raw), fix)
+    values = {k: bounded_int(path, f"{name}.{k}", raw[k], 1, limit, fix) for k, limit in TEXT_MODEL_LIMITS.items()}
     if values["hidden_size"] % values["num_heads"]:
         raise _refusal(path, f"{name}.num_heads", f"a divisor of hidden_size ({values['hidden_size']})",
-                       values["num_heads"])
+                       values["num_heads"], fix)
     multipliers = raw["kv_multipliers"]
     if not isinstance(multipliers, list) or len(multipliers) != values["num_layers"]:
         raise _refusal(path, f"{name}.kv_multipliers", f"a list of {values['num_layers']} integers (one per layer)",
-                       multipliers)
-    multipliers = [_bounded_int(path, f"{name}.kv_multipliers[{i}]", m, 1, MAX_KV_MULTIPLIER)
+                       multipliers, fix)
+    multipliers = [bounded_int(path, f"{name}.kv_multipliers[{i}]", m, 1, MAX_KV_MULTIPLIER, fix)
                    for i, m in enumerate(multipliers)]
     return TextModelConfig(**values, kv_multipliers=multipliers)
 
@@ -384,22 +385,46 @@ def config_from_metadata(meta: dict[str, str], path: str) -> AdaFaceConfig:
     except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
         raise ModelFileError(f"{path}: the metadata field 'config' is not JSON ({type(exc).__name__}). "
                              f"{_REWRITE}") from exc
+    return checked_config(raw, path)
+
+
+def checked_config(raw, path: str, fix: str = _REWRITE) -> AdaFaceConfig:
+    """The :class:`AdaFaceConfig` of its JSON form (``asdict`` of one), every field typed and bounded: exactly what
+    :func:`load_adaface` accepts. Refusals name ``path`` and end in ``fix`` (how to get a good file)."""
     known = {"inverter", "arc2face", "num_id_vecs", "hidden_state_layers"}
     if not isinstance(raw, dict) or set(raw) != known:
         raise _refusal(path, "config", f"a JSON object with exactly {sorted(known)}",
-                       sorted(raw) if isinstance(raw, dict) else type(raw).__name__)
-    inverter = _text_model_config(raw["inverter"], "inverter", path)
-    arc2face = None if raw["arc2face"] is None else _text_model_config(raw["arc2face"], "arc2face", path)
+                       sorted(raw) if isinstance(raw, dict) else type(raw).__name__, fix)
+    inverter = _text_model_config(raw["inverter"], "inverter", path, fix)
+    arc2face = None if raw["arc2face"] is None else _text_model_config(raw["arc2face"], "arc2face", path, fix)
     if arc2face is not None:
         if set(arc2face.kv_multipliers) != {1}:
             raise _refusal(path, "arc2face.kv_multipliers", "1 for every layer (the ID encoder is plain CLIP)",
-                           arc2face.kv_multipliers)
+                           arc2face.kv_multipliers, fix)
         if arc2face.hidden_size != inverter.hidden_size or arc2face.max_positions < ARC2FACE_PROMPT_LENGTH:
             raise _refusal(path, "arc2face", f"hidden_size {inverter.hidden_size} (the inverter's) and at least "
-                           f"{ARC2FACE_PROMPT_LENGTH} positions", raw["arc2face"])
-    num_id_vecs = _bounded_int(path, "num_id_vecs", raw["num_id_vecs"], 1, inverter.max_positions - ID_START)
-    layers = _bounded_int(path, "hidden_state_layers", raw["hidden_state_layers"], 1, inverter.num_layers + 1)
+                           f"{ARC2FACE_PROMPT_LENGTH} positions", raw["arc2face"], fix)
+    num_id_vecs = bounded_int(path, "num_id_vecs", raw["num_id_vecs"], 1, inverter.max_positions - ID_START, fix)
+    layers = bounded_int(path, "hidden_state_layers", raw["hidden_state_layers"], 1, inverter.num_layers + 1, fix)
     return AdaFaceConfig(inverter, arc2face, num_id_vecs, layers)
+
+
+def checked_layer_weights(layer_weights: torch.Tensor, path: str, fix: str = _REWRITE) -> torch.Tensor:
+    """``hidden_state_layer_weights`` when the mix can divide by their sum (a positive one)."""
+    if not layer_weights.sum() > 0:
+        raise ModelFileError(f"{path}: hidden_state_layer_weights {layer_weights.flatten().tolist()} sum to "
+                             f"{layer_weights.sum().item()}, expected a positive sum. {fix}")
+    return layer_weights
+
+
+def materialized(module: CLIPTextTransformer, state: dict[str, torch.Tensor]) -> CLIPTextTransformer:
+    """``module`` (built on the ``meta`` device) on the CPU in float32, holding ``state``, ready for inference.
+
+    The values are copied into fresh, aligned storage: tensors read from a file sit at arbitrary offsets, where CPU
+    kernels take other paths and give results that differ in the last bit.
+    """
+    module.to_empty(device="cpu").load_state_dict(state)
+    return module.eval().requires_grad_(False)
 
 
 def kv_multipliers_from_shapes(shapes: dict[str, tuple], prefix: str, hidden_size: int, num_layers: int,
@@ -423,16 +448,20 @@ def kv_multipliers_from_shapes(shapes: dict[str, tuple], prefix: str, hidden_siz
 
 
 def save_adaface(weights: AdaFaceWeights, path: str, dtype: torch.dtype = torch.float32) -> None:
-    """Writes ``adaface/1`` atomically."""
-    def plain(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to("cpu", dtype).contiguous()
-
-    tensors = {f"inverter.{k}": plain(v) for k, v in weights.inverter.state_dict().items()}
-    tensors["hidden_state_layer_weights"] = plain(weights.hidden_state_layer_weights)
+    """Writes ``adaface/1`` atomically, in ``dtype``; refuses weights that are not finite in it."""
+    tensors = {f"inverter.{k}": v for k, v in weights.inverter.state_dict().items()}
+    tensors["hidden_state_layer_weights"] = weights.hidden_state_layer_weights
     if weights.pad_embeddings is not None:
-        tensors["pad_embeddings"] = plain(weights.pad_embeddings)
+        tensors["pad_embeddings"] = weights.pad_embeddings
     if weights.arc2face is not None:
-        tensors.update({f"arc2face.{k}": plain(v) for k, v in weights.arc2face.state_dict().items()})
+        tensors.update({f"arc2face.{k}": v for k, v in weights.arc2face.state_dict().items()})
+    tensors = {name: tensor.detach().to("cpu", dtype).contiguous() for name, tensor in tensors.items()}
+    for name, tensor in tensors.items():
+        # a weight beyond float16's range would be written as infinity, which load_adaface refuses
+        if not torch.isfinite(tensor).all():
+            fix = "the weights are damaged" if dtype == torch.float32 else \
+                f"{dtype} holds magnitudes up to {torch.finfo(dtype).max:g}: write the file in float32"
+            raise ConfigError(f"cannot write {path}: {name} holds NaN or infinite values in {dtype}; {fix}")
     write_safetensors(tensors, path, {"format": FORMAT, "family": FAMILY, "config": weights.config.to_json()})
 
 
@@ -456,17 +485,10 @@ def load_adaface(path: str) -> AdaFaceWeights:
             expected.update({f"arc2face.{k}": tuple(v.shape) for k, v in arc2face.state_dict().items()})
         check_shapes(path, f.shapes, expected, "its own config", _REWRITE)
         tensors = f.tensors()
-    layer_weights = tensors["hidden_state_layer_weights"]
-    if not layer_weights.sum() > 0:  # the mix divides by this sum
-        raise ModelFileError(f"{path}: hidden_state_layer_weights {layer_weights.flatten().tolist()} sum to "
-                             f"{layer_weights.sum().item()}, expected a positive sum. {_REWRITE}")
+    layer_weights = checked_layer_weights(tensors["hidden_state_layer_weights"], path)
 
     def module_from(module: CLIPTextTransformer, prefix: str) -> CLIPTextTransformer:
-        # fresh, aligned storage: tensors read from a file sit at arbitrary offsets, where CPU kernels take other
-        # paths and give results that differ in the last bit
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        module.to_empty(device="cpu").load_state_dict(state)
-        return module.eval().requires_grad_(False)
+        return materialized(module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
 
     return AdaFaceWeights(
         config=cfg,
