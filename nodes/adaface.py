@@ -16,6 +16,7 @@ from comfy_api.latest import io
 from . import patches
 from .arch import adaface as ada
 from .arch import adaface_official
+from .arch.arc2face import load_arc2face_encoder
 from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
 from .arch.files import write_safetensors
 from .errors import ConfigError, ModelFolderError, PackError
@@ -82,7 +83,7 @@ def load_cached(inverter_path: str, encoder_folder: str | None) -> LoadedAdaFace
             _cache.clear()  # keep one file resident; another Load node reloads its own
             weights = _read_inverter(inverter_path)
             if encoder_folder is not None:
-                encoder = adaface_official.load_arc2face_encoder(encoder_folder)
+                encoder = load_arc2face_encoder(encoder_folder)
             elif weights.arc2face is not None:
                 encoder = weights.arc2face
             else:

@@ -5,6 +5,7 @@ through ``nodes.NODE_CLASS_MAPPINGS``, as ComfyUI itself does.
 """
 
 import asyncio
+import json
 import os
 
 import torch
@@ -494,7 +495,34 @@ def make_adafaces(work, payload):
                                         encoder), os.path.join(folder, "tiny_adaface.safetensors"), torch.float16)
     ada.save_adaface(ada.AdaFaceWeights(ada.AdaFaceConfig(inverter_cfg), inverter, layer_weights),
                      os.path.join(folder, "inverter_only.safetensors"), torch.float16)
+    # the same encoder as Arc2Face releases it: a transformers CLIPTextModel folder (4.x key names)
+    encoder_folder = os.path.join(folder, "arc2face", "encoder")
+    os.makedirs(encoder_folder)
+    save_file({k: v.half().contiguous() for k, v in encoder.state_dict().items()},
+              os.path.join(encoder_folder, "model.safetensors"))
+    with open(os.path.join(encoder_folder, "config.json"), "w") as f:
+        json.dump({"architectures": ["CLIPTextModel"], "hidden_act": "quick_gelu", "hidden_size": 768,
+                   "intermediate_size": encoder_cfg.intermediate_size, "num_hidden_layers": encoder_cfg.num_layers,
+                   "num_attention_heads": 12, "max_position_embeddings": 77, "vocab_size": 49408,
+                   "layer_norm_eps": 1e-5}, f)
     return sorted(os.listdir(folder))
+
+
+def adaface_encoder_folder(work, payload):
+    """Load AdaFace lists the encoder folder (and not its weights as an inverter); an inverter file with that
+    encoder gives the tokens of the file that bundles the same encoder."""
+    import nodes
+
+    module = _adaface_module()
+    load = nodes.NODE_CLASS_MAPPINGS["IDA_LoadAdaFace"]
+    options = {i.id: i.options for i in load.define_schema().inputs}
+    faces = _face_embeds(module)
+    from_folder = module.identity_vectors(load.execute("inverter_only.safetensors", "arc2face/encoder").result[0],
+                                          faces, 1.0)
+    bundled = module.identity_vectors(load.execute("tiny_adaface.safetensors", module.BUNDLED_ENCODER).result[0],
+                                      faces, 1.0)
+    return {"inverters": options["inverter"], "encoders": options["arc2face_encoder"],
+            "max_diff": float((from_folder - bundled).abs().max())}
 
 
 def _face_embeds(module, count=2, seed=10):

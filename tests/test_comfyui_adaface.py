@@ -13,7 +13,8 @@ pytestmark = needs_comfyui
 def work(tmp_path_factory):
     work = make_work_dir(tmp_path_factory.mktemp("comfy_adaface") / "work")
     run_check(work, "make_sd15_assets", {})
-    assert run_check(work, "make_adafaces", {}) == ["inverter_only.safetensors", "tiny_adaface.safetensors"]
+    assert run_check(work, "make_adafaces", {}) == ["arc2face", "inverter_only.safetensors",
+                                                    "tiny_adaface.safetensors"]
     return work
 
 
@@ -38,3 +39,10 @@ def test_saved_embedding_works_through_comfyuis_embedding_syntax(work):
     umask = os.umask(0)
     os.umask(umask)
     assert result["mode"] == oct(0o666 & ~umask)  # readable as the umask says, like ComfyUI's own files
+
+
+def test_arc2face_encoder_folder_is_offered_and_used(work):
+    result = run_check(work, "adaface_encoder_folder", {})
+    assert result["inverters"] == ["inverter_only.safetensors", "tiny_adaface.safetensors"]  # not the encoder's
+    assert result["encoders"] == ["(bundled in the inverter file)", "arc2face/encoder"]
+    assert result["max_diff"] == 0.0

@@ -335,7 +335,7 @@ class AdaFaceWeights:
     arc2face: CLIPTextTransformer | None = None
 
 
-_WRITER = "Load AdaFace's official-checkpoint converter or training/train_adaface.py"
+_WRITER = "tools/convert_adaface.py (from an official .pt)"
 _REWRITE = f"The file is damaged or was edited: write it again with {_WRITER}"
 # Upper bounds of the config's integers: far above CLIP ViT-L/14 (49408 tokens, width 768, 12 layers of 12 heads,
 # 77 positions; the paper's largest K/V multiplier is 8), low enough that a hostile config cannot make building
