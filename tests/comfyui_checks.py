@@ -609,3 +609,21 @@ def saved_embedding_matches_encode(work, payload):
             "cond_diff": float((ours[0][0] - theirs[0][0]).abs().max()),
             "changed_vs_plain": float((ours[0][0] - plain[0][0]).abs().max()),
             "second_save": second, "mode": oct(mode)}
+
+
+def adaface_refuses_other_families(work, payload):
+    """AdaFace Encode with an SD2.x or SDXL CLIP: the pack's error, naming both families."""
+    import nodes
+
+    module = _adaface_module()
+    adaface = nodes.NODE_CLASS_MAPPINGS["IDA_LoadAdaFace"].execute("tiny_adaface.safetensors",
+                                                                   module.BUNDLED_ENCODER).result[0]
+    encode = nodes.NODE_CLASS_MAPPINGS["IDA_AdaFaceEncode"]
+    messages = {}
+    for family in ("sd21", "sdxl"):
+        try:
+            encode.execute(_random_clip(family), adaface, _face_embeds(module), "a photo of z", "z", 1.0)
+            messages[family] = "encoded"
+        except Exception as exc:
+            messages[family] = f"{type(exc).__name__}: {exc}"
+    return messages

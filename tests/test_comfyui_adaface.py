@@ -46,3 +46,10 @@ def test_arc2face_encoder_folder_is_offered_and_used(work):
     assert result["inverters"] == ["inverter_only.safetensors", "tiny_adaface.safetensors"]  # not the encoder's
     assert result["encoders"] == ["(bundled in the inverter file)", "arc2face/encoder"]
     assert result["max_diff"] == 0.0
+
+
+def test_other_clip_families_are_refused_naming_both(work):
+    result = run_check(work, "adaface_refuses_other_families", {})
+    for family in ("sd21", "sdxl"):
+        assert result[family].startswith("PackError: this AdaFace writes sd15 prompt tokens"), result
+        assert f"the CLIP belongs to {family}" in result[family], result

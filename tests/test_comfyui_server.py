@@ -18,8 +18,10 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from comfyui_server import start_server, ui_to_api
@@ -159,6 +161,37 @@ def test_bad_inputs_fail_with_the_packs_message_and_the_fixed_graph_runs(server)
         entry = server.run(fixed)
         assert entry["status"]["status_str"] == "success", errors(entry) or server.log_tail()
         assert output_images(server, entry)
+
+
+def _image_pixels(server, entry):
+    (image,) = output_images(server, entry)
+    return torch.from_numpy(np.array(Image.open(server.work / image["type"] / image["subfolder"] / image["filename"])))
+
+
+def test_saved_adaface_embedding_works_in_a_plain_prompt(server):
+    """Save AdaFace Embedding over HTTP, then a graph with only ComfyUI's CLIP Text Encode and embedding:<name>
+    samples the very image the AdaFace Encode graph samples."""
+    prompt = api_prompt(server, os.path.join(REPO, "example_workflows", "adaface_portrait.json"))
+    encode_id = next(k for k, node in prompt.items() if node["class_type"] == "IDA_AdaFaceEncode")
+    encode = prompt[encode_id]["inputs"]
+    with_save = copy.deepcopy(prompt)
+    with_save["save_embedding"] = {"class_type": "IDA_SaveAdaFaceEmbedding", "inputs": {
+        "adaface": encode["adaface"], "face_embeds": encode["face_embeds"], "strength": encode["strength"],
+        "name": "served_person", "overwrite": True}}
+    entry = server.run(with_save)
+    assert entry["status"]["status_str"] == "success", errors(entry) or server.log_tail()
+    assert (server.work / "models" / "embeddings" / "served_person.safetensors").is_file()
+    plain = copy.deepcopy(prompt)
+    text = encode["text"].replace("z,", "embedding:served_person,", 1)
+    assert text != encode["text"]
+    plain[encode_id] = {"class_type": "CLIPTextEncode", "inputs": {"clip": encode["clip"], "text": text}}
+    plain_entry = server.run(plain)
+    assert plain_entry["status"]["status_str"] == "success", errors(plain_entry) or server.log_tail()
+    assert torch.equal(_image_pixels(server, plain_entry), _image_pixels(server, entry))
+    # and the identity shows in the image: the prompt with a literal "z" samples another one
+    plain[encode_id]["inputs"]["text"] = encode["text"]
+    literal = server.run(plain)
+    assert not torch.equal(_image_pixels(server, literal), _image_pixels(server, entry))
 
 
 # ---------------------------------------------------------------------------------------------------------
