@@ -9,39 +9,157 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from ..nodes.arch.idadapter import CONFIG_LIMITS, DEFAULT_IDENTIFIER, check_identifier
 from ..nodes.errors import ConfigError, PackError
 
-__all__ = ["ConfigError", "IDAdapterTrainConfig", "parse_args"]
+__all__ = ["ConfigError", "IDAdapterTrainConfig", "TrainConfig", "parse_args"]
 
 # diffusers.optimization.get_scheduler's names that need no option this trainer lacks ("piecewise_constant" needs
 # step rules); listed here so that checking the options does not import diffusers (a test keeps them in sync)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
-# options that decide the shape of the trained tensors (or which models they were trained against): a resumed run
-# must keep the checkpoint's values. Every other option may change on resume; the new value applies from there on.
-# trainer option -> the idadapter/1 config field it sets
+# IDAdapter trainer option -> the idadapter/1 config field it sets
 ADAPTER_CONFIG_FIELDS = {"num_tokens": "num_tokens", "mff_width": "width", "mff_heads": "mff_heads",
                          "embed_dim": "embed_dim", "textual_hidden": "textual_hidden", "num_images": "num_images"}
-ARCHITECTURE_OPTIONS = ("num_tokens", "mff_width", "mff_heads", "embed_dim", "textual_hidden", "num_images", "preset")
 # options that are expected to differ on a resume and are not reported
 RESUME_QUIET = ("resume",)
 
 
 @dataclass
-class IDAdapterTrainConfig:
+class TrainConfig:
+    """The options every trainer has (optimisation, precision, checkpoints, validation, logging); a trainer's config
+    adds its inputs and its method's options, and may give these other defaults."""
+
+    # class-level: the options that decide the trained tensors' shapes or the models they were trained against (a
+    # resume must keep the checkpoint's values; every other option may change, the new value applying from there
+    # on), the path options
+    # that must exist when given, and the presets (values a preset sets unless the command line sets them too)
+    architecture_options: ClassVar[tuple[str, ...]] = ("preset",)
+    path_options: ClassVar[tuple[str, ...]] = ("heldout_dataset",)
+    presets: ClassVar[dict[str, dict]] = {}
+
+    # identities kept out of training (same layout as the dataset) for the held-out check before and after training
+    heldout_dataset: str = ""
+    output_dir: str = "runs/train"
+    cache_dir: str = ""  # face detections/embeddings cache; default <output_dir>/cache
+    batch_size: int = 4
+    learning_rate: float = 1e-5
+    max_steps: int = 10_000
+    # optimisation
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    adam_weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    use_ema: bool = False
+    ema_decay: float = 0.9999
+    seed: int = 0
+    # bookkeeping
+    checkpoint_every: int = 1000
+    checkpoints_total_limit: int = 3  # 0 keeps every checkpoint
+    resume: str = ""  # "latest" or a checkpoint folder
+    validation_every: int = 1000
+    validation_steps: int = 30
+    log_every: int = 10
+    report_to: str = "tensorboard"  # tensorboard | none
+    export_name: str = "weights.safetensors"
+    # --preset tiny: tiny random models and synthetic data, same code path
+    preset: str = ""
+
+    def validate(self) -> None:
+        """Checks every option (fast: no model is loaded); one ConfigError lists every problem found."""
+        problems = []
+        if self.preset not in ("", *self.presets):
+            problems.append(f"--preset must be {' or '.join(repr(p) for p in self.presets)} or absent, "
+                            f"got {self.preset!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            problems.append(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.report_to not in ("tensorboard", "none"):
+            problems.append(f"--report_to must be tensorboard or none, got {self.report_to!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"--{name} must be a finite number, got {value}")
+        for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every", "validation_steps",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name, meaning in (("lr_warmup_steps", "0 or more"), ("adam_weight_decay", "0 or more"),
+                              ("max_grad_norm", "0 (no clipping) or more"), ("validation_every", "0 (off) or more"),
+                              ("checkpoints_total_limit", "0 (keep all) or more")):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must be {meaning}, got {getattr(self, name)}")
+        if not 0.0 < self.ema_decay < 1.0:
+            problems.append(f"--ema_decay must be in (0, 1) (e.g. 0.9999), got {self.ema_decay}")
+        if self.learning_rate <= 0:
+            problems.append(f"--learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--seed must be in [0, 2**32), got {self.seed}")
+        if not self.output_dir:
+            problems.append("--output_dir must not be empty")
+        elif os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            problems.append(f"--output_dir {self.output_dir!r} is a file, not a folder")
+        if self.cache_dir and os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
+            problems.append(f"--cache_dir {self.cache_dir!r} is a file, not a folder")
+        if (not self.export_name.endswith(".safetensors") or os.path.basename(self.export_name) != self.export_name
+                or self.export_name.startswith(".")):
+            problems.append(f"--export_name must be a file name ending in .safetensors (no folder; it is written into "
+                            f"--output_dir), got {self.export_name!r}")
+        problems.extend(self.method_problems())
+        for name in self.path_options:
+            value = getattr(self, name)
+            if value and not os.path.exists(value):
+                problems.append(f"--{name} {value!r} does not exist")
+        if self.resume and not problems:
+            from .loop import resolve_resume
+
+            try:
+                folder, _ = resolve_resume(self.resume, self.output_dir)
+                if folder:
+                    check_resume_config(self, folder)
+            except PackError as exc:  # ConfigError, or a corrupt checkpoint named by --resume
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("invalid training configuration:\n  " + "\n  ".join(problems))
+
+    def method_problems(self) -> list[str]:
+        """The trainer's own checks (its inputs and method options), as messages."""
+        return []
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+
+@dataclass
+class IDAdapterTrainConfig(TrainConfig):
+    architecture_options: ClassVar[tuple[str, ...]] = (
+        "num_tokens", "mff_width", "mff_heads", "embed_dim", "textual_hidden", "num_images", "preset")
+    path_options: ClassVar[tuple[str, ...]] = (
+        "base_model", "clip_vision", "insightface_pack", "arcface", "dataset", "heldout_dataset")
+    presets: ClassVar[dict[str, dict]] = {
+        "tiny": dict(
+            resolution=64, batch_size=2, num_images=2, max_steps=150, learning_rate=3e-3, kv_learning_rate=3e-4,
+            num_tokens=4, mff_width=32, mff_heads=2, embed_dim=32, textual_hidden=64, checkpoint_every=50,
+            validation_every=150, validation_steps=4, log_every=5, id_gate_ratio=0.0,
+            validation_prompts=["a photo of sks"],
+        ),
+    }
+
     # inputs
     base_model: str = ""  # SD1.5/SD2.x/SDXL diffusers folder (model_index.json) or single-file .safetensors/.ckpt
     clip_vision: str = ""  # transformers CLIPVisionModelWithProjection folder (the node side's CLIP_VISION)
     insightface_pack: str = ""  # folder with the detector + ArcFace .onnx (e.g. models/insightface/models/antelopev2)
     arcface: str = ""  # ArcFace weights for the identity loss (.onnx or .pth); default: the pack's recognizer
     dataset: str = ""  # identity folders, see README "Training data"
-    # identities kept out of training (same layout) for the held-out check before and after training: the denoising
-    # loss with the right identity's references must fall below the loss with another identity's (tiny: made for you)
+    # held-out identities: the denoising loss with the right identity's references must fall below the loss with
+    # another identity's (tiny: made for you)
     heldout_dataset: str = ""
     output_dir: str = "runs/idadapter"
-    cache_dir: str = ""  # face detections/embeddings cache; default <output_dir>/cache
     # the paper's settings
     resolution: int = 512
     num_images: int = 4  # N references per identity
@@ -66,54 +184,20 @@ class IDAdapterTrainConfig:
     mff_heads: int = 12
     embed_dim: int = 768
     textual_hidden: int = 1024
-    # optimisation
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    gradient_checkpointing: bool = False
-    use_ema: bool = False
-    ema_decay: float = 0.9999
-    seed: int = 0
-    # bookkeeping
-    checkpoint_every: int = 1000
-    checkpoints_total_limit: int = 3  # 0 keeps every checkpoint
-    resume: str = ""  # "latest" or a checkpoint folder
-    validation_every: int = 1000
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo of sks", "a painting of sks, smiling"])
-    validation_steps: int = 30
-    log_every: int = 10
-    report_to: str = "tensorboard"  # tensorboard | none
     # write each process's examples per step (identity, target and reference files) to
     # <output_dir>/examples/rank-<rank>.jsonl: what each GPU trained on, for auditing data and sharding
     log_examples: bool = False
     export_name: str = "idadapter.safetensors"
-    # --preset tiny: tiny random models and a synthetic identity set, same code path
-    preset: str = ""
     synthetic_identities: int = 6
     synthetic_images: int = 5
     tiny_base_steps: int = 120  # the tiny base UNet is first trained as a plain denoiser (a stand-in for SD)
 
-    def validate(self) -> None:
-        """Checks every option (fast: no model is loaded); one ConfigError lists every problem found."""
+    def method_problems(self) -> list[str]:
         problems = []
-        if self.preset not in ("", "tiny"):
-            problems.append(f"--preset must be 'tiny' or absent, got {self.preset!r}")
         if self.resolution % 8 or self.resolution < 32:
             problems.append(f"--resolution must be a multiple of 8 and at least 32, got {self.resolution}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            problems.append(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.report_to not in ("tensorboard", "none"):
-            problems.append(f"--report_to must be tensorboard or none, got {self.report_to!r}")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            problems.append(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
-        for name, value in dataclasses.asdict(self).items():
-            if isinstance(value, float) and not math.isfinite(value):
-                problems.append(f"--{name} must be a finite number, got {value}")
-        for name in ("num_images", "batch_size", "max_steps", "gradient_accumulation_steps", "num_tokens", "mff_width",
-                     "mff_heads", "embed_dim", "textual_hidden", "checkpoint_every", "validation_steps", "log_every",
+        for name in ("num_images", "num_tokens", "mff_width", "mff_heads", "embed_dim", "textual_hidden",
                      "synthetic_images"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -121,11 +205,9 @@ class IDAdapterTrainConfig:
             if getattr(self, name) > CONFIG_LIMITS[field_name]:
                 problems.append(f"--{name} must be at most {CONFIG_LIMITS[field_name]} (the largest IDAdapter files "
                                 f"the nodes load), got {getattr(self, name)}")
-        for name, meaning in (("cache_mb", "0 (off) or more"), ("lr_warmup_steps", "0 or more"),
-                              ("kv_learning_rate", "0 (= --learning_rate) or more"), ("id_loss_weight", "0 (off) or more"),
-                              ("id_gate_ratio", "0 (gate always on) or more"), ("adam_weight_decay", "0 or more"),
-                              ("max_grad_norm", "0 (no clipping) or more"), ("validation_every", "0 (off) or more"),
-                              ("checkpoints_total_limit", "0 (keep all) or more"), ("tiny_base_steps", "0 or more")):
+        for name, meaning in (("cache_mb", "0 (off) or more"), ("kv_learning_rate", "0 (= --learning_rate) or more"),
+                              ("id_loss_weight", "0 (off) or more"), ("id_gate_ratio", "0 (gate always on) or more"),
+                              ("tiny_base_steps", "0 or more")):
             if getattr(self, name) < 0:
                 problems.append(f"--{name} must be {meaning}, got {getattr(self, name)}")
         if self.synthetic_identities < 2:
@@ -134,53 +216,20 @@ class IDAdapterTrainConfig:
         for name in ("text_dropout", "image_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0.0 < self.ema_decay < 1.0:
-            problems.append(f"--ema_decay must be in (0, 1) (e.g. 0.9999), got {self.ema_decay}")
-        if self.learning_rate <= 0:
-            problems.append(f"--learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.seed < 2**32:
-            problems.append(f"--seed must be in [0, 2**32), got {self.seed}")
         if self.mff_heads >= 1 and self.mff_width % self.mff_heads:
             problems.append(f"--mff_width ({self.mff_width}) must be divisible by --mff_heads ({self.mff_heads})")
         if self.validation_every and not (self.validation_prompts and all(p.strip() for p in self.validation_prompts)):
             problems.append("--validation_prompts must be one or more non-empty prompts while --validation_every is "
                             "not 0 (or set --validation_every 0)")
-        if not self.output_dir:
-            problems.append("--output_dir must not be empty")
-        elif os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
-            problems.append(f"--output_dir {self.output_dir!r} is a file, not a folder")
-        if self.cache_dir and os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
-            problems.append(f"--cache_dir {self.cache_dir!r} is a file, not a folder")
-        if (not self.export_name.endswith(".safetensors") or os.path.basename(self.export_name) != self.export_name
-                or self.export_name.startswith(".")):
-            problems.append(f"--export_name must be a file name ending in .safetensors (no folder; it is written into "
-                            f"--output_dir), got {self.export_name!r}")
         if not self.preset:
             for name in ("base_model", "clip_vision", "insightface_pack", "dataset"):
                 if not getattr(self, name):
                     problems.append(f"--{name} is required (or use --preset tiny)")
-        for name in ("base_model", "clip_vision", "insightface_pack", "arcface", "dataset", "heldout_dataset"):
-            value = getattr(self, name)
-            if value and not os.path.exists(value):
-                problems.append(f"--{name} {value!r} does not exist")
         try:
             check_identifier(self.identifier)
         except ConfigError as exc:
             problems.append(f"--identifier: {exc}")
-        if self.resume and not problems:
-            from .loop import resolve_resume
-
-            try:
-                folder, _ = resolve_resume(self.resume, self.output_dir)
-                if folder:
-                    check_resume_config(self, folder)
-            except PackError as exc:  # ConfigError, or a corrupt checkpoint named by --resume
-                problems.append(str(exc))
-        if problems:
-            raise ConfigError("invalid training configuration:\n  " + "\n  ".join(problems))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+        return problems
 
 
 def resume_changes(config, saved: dict) -> tuple[list[str], list[str]]:
@@ -192,7 +241,7 @@ def resume_changes(config, saved: dict) -> tuple[list[str], list[str]]:
             continue
         old, new = saved[f.name], getattr(config, f.name)
         if old != new:
-            (arch if f.name in ARCHITECTURE_OPTIONS else other).append(f"--{f.name} {old!r} -> {new!r}")
+            (arch if f.name in config.architecture_options else other).append(f"--{f.name} {old!r} -> {new!r}")
     return arch, other
 
 
@@ -212,16 +261,6 @@ def check_resume_config(config, folder: str) -> list[str]:
     return other
 
 
-# values a preset sets unless the command line sets them too
-PRESETS = {
-    "tiny": dict(
-        resolution=64, batch_size=2, num_images=2, max_steps=150, learning_rate=3e-3, kv_learning_rate=3e-4,
-        num_tokens=4, mff_width=32, mff_heads=2, embed_dim=32, textual_hidden=64, checkpoint_every=50,
-        validation_every=150, validation_steps=4, log_every=5, id_gate_ratio=0.0, validation_prompts=["a photo of sks"],
-    ),
-}
-
-
 def parse_args(config_cls, argv=None, description: str = ""):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = config_cls()
@@ -237,7 +276,7 @@ def parse_args(config_cls, argv=None, description: str = ""):
             parser.add_argument(flag, type=type(default), default=None, help=f"(default: {default!r})")
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
-    values = dict(PRESETS.get(given.get("preset", ""), {}))
+    values = dict(config_cls.presets.get(given.get("preset", ""), {}))
     values.update(given)
     config = config_cls(**values)
     config.validate()
