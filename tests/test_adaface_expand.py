@@ -326,3 +326,12 @@ def test_gradients_flow_to_the_expanded_parameters():
     # every copy learns: the noised copies get gradients of their own
     k_weight = model.text_model.encoder.layers[0].self_attn.k_proj.weight
     assert k_weight.grad[HIDDEN:].abs().sum() > 0 and not torch.equal(k_weight.grad[:HIDDEN], k_weight.grad[HIDDEN:])
+
+
+def test_flattened_optimizer_state_grows_like_its_parameter():
+    """Prodigy keeps p0 and s flattened: they grow as the parameter does, and stay flat."""
+    tiling = ada.RowTiling((4, 3), 2)
+    state = torch.arange(12.0)
+    grown = tiling(state)
+    assert grown.shape == (24,)
+    assert torch.equal(grown.view(8, 3), state.view(4, 3).repeat(2, 1))

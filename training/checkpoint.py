@@ -138,6 +138,8 @@ def load_main(folder: str, task, optimizer, scheduler, ema, scaler, device) -> d
     """Restores what ``save_main`` wrote (every process calls this); returns the state.json content."""
     state = read_state(folder)
     trainable = _read(os.path.join(folder, TRAINABLE_FILE))[1]
+    if hasattr(task, "fit_to_state"):  # parameters that grew during the run (AdaFace's model expansion)
+        task.fit_to_state(trainable)
     check_trainable_shapes(folder, task.trainable_state(), trainable)
     task.load_trainable_state(trainable)
 

@@ -271,7 +271,8 @@ def parse_args(config_cls, argv=None, description: str = ""):
             parser.add_argument(flag, type=_parse_bool, default=None, metavar="true|false",
                                 help=f"(default: {default})")
         elif isinstance(default, list):
-            parser.add_argument(flag, nargs="+", default=None, help=f"(default: {default})")
+            item = int if str(f.type) == "list[int]" else str
+            parser.add_argument(flag, nargs="+", type=item, default=None, help=f"(default: {default})")
         else:
             parser.add_argument(flag, type=type(default), default=None, help=f"(default: {default!r})")
     args = parser.parse_args(argv)
@@ -289,3 +290,122 @@ def _parse_bool(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+@dataclass
+class AdaFaceTrainConfig(TrainConfig):
+    """AdaFace's face distillation (the paper's stage 1) with dynamic model expansion."""
+
+    # the K/V multipliers grow during a run and are read back from a checkpoint's shapes; these decide the rest
+    architecture_options: ClassVar[tuple[str, ...]] = ("preset", "inverter_init", "optimizer")
+    path_options: ClassVar[tuple[str, ...]] = (
+        "base_model", "arc2face", "inverter_init", "insightface_pack", "dataset", "heldout_dataset")
+    presets: ClassVar[dict[str, dict]] = {
+        "tiny": dict(
+            resolution=32, batch_size=2, gradient_accumulation_steps=1, max_steps=60, optimizer="adamw",
+            learning_rate=1e-3, distill_steps=2, expand_on_plateau=False, expand_at_steps=[30],
+            expand_factors=["2:0-1"], checkpoint_every=20, validation_every=60, validation_steps=3, log_every=5,
+            validation_prompts=["a photo of z"],
+        ),
+    }
+
+    # inputs
+    base_model: str = ""  # the student's SD1.5 (text encoder and UNet, frozen): diffusers folder or single file
+    arc2face: str = ""  # the teacher: FoivosPar/Arc2Face's folder, holding arc2face/ (UNet) and encoder/ (ID encoder)
+    # where the inverter starts: an adaface/1 file (e.g. an earlier run's export); default the base's text encoder,
+    # which is CLIP ViT-L/14's, as in the paper
+    inverter_init: str = ""
+    insightface_pack: str = ""  # detector + ArcFace .onnx (antelopev2 with Arc2Face's arcface.onnx, as Arc2Face)
+    dataset: str = ""  # face photos in identity folders (README "Training data"); only their ArcFace vectors are used
+    output_dir: str = "runs/adaface"
+    # the paper's settings (stage 1: face distillation)
+    resolution: int = 512
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 2
+    max_steps: int = 240_000
+    optimizer: str = "auto"  # auto (prodigy when prodigyopt is installed, else adamw) | prodigy | adamw
+    prodigy_d_coef: float = 2.0
+    learning_rate: float = 2e-6  # AdamW's (the official configs' base_lr); Prodigy finds its own step size
+    max_grad_norm: float = 0.5  # the official configs' gradient clip
+    # multi-timestep distillation: the student imitates the teacher on this many consecutive denoising steps of
+    # one initial noise (the first at a timestep drawn from the top distill_start of the schedule)
+    distill_steps: int = 3
+    distill_start: float = 0.2
+    # the share of identities drawn as random unit Gaussian vectors instead of real faces (the paper's F_rand)
+    random_face_ratio: float = 0.5
+    distill_prompt: str = "a photo of z"  # the student's prompt; the placeholder becomes the 16 tokens
+    placeholder: str = "z"
+    # dynamic model expansion: each expansion multiplies the K/V copies of some inverter layers, "factor:layers"
+    # ("4:0-11", "2:0-2": the paper's final (8, 8, 8, 4, ..., 4)), in order, when the loss plateaus and/or at
+    # given steps
+    expand_factors: list[str] = field(default_factory=lambda: ["4:0-11", "2:0-2"])
+    expand_on_plateau: bool = True
+    plateau_patience: int = 5000  # optimiser steps without a relative improvement of plateau_threshold
+    plateau_threshold: float = 0.01
+    expand_at_steps: list[int] = field(default_factory=list)
+    expand_noise: float = 0.1  # std of the noise on the new copies, relative to each weight's std
+    validation_prompts: list[str] = field(default_factory=lambda: ["a photo of z", "z in a garden, oil painting"])
+    export_name: str = "adaface.safetensors"
+    bundle_encoder: bool = True  # write the Arc2Face ID encoder into the export: one file for Load AdaFace
+    synthetic_identities: int = 6
+    synthetic_images: int = 3
+
+    def __post_init__(self):
+        if self.optimizer == "auto":  # settled once, so the saved options and a resume agree on it
+            import importlib.util
+
+            self.optimizer = "prodigy" if importlib.util.find_spec("prodigyopt") else "adamw"
+
+    def method_problems(self) -> list[str]:
+        from ..nodes.arch.adaface import check_placeholder, parse_expansion
+
+        problems = []
+        if self.resolution % 8 or self.resolution < 32:
+            problems.append(f"--resolution must be a multiple of 8 and at least 32, got {self.resolution}")
+        if self.optimizer not in ("prodigy", "adamw"):
+            problems.append(f"--optimizer must be auto, prodigy or adamw, got {self.optimizer!r}")
+        elif self.optimizer == "prodigy":
+            import importlib.util
+
+            if not importlib.util.find_spec("prodigyopt"):
+                problems.append("--optimizer prodigy needs the prodigyopt package: pip install prodigyopt (or use "
+                                "--optimizer adamw)")
+        for name in ("distill_steps", "plateau_patience", "synthetic_images"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("prodigy_d_coef",):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("distill_start",):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                problems.append(f"--{name} must be in (0, 1], got {getattr(self, name)}")
+        for name in ("random_face_ratio",):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("plateau_threshold", "expand_noise"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        if self.synthetic_identities < 2:
+            problems.append(f"--synthetic_identities must be at least 2, got {self.synthetic_identities}")
+        try:
+            check_placeholder(self.placeholder)
+        except ConfigError as exc:
+            problems.append(f"--placeholder: {exc}")
+        for text in self.expand_factors:
+            try:
+                parse_expansion(text)
+            except ConfigError as exc:
+                problems.append(f"--expand_factors: {exc}")
+        if any(step < 1 for step in self.expand_at_steps) or sorted(set(self.expand_at_steps)) != self.expand_at_steps:
+            problems.append(f"--expand_at_steps must be increasing step numbers of 1 or more, got {self.expand_at_steps}")
+        if len(self.expand_at_steps) > len(self.expand_factors):
+            problems.append(f"--expand_at_steps names {len(self.expand_at_steps)} expansions, --expand_factors "
+                            f"describes {len(self.expand_factors)}")
+        if self.validation_every and not (self.validation_prompts and all(p.strip() for p in self.validation_prompts)):
+            problems.append("--validation_prompts must be one or more non-empty prompts while --validation_every is "
+                            "not 0 (or set --validation_every 0)")
+        if not self.preset:
+            for name in ("base_model", "arc2face", "insightface_pack", "dataset"):
+                if not getattr(self, name):
+                    problems.append(f"--{name} is required (or use --preset tiny)")
+        return problems

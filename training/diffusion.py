@@ -16,3 +16,14 @@ def predicted_x0(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, times
     if scheduler.config.prediction_type == "v_prediction":
         return alphas.sqrt() * noisy - (1 - alphas).sqrt() * prediction
     return (noisy - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
+
+
+def ddim_step(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, timesteps: torch.Tensor,
+              next_timesteps: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from ``timesteps`` to the smaller ``next_timesteps``, per sample: the clean
+    latents and the noise the prediction implies, recombined at the next noise level."""
+    alphas = scheduler.alphas_cumprod.to(noisy.device)
+    now, later = alphas[timesteps].view(-1, 1, 1, 1), alphas[next_timesteps].view(-1, 1, 1, 1)
+    x0 = predicted_x0(scheduler, noisy, prediction, timesteps)
+    noise = (noisy - now.sqrt() * x0) / (1 - now).sqrt()
+    return later.sqrt() * x0 + (1 - later).sqrt() * noise

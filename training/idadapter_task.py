@@ -80,10 +80,22 @@ def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str, str]
         return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, tiny.tiny_clip_vision(), arcface,
                           analyzer), data_dir, heldout_dir
 
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
-    base = config.base_model
+    base = load_base_model(config.base_model)
+    clip_vision = CLIPVisionModelWithProjection.from_pretrained(config.clip_vision)
+    analyzer, arcface = load_face_models(config.insightface_pack, config.arcface)
+    return Components(base.pop("tokenizer"), base.pop("text_encoder"), base.pop("vae"), base.pop("unet"),
+                      base.pop("noise_scheduler"), clip_vision, arcface, analyzer, **base), config.dataset, \
+        config.heldout_dataset
+
+
+def load_base_model(base: str) -> dict:
+    """A Stable Diffusion base (diffusers folder or single-file checkpoint), offline: tokenizer, text_encoder, vae,
+    unet, noise_scheduler (a DDPMScheduler with the base's schedule) and, for SDXL, tokenizer_2 and text_encoder_2."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
     second = {}  # SDXL's second tokenizer and text encoder (OpenCLIP bigG, with the pooled projection)
     if os.path.isdir(base):
         if not os.path.isfile(os.path.join(base, "model_index.json")):
@@ -111,10 +123,8 @@ def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str, str]
         if getattr(pipe, "text_encoder_2", None) is not None:
             second = dict(tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2)
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    clip_vision = CLIPVisionModelWithProjection.from_pretrained(config.clip_vision)
-    analyzer, arcface = load_face_models(config.insightface_pack, config.arcface)
-    return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, clip_vision, arcface, analyzer,
-                      **second), config.dataset, config.heldout_dataset
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler,
+                **second)
 
 
 def load_face_models(pack_folder: str, arcface: str = "", provider: str = "auto"):
@@ -445,6 +455,11 @@ class IDAdapterTask:
             return self.denoising_loss(self.heldout), self.denoising_loss(self.heldout, shuffle=True)
         finally:
             self.trainable.train(was_training)
+
+    @staticmethod
+    def heldout_line(before, after, when: str) -> str:
+        return (f"denoising loss with the right identity {after[0]:.4f} vs another's {after[1]:.4f} "
+                f"({100 * (1 - after[0] / after[1]):.1f} % lower); {when}: {before[0]:.4f} vs {before[1]:.4f}")
 
     comfyui_folder = "idadapter"  # ComfyUI/models/<this>/, where Load IDAdapter lists files
 

@@ -11,9 +11,12 @@ A trainer supplies a *task* object:
 - ``loss(model, step) -> (loss, logs)``: one micro-batch; everything random in it derives from (seed, step), so
   a resumed run repeats the uninterrupted one exactly;
 - ``validate(model, step) -> list[PIL.Image]`` and ``export(path)``;
-- ``heldout_check() -> (right, shuffled) | None``: a held-out loss with the right condition and with a wrong one,
-  run before and after training to show that it learned; ``describe_export()`` and ``comfyui_folder`` for the
-  closing summary.
+- ``heldout_check() -> (a, b) | None``: held-out losses run before and after training to show that it learned,
+  and ``heldout_line(before, after, when)`` that says what they show; ``describe_export()`` and ``comfyui_folder``
+  for the closing summary;
+- optionally ``after_step(step, logs) -> {parameter: grow} | None``: parameters the task grew in place (AdaFace's
+  dynamic model expansion), with how a tensor of the old shape grows; their optimiser and EMA state follows, and
+  ``fit_to_state(trainable)``, which grows a fresh module to a checkpoint's shapes before it is loaded.
 
 Checkpoints are written to ``checkpoint-<step>.tmp`` and renamed when complete, so killing the process at
 any moment loses at most the steps since the last checkpoint and never leaves a half-written one. They hold
@@ -38,11 +41,12 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 
 import torch
 
-from ..nodes.errors import ConfigError
+from ..nodes.errors import ConfigError, PackError
 from . import checkpoint as ckpt
 from . import outdir
 
@@ -113,6 +117,31 @@ def make_accelerator(config):
     return accelerator
 
 
+def train_from_command_line(config_cls, make_task, argv, description: str) -> str:
+    """A trainer's ``main``: every option checked (before any heavy import), the output folder held, the task built
+    (the main process first: it builds what the others then read) and trained; returns the export's path."""
+    from .config import parse_args
+
+    config = parse_args(config_cls, argv, description=description)
+    accelerator = make_accelerator(config)
+    say = main_print(accelerator)
+    # one run per output folder, and a writable one: checked before anything heavy is built or loaded
+    with outdir.hold(config.output_dir, accelerator, log=say):
+        with accelerator.main_process_first():
+            task = make_task(config, say)
+        return run(task, config, accelerator)
+
+
+def exit_code(main, argv=None) -> int:
+    """Runs a trainer's ``main``; a PackError (bad option, dataset or model file) is one line saying what to fix."""
+    try:
+        main(argv)
+    except PackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main_print(accelerator):
     """``print`` on the main process only (``accelerator.print`` prints once per node)."""
     return print if accelerator.is_main_process else (lambda *args, **kwargs: None)
@@ -141,8 +170,7 @@ def _run(task, config, accelerator) -> str:
     set_seed(config.seed)
     task.setup(accelerator)
     params = [p for p in task.trainable.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(task.param_groups(), lr=config.learning_rate, weight_decay=config.adam_weight_decay,
-                                  fused=accelerator.device.type == "cuda")  # one kernel launch set, not one per tensor
+    optimizer = make_optimizer(task, config, accelerator.device)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                               num_training_steps=config.max_steps * accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(task.trainable, optimizer, scheduler)
@@ -238,6 +266,9 @@ def _run(task, config, accelerator) -> str:
             with accelerator.accumulate(model):
                 loss, logs = task.loss(model, step * config.gradient_accumulation_steps + micro)
                 accelerator.backward(loss)
+                # the graph's nodes hold the parameters' gradient accumulators, which record their shapes: none may
+                # outlive the step, since a task may grow parameters in place between steps (after_step)
+                del loss
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
@@ -250,6 +281,15 @@ def _run(task, config, accelerator) -> str:
         if ema is not None:
             ema.step(params)
         step += 1
+        grown = task.after_step(step, logs) if hasattr(task, "after_step") else None
+        if grown:  # the task grew some parameters in place: their optimiser and EMA state grows the same way
+            from ..nodes.arch.adaface import expand_optimizer_state
+
+            expand_optimizer_state(getattr(optimizer, "optimizer", optimizer), grown)
+            if ema is not None:
+                ema.shadow_params = [grown[p](s) if p in grown else s for p, s in zip(params, ema.shadow_params)]
+            if processes > 1:  # DDP's buckets were sized for the old shapes
+                model = accelerator.prepare_model(task.trainable)
         bar.update(1)
         bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items()})
         if step % config.log_every == 0 and config.report_to != "none":
@@ -277,6 +317,18 @@ def _run(task, config, accelerator) -> str:
     return export_path
 
 
+def make_optimizer(task, config, device):
+    """AdamW at --learning_rate, or with ``config.optimizer == "prodigy"`` Prodigy (the AdaFace paper's choice: a
+    step size it finds itself, scaled by --prodigy_d_coef)."""
+    groups = task.param_groups()
+    if getattr(config, "optimizer", "adamw") == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(groups, lr=1.0, d_coef=config.prodigy_d_coef, weight_decay=config.adam_weight_decay)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.adam_weight_decay,
+                             fused=device.type == "cuda")  # one kernel launch set, not one per tensor
+
+
 def _names(folders: list[str]) -> str:
     return ", ".join(os.path.basename(f) for f in folders)
 
@@ -288,8 +340,7 @@ def summary(task, config, export_path: str, steps: tuple[int, int], seconds: flo
              f"  export      {export_path}", f"              {task.describe_export()}"]
     if after is not None:
         when = "before training" if first == 0 else f"at step {first}"
-        lines.append(f"  held-out    denoising loss with the right identity {after[0]:.4f} vs another's {after[1]:.4f} "
-                     f"({100 * (1 - after[0] / after[1]):.1f} % lower); {when}: {before[0]:.4f} vs {before[1]:.4f}")
+        lines.append(f"  held-out    {task.heldout_line(before, after, when)}")
     else:
         lines.append("  held-out    not checked: pass --heldout_dataset (identities kept out of training, same layout)")
     folder = os.path.join(config.output_dir, "validation")

@@ -32,6 +32,25 @@ def identity_token(text_encoder, input_ids: torch.Tensor, identifier_id: int, ve
         handle.remove()
 
 
+@contextlib.contextmanager
+def placed_tokens(text_encoder, input_ids: torch.Tensor, placeholder_id: int, vectors: torch.Tensor):
+    """While active, the text encoder's input embedding of the k-th placeholder token of each row is that row's
+    vector k (mod K, ``vectors`` [B, K, D]): the prompt was written with each placeholder repeated K times, as
+    AdaFace Encode writes it (``adaface.expand_placeholder``)."""
+    at = input_ids == placeholder_id
+    index = ((at.cumsum(dim=1) - 1).clamp(min=0) % vectors.shape[1]).unsqueeze(-1)
+
+    def replace(module, args, output):
+        chosen = torch.gather(vectors, 1, index.to(vectors.device).expand(-1, -1, vectors.shape[-1]))
+        return torch.where(at.unsqueeze(-1).to(output.device), chosen.to(output.dtype), output)
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class PromptEncoder:
     """``encoder(captions, e_c) -> (context [B, 77, C], added_cond_kwargs or None)`` for one base family."""
 

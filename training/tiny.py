@@ -23,7 +23,7 @@ from .diffusion import training_target
 
 DET_INPUT = 128
 CELL = 32  # the detecting stride: a face is one 32x32 cell of the detector input
-IDENTIFIER_WORDS = ["sks", "person", "woman", "man", "is", "a", "photo", "of", "painting", "smiling", "outdoors",
+IDENTIFIER_WORDS = ["sks", "z", "person", "woman", "man", "is", "a", "photo", "of", "painting", "smiling", "outdoors",
                     "in", "the", "snow", "portrait", "close", "up", ","]
 
 
@@ -122,12 +122,14 @@ def synthetic_image(identity: int, cell: tuple[int, int], size: int, seed: int) 
 CAPTIONS = ["a photo of a person", "a person outdoors", "a portrait of a person", "a close up photo of a person"]
 
 
-def make_synthetic_dataset(root: str, identities: int, images: int, size: int = 64, seed: int = 0) -> str:
-    """Writes the documented dataset layout: ``<root>/<identity>/*.png`` + metadata.jsonl + class_noun.txt."""
+def make_synthetic_dataset(root: str, identities: int, images: int, size: int = 64, seed: int = 0,
+                           first_identity: int = 0) -> str:
+    """Writes the documented dataset layout: ``<root>/<identity>/*.png`` + metadata.jsonl + class_noun.txt, for the
+    identities numbered from ``first_identity`` (other numbers: other people)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    for identity in range(identities):
+    for identity in range(first_identity, first_identity + identities):
         folder = os.path.join(root, f"id{identity:03d}")
         os.makedirs(folder, exist_ok=True)
         lines = []
@@ -303,3 +305,31 @@ def pretrain_base(unet, vae, text_encoder, tokenizer, noise_scheduler, dataset_d
         optimizer.zero_grad(set_to_none=True)
     unet.eval()
     return unet
+
+
+def tiny_clip_l(layers: int, seed: int = 0):
+    """A stand-in for CLIP ViT-L/14's text encoder (AdaFace's inverter and Arc2Face's ID encoder): its width and
+    vocabulary (the inverter's templates use CLIP's token ids), ``layers`` narrow layers, random weights."""
+    from ..nodes.arch import adaface
+
+    model = adaface.CLIPTextTransformer(adaface.TextModelConfig(intermediate_size=64, num_layers=layers))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            around = 1.0 if "layer_norm" in name and name.endswith("weight") else 0.0
+            p.copy_(around + torch.randn(p.shape, generator=gen) * 0.02)
+    return model
+
+
+def fine_tuned(unet, scale: float = 0.05, seed: int = 3):
+    """A copy of ``unet`` with every weight moved by ``scale`` of its own std: a stand-in for a fine-tune of it, as
+    Arc2Face's UNet is of SD1.5's."""
+    import copy
+
+    tuned = copy.deepcopy(unet)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.numel() > 1:
+                p.add_(torch.randn(p.shape, generator=gen) * p.std() * scale)
+    return tuned

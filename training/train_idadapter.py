@@ -20,32 +20,22 @@ if not __package__:  # run as a script: import this checkout as `comfyui_idadapt
     sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_pack)
 
-from comfyui_idadapter.nodes.errors import PackError  # noqa: E402
-from comfyui_idadapter.training.config import IDAdapterTrainConfig, parse_args  # noqa: E402
+from comfyui_idadapter.training.config import IDAdapterTrainConfig  # noqa: E402
+from comfyui_idadapter.training.loop import exit_code, train_from_command_line  # noqa: E402
+
+
+def make_task(config, log):
+    from comfyui_idadapter.training.idadapter_task import IDAdapterTask
+
+    return IDAdapterTask(config, log=log)
 
 
 def main(argv=None) -> str:
-    config = parse_args(IDAdapterTrainConfig, argv, description=__doc__)  # every option checked, before heavy imports
-    from comfyui_idadapter.training import loop, outdir
-    from comfyui_idadapter.training.idadapter_task import IDAdapterTask
-
-    accelerator = loop.make_accelerator(config)
-    say = loop.main_print(accelerator)
-    # one run per output folder, and a writable one: checked before anything heavy is built or loaded
-    with outdir.hold(config.output_dir, accelerator, log=say):
-        # the main process builds what the others then read (tiny assets, the face cache), and reports the dataset once
-        with accelerator.main_process_first():
-            task = IDAdapterTask(config, log=say)
-        return loop.run(task, config, accelerator)
+    return train_from_command_line(IDAdapterTrainConfig, make_task, argv, __doc__)
 
 
 def cli(argv=None) -> int:
-    try:
-        main(argv)
-    except PackError as exc:  # a bad config, dataset or model file: the message says what to fix
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return exit_code(main, argv)
 
 
 if __name__ == "__main__":

@@ -218,15 +218,26 @@ def _padded(ids: list[int], length: int) -> torch.Tensor:
     return torch.tensor(ids + [END_TOKEN] * (length - len(ids)))
 
 
-def arc2face_prompt_ids() -> torch.Tensor:
-    """"photo of a id person" as the official ID encoder is run: [22] ids."""
-    return _padded([START_TOKEN, *PHOTO_OF_A, ID_WORD_TOKEN, PERSON_TOKEN, END_TOKEN], ARC2FACE_PROMPT_LENGTH)
+def arc2face_prompt_ids(length: int = ARC2FACE_PROMPT_LENGTH) -> torch.Tensor:
+    """"photo of a id person" padded to ``length`` ids: 22 where AdaFace runs the ID encoder, 77 where Arc2Face's
+    own pipeline conditions its UNet on it."""
+    return _padded([START_TOKEN, *PHOTO_OF_A, ID_WORD_TOKEN, PERSON_TOKEN, END_TOKEN], length)
 
 
 def inverter_template_ids(num_id_vecs: int = NUM_ID_VECS) -> torch.Tensor:
     """"photo of a " + ", " * (num_id_vecs + 2), the official inverter's input: [77] ids."""
     ids = [START_TOKEN, *PHOTO_OF_A, *[COMMA_TOKEN] * (num_id_vecs + 2), END_TOKEN]
     return _padded(ids, INVERTER_PROMPT_LENGTH)
+
+
+def _with_identity(encoder: CLIPTextTransformer, arcface: torch.Tensor, ids: torch.Tensor,
+                   id_token_id: int) -> torch.Tensor:
+    """The encoder's output for ``ids`` [N, T] with the unit ArcFace vector, zero-padded to the encoder's width, as
+    the token embedding of "id"."""
+    token_embs = encoder.token_embeddings(ids)
+    identity = F.pad(F.normalize(arcface.to(token_embs), dim=-1), (0, token_embs.shape[-1] - arcface.shape[-1]))
+    at_id = (ids == id_token_id).unsqueeze(-1)
+    return encoder(input_token_embs=torch.where(at_id, identity.unsqueeze(1), token_embs))
 
 
 def arc2face_prompt_embeds(encoder: CLIPTextTransformer, arcface: torch.Tensor, input_ids: torch.Tensor,
@@ -239,11 +250,14 @@ def arc2face_prompt_embeds(encoder: CLIPTextTransformer, arcface: torch.Tensor, 
     """
     # causal attention: rows up to 19 never see the tokens after them, so those are not run at all
     ids = _batched_ids(input_ids, arcface.shape[0])[:, :ID_START + NUM_ID_VECS].to(arcface.device)
-    token_embs = encoder.token_embeddings(ids)
-    identity = F.pad(F.normalize(arcface.to(token_embs), dim=-1), (0, token_embs.shape[-1] - arcface.shape[-1]))
-    at_id = (ids == id_token_id).unsqueeze(-1)
-    token_embs = torch.where(at_id, identity.unsqueeze(1), token_embs)
-    return encoder(input_token_embs=token_embs)[:, ID_START:ID_START + NUM_ID_VECS]
+    return _with_identity(encoder, arcface, ids, id_token_id)[:, ID_START:]
+
+
+def arc2face_context(encoder: CLIPTextTransformer, arcface: torch.Tensor) -> torch.Tensor:
+    """ArcFace vectors [N, 512] -> the Arc2Face UNet's text conditioning [N, 77, D], as its pipeline makes it:
+    "photo of a id person" padded to 77 with the face at "id". Its rows 4..19 are :func:`arc2face_prompt_embeds`."""
+    ids = _batched_ids(arc2face_prompt_ids(INVERTER_PROMPT_LENGTH), arcface.shape[0]).to(arcface.device)
+    return _with_identity(encoder, arcface, ids, ID_WORD_TOKEN)
 
 
 def invert(inverter: CLIPTextTransformer, face_prompt_embs: torch.Tensor, template_ids: torch.Tensor,
@@ -316,15 +330,16 @@ def check_placeholder(placeholder: str) -> str:
     return placeholder
 
 
-def expand_placeholder(text: str, placeholder: str, count: int) -> tuple[str, int]:
-    """The text with each placeholder word written ``count`` times, or with ``count`` of them appended (after a
-    space, as the official AdaFace wrapper appends its tokens) when there is none; and how many there were.
+def expand_placeholder(text: str, placeholder: str, count: int, word: str | None = None) -> tuple[str, int]:
+    """The text with each placeholder word written ``count`` times (or ``word`` in its place), or with ``count`` of
+    them appended (after a space, as the official AdaFace wrapper appends its tokens) when there is none; and how
+    many there were.
 
     Written out this way, the tokenizer lays the identity's ``count`` tokens into rows of 77 exactly as it lays
     out a ``count``-vector embedding, long prompts included; each occurrence is then swapped for its vector.
     """
     pattern = _placeholder_pattern(check_placeholder(placeholder))
-    repeated = " ".join([placeholder] * count)
+    repeated = " ".join([word or placeholder] * count)
     expanded, found = pattern.subn(repeated, text)
     if found:
         return expanded, found
@@ -534,6 +549,9 @@ class RowTiling:
         return (self.old_shape[0] * self.factor, *self.old_shape[1:])
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 1 and len(self.old_shape) > 1 and tensor.numel() == math.prod(self.old_shape):
+            # state kept flattened (Prodigy's p0 and s): grown as the parameter, then flattened again
+            return self(tensor.view(self.old_shape)).flatten()
         if tuple(tensor.shape) != self.old_shape:
             raise ConfigError(f"cannot expand a tensor of shape {tuple(tensor.shape)} like a K/V parameter of shape "
                               f"{self.old_shape}: only tensors of that shape (a parameter's optimizer state, taken "
@@ -543,6 +561,25 @@ class RowTiling:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_expansion(text: str, num_layers: int | None = None) -> dict[int, int]:
+    """"factor:first-last" (or "factor:layer", "factor:all") -> {layer: factor}; with ``num_layers`` the layers
+    must exist (without it only the form is checked, and "all" gives an empty dict)."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(all|(\d+)(?:\s*-\s*(\d+))?)\s*", text)
+    if not match:
+        raise ConfigError(f"{text!r} is not 'factor:layers' (e.g. '4:0-11', '2:0', '2:all')")
+    factor = int(match.group(1))
+    if factor < 2:
+        raise ConfigError(f"{text!r}: the factor must be 2 or more")
+    if match.group(2) == "all":
+        return {} if num_layers is None else dict.fromkeys(range(num_layers), factor)
+    first = int(match.group(3))
+    last = int(match.group(4)) if match.group(4) is not None else first
+    if last < first or (num_layers is not None and last >= num_layers):
+        limit = "" if num_layers is None else f" of the {num_layers} layers (0 to {num_layers - 1})"
+        raise ConfigError(f"{text!r}: layers {first}-{last} are not a range{limit}")
+    return dict.fromkeys(range(first, last + 1), factor)
 
 
 def expand_kv(model: CLIPTextTransformer, factors: dict[int, int], noise_std: float = 0.0,
@@ -561,7 +598,9 @@ def expand_kv(model: CLIPTextTransformer, factors: dict[int, int], noise_std: fl
     Linear's ``out_features``, the attention's ``kv_multiplier`` and ``model.config.kv_multipliers[i]`` are updated
     (the config object in place: a config shared with another holder, such as ``AdaFaceWeights.config.inverter``,
     follows). A gradient the expanded parameters hold is dropped (it has the old shape): expand between optimizer
-    steps. Everything is checked before anything changes.
+    steps, with no autograd graph of an earlier step alive (its nodes keep the parameters' gradient accumulators,
+    which remember the old shapes: training.loop drops each step's loss). Everything is checked before anything
+    changes.
 
     Returns, for every parameter whose shape changed, a :class:`RowTiling` that maps a tensor of its old shape to
     its new one the same way (copies, no noise): what :func:`expand_optimizer_state` applies to optimizer state.

@@ -1,0 +1,408 @@
+"""AdaFace training, stage 1 of the paper (face distillation, with dynamic model expansion), as a task for
+``training.loop``.
+
+Teacher: Arc2Face (its ID encoder + its UNet, frozen), conditioned on "photo of a id person" with the face at "id".
+Student: the prompt inverter (trained) -> the SD1.5 text encoder (frozen) with the 16 tokens where the prompt's
+placeholder is (as AdaFace Encode places them) -> the SD1.5 UNet (frozen). Both UNets start from the same pure
+noise at a timestep near the top of the schedule; the teacher then walks ``distill_steps`` DDIM steps down and the
+student predicts the noise at every one of them: the loss is the mean MSE between the two predictions (the paper's
+multi-timestep distillation, Eq. 2). Identities are real faces' ArcFace vectors and random unit Gaussian vectors.
+
+Trainable: the inverter's transformer layers, final layer norm and hidden-state layer weights (its token and
+position embeddings stay CLIP's, as in the official code). Dynamic model expansion multiplies the K/V copies of
+chosen layers when the loss plateaus or at given steps (``adaface.expand_kv``); the loop grows the optimiser and
+EMA state with them, and a resumed run grows the fresh inverter to the checkpoint's shapes first.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nodes.arch import adaface as ada
+from ..nodes.errors import ConfigError
+from . import data as dataset
+from .config import AdaFaceTrainConfig
+from .diffusion import ddim_step
+from .prompts import placed_tokens
+
+DEFAULT_LAYER_WEIGHTS = [[1.0], [2.0], [4.0]]  # the official initial hidden_state_layer_weights
+EXPANSION_STATE = "expansion_state"  # loss EMA, best EMA, step of the last improvement, expansions done
+LOSS_EMA_DECAY = 0.99
+
+
+@dataclass
+class AdaFaceModels:
+    """The frozen models of a run and the inverter it starts from."""
+
+    tokenizer: object  # the student's (SD1.5) tokenizer
+    text_encoder: nn.Module  # SD1.5's CLIP text encoder (transformers)
+    unet: nn.Module  # SD1.5's UNet
+    noise_scheduler: object
+    vae: nn.Module  # for validation images only
+    teacher_unet: nn.Module  # Arc2Face's UNet
+    arc2face: ada.CLIPTextTransformer  # Arc2Face's ID encoder
+    inverter: ada.CLIPTextTransformer  # the inverter's starting weights
+    hidden_state_layer_weights: torch.Tensor
+    analyzer: object  # insightface, for the dataset's faces
+
+
+def inverter_from_text_encoder(text_encoder) -> ada.CLIPTextTransformer:
+    """The inverter's starting point: a copy of a transformers CLIP text encoder (the base's, CLIP ViT-L/14)."""
+    cfg = text_encoder.config
+    if cfg.hidden_act != "quick_gelu":
+        raise ConfigError(f"the base's text encoder uses {cfg.hidden_act}; the inverter is CLIP ViT-L/14's "
+                          "architecture (quick_gelu): use an SD1.5 base")
+    model = ada.CLIPTextTransformer(ada.TextModelConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads, max_positions=cfg.max_position_embeddings))
+    prefix = "text_model."  # transformers 4 writes it, transformers 5 does not
+    state = {k if k.startswith(prefix) else prefix + k: v.detach().float().clone()
+             for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    model.load_state_dict(state)
+    return model
+
+
+def load_models(config: AdaFaceTrainConfig) -> tuple[AdaFaceModels, str, str]:
+    """Loads (or, for --preset tiny, builds) every model; returns them, the dataset folder and the held-out one."""
+    from ..nodes.face import insightface_backend
+
+    if config.preset == "tiny":
+        from . import tiny
+
+        assets = os.path.join(config.output_dir, "tiny_assets")
+        pack = os.path.join(assets, "insightface", "models", "tinypack")
+        if not os.path.isfile(os.path.join(pack, "rec.onnx")):
+            tiny.make_pack(os.path.join(assets, "insightface"), "tinypack")
+        data_dir = config.dataset or os.path.join(assets, "dataset")
+        if not config.dataset and not os.path.isdir(data_dir):
+            tiny.make_synthetic_dataset(data_dir, config.synthetic_identities, config.synthetic_images, size=64,
+                                        seed=config.seed)
+        heldout_dir = config.heldout_dataset or os.path.join(assets, "heldout")
+        if not config.heldout_dataset and not os.path.isdir(heldout_dir):  # other people
+            tiny.make_synthetic_dataset(heldout_dir, 2, 1, size=64, seed=config.seed + 99,
+                                        first_identity=config.synthetic_identities)
+        tokenizer = tiny.tiny_tokenizer(os.path.join(assets, "tokenizer"))
+        unet = tiny.tiny_unet()
+        models = AdaFaceModels(
+            tokenizer=tokenizer, text_encoder=tiny.tiny_text_encoder(len(tokenizer)), unet=unet,
+            noise_scheduler=tiny.tiny_scheduler("epsilon"), vae=tiny.tiny_vae(), teacher_unet=tiny.fine_tuned(unet),
+            arc2face=tiny.tiny_clip_l(layers=1, seed=1), inverter=tiny.tiny_clip_l(layers=2, seed=2),
+            hidden_state_layer_weights=torch.tensor(DEFAULT_LAYER_WEIGHTS),
+            analyzer=insightface_backend.load_analyzer(pack, "CPU", 640))
+        return models, data_dir, heldout_dir
+
+    from diffusers import UNet2DConditionModel
+
+    from ..nodes.arch.arc2face import load_arc2face_encoder
+    from .idadapter_task import load_base_model
+
+    base = load_base_model(config.base_model)
+    if "text_encoder_2" in base or base["unet"].config.cross_attention_dim != 768:
+        raise ConfigError(f"--base_model {config.base_model!r} is not an SD1.5 model; AdaFace's tokens are SD1.5's "
+                          "(CLIP-L, 768 wide)")
+    teacher_folder = os.path.join(config.arc2face, "arc2face")
+    if not os.path.isfile(os.path.join(teacher_folder, "config.json")):
+        raise ConfigError(f"--arc2face {config.arc2face!r} has no arc2face/config.json: expected the folder of "
+                          "FoivosPar/Arc2Face holding arc2face/ (the UNet) and encoder/ (the ID encoder)")
+    if config.inverter_init:
+        start = ada.load_adaface(config.inverter_init)
+        inverter, layer_weights = start.inverter, start.hidden_state_layer_weights
+    else:
+        inverter, layer_weights = inverter_from_text_encoder(base["text_encoder"]), torch.tensor(DEFAULT_LAYER_WEIGHTS)
+    models = AdaFaceModels(
+        tokenizer=base["tokenizer"], text_encoder=base["text_encoder"], unet=base["unet"],
+        noise_scheduler=base["noise_scheduler"], vae=base["vae"],
+        teacher_unet=UNet2DConditionModel.from_pretrained(teacher_folder),
+        arc2face=load_arc2face_encoder(os.path.join(config.arc2face, "encoder")), inverter=inverter,
+        hidden_state_layer_weights=layer_weights,
+        analyzer=insightface_backend.load_analyzer(insightface_backend.check_pack_folder(config.insightface_pack),
+                                                   "auto", 640))
+    return models, config.dataset, config.heldout_dataset
+
+
+class TrainableInverter(nn.Module):
+    """The inverter and its hidden-state layer weights: image-prompt embeddings [B, 16, D] -> tokens [B, 16, D]."""
+
+    def __init__(self, inverter: ada.CLIPTextTransformer, hidden_state_layer_weights: torch.Tensor):
+        super().__init__()
+        self.inverter = inverter
+        self.hidden_state_layer_weights = nn.Parameter(hidden_state_layer_weights.detach().float().clone())
+        self.register_buffer("template", ada.inverter_template_ids(ada.NUM_ID_VECS), persistent=False)
+
+    def forward(self, face_prompt: torch.Tensor) -> torch.Tensor:
+        return ada.invert(self.inverter, face_prompt, self.template, self.hidden_state_layer_weights)
+
+
+class AdaFaceTask:
+    comfyui_folder = "adaface"  # ComfyUI/models/<this>/, where Load AdaFace lists files
+
+    def __init__(self, config: AdaFaceTrainConfig, models: AdaFaceModels | None = None, log=print):
+        self.config = config
+        self.log = log
+        if models is None:
+            models, data_dir, heldout_dir = load_models(config)
+        else:
+            data_dir, heldout_dir = config.dataset, config.heldout_dataset
+        self.m = models
+        cache_dir = config.cache_dir or os.path.join(config.output_dir, "cache")
+        identities, report = dataset.scan_dataset(data_dir, models.analyzer, cache_dir, log=log)
+        self.real_faces = torch.stack([image.embedding for identity in identities for image in identity.images])
+        self.heldout_faces = None
+        if heldout_dir:
+            heldout, _ = dataset.scan_dataset(heldout_dir, models.analyzer, os.path.join(cache_dir, "heldout"),
+                                              log=lambda text: log(f"held-out {text}"))
+            self.heldout_faces = torch.stack([identity.images[0].embedding for identity in heldout])
+
+        inverter = copy.deepcopy(models.inverter).float()
+        width = models.text_encoder.get_input_embeddings().embedding_dim
+        if inverter.config.hidden_size != width or models.arc2face.config.hidden_size != width:
+            raise ConfigError(f"the inverter is {inverter.config.hidden_size} wide and the Arc2Face encoder "
+                              f"{models.arc2face.config.hidden_size}; the base's text encoder takes {width}")
+        if inverter.config.vocab_size <= ada.END_TOKEN:
+            raise ConfigError(f"the inverter's vocabulary has {inverter.config.vocab_size} tokens; it is CLIP ViT-L/14's "
+                              f"({ada.END_TOKEN + 1}), whose ids its input template uses")
+        inverter.text_model.embeddings.requires_grad_(False)  # CLIP's token and position embeddings stay
+        self.trainable = TrainableInverter(inverter, models.hidden_state_layer_weights)
+        for module in (models.text_encoder, models.unet, models.teacher_unet, models.arc2face, models.vae):
+            module.requires_grad_(False).eval()
+
+        tokenizer = models.tokenizer
+        placeholder = tokenizer(config.placeholder, add_special_tokens=False).input_ids
+        if len(placeholder) != 1:
+            raise ConfigError(f"--placeholder {config.placeholder!r} is {len(placeholder)} tokens for the base's "
+                              "tokenizer; use a one-token word such as z")
+        self.placeholder_id = placeholder[0]
+        self.prompt_ids = self._tokenize(config.distill_prompt)
+        plain = ada.expand_placeholder(config.distill_prompt, config.placeholder, 1, word="person")[0]
+        self.plain_prompt_ids = self._tokenize(plain)  # the baseline: the prompt with no identity
+        self.expansion_state = torch.tensor([float("nan"), float("inf"), 0.0, 0.0], dtype=torch.float64)
+
+    def _tokenize(self, text: str) -> torch.Tensor:
+        expanded, _ = ada.expand_placeholder(text, self.config.placeholder, ada.NUM_ID_VECS)
+        return self.m.tokenizer([expanded], padding="max_length", max_length=self.m.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt").input_ids
+
+    # ---- the task interface used by training.loop
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.trainable.parameters() if p.requires_grad]}]
+
+    def setup(self, accelerator):
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                                                torch.float32)
+        for module in (self.m.text_encoder, self.m.unet, self.m.teacher_unet, self.m.arc2face):
+            nn.Module.to(module, self.device, self.weight_dtype)
+        nn.Module.to(self.m.vae, self.device)
+        self.trainable.to(self.device)
+        if self.config.gradient_checkpointing:
+            self.m.unet.enable_gradient_checkpointing()
+            self.m.text_encoder.gradient_checkpointing_enable()
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {f"inverter.{k}": v for k, v in self.trainable.inverter.state_dict().items()
+                 if not k.startswith("text_model.embeddings.")}  # frozen: they come from the starting weights
+        state["hidden_state_layer_weights"] = self.trainable.hidden_state_layer_weights.detach()
+        state[EXPANSION_STATE] = self.expansion_state
+        return state
+
+    def fit_to_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Grows the inverter to the K/V multipliers of a checkpoint written after an expansion."""
+        cfg = self.trainable.inverter.config
+        shapes = {k[len("inverter."):]: tuple(v.shape) for k, v in state.items() if k.startswith("inverter.")}
+        multipliers = ada.kv_multipliers_from_shapes(shapes, "", cfg.hidden_size, cfg.num_layers, "the checkpoint")
+        if multipliers != cfg.kv_multipliers:
+            ada.expand_to_multipliers(self.trainable.inverter, multipliers)
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        inverter = {k[len("inverter."):]: v for k, v in state.items() if k.startswith("inverter.")}
+        missing, unexpected = self.trainable.inverter.load_state_dict(inverter, strict=False)
+        if unexpected or any(not k.startswith("text_model.embeddings.") for k in missing):
+            raise ConfigError(f"the checkpoint's inverter does not fit this run's: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            self.trainable.hidden_state_layer_weights.copy_(state["hidden_state_layer_weights"])
+        self.expansion_state = state[EXPANSION_STATE].to(torch.float64).clone()
+
+    def pad_embeddings(self) -> torch.Tensor:
+        """CLIP's embeddings of the empty prompt, positions included: what ``strength`` < 1 mixes towards."""
+        embeddings = self.trainable.inverter.text_model.embeddings
+        ids = ada.inverter_template_ids(0)
+        ids[1:] = ada.END_TOKEN
+        ids = ids.to(embeddings.token_embedding.weight.device)
+        return (embeddings.token_embedding(ids) + embeddings.position_embedding.weight[:len(ids)]).detach()
+
+    def export(self, path: str) -> None:
+        cfg = self.config
+        inverter = self.trainable.inverter
+        arc2face = self.m.arc2face if cfg.bundle_encoder else None
+        weights = ada.AdaFaceWeights(
+            config=ada.AdaFaceConfig(copy.deepcopy(inverter.config),
+                                     copy.deepcopy(arc2face.config) if arc2face is not None else None),
+            inverter=inverter, hidden_state_layer_weights=self.trainable.hidden_state_layer_weights.detach(),
+            pad_embeddings=self.pad_embeddings(), arc2face=arc2face)
+        ada.save_adaface(weights, path, torch.float32 if cfg.preset == "tiny" else torch.float16)
+
+    # ---- one step
+
+    def _rank(self) -> tuple[int, int]:
+        accelerator = getattr(self, "accelerator", None)
+        return (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+
+    def _generator(self, step: int, salt: int) -> torch.Generator:
+        rank = self._rank()[0]
+        return torch.Generator().manual_seed(((self.config.seed * 1_000_003 + step) * 97 + salt) * 131 + rank)
+
+    def sample_faces(self, count: int, gen: torch.Generator) -> torch.Tensor:
+        """Unit ArcFace vectors [count, 512]: a real face's, or with probability --random_face_ratio a random one."""
+        real = self.real_faces[torch.randint(len(self.real_faces), (count,), generator=gen)]
+        random = F.normalize(torch.randn(count, ada.ARCFACE_DIM, generator=gen), dim=-1)
+        use_random = torch.rand(count, generator=gen) < self.config.random_face_ratio
+        return torch.where(use_random.unsqueeze(-1), random, real)
+
+    def sample_timesteps(self, count: int, gen: torch.Generator) -> torch.Tensor:
+        """[distill_steps, count] strictly decreasing per column: the first from the top --distill_start of the
+        schedule, the others below it."""
+        total = self.m.noise_scheduler.config.num_train_timesteps
+        low = max(int(total * (1 - self.config.distill_start)), self.config.distill_steps - 1)
+        first = torch.randint(low, total, (count,), generator=gen)
+        columns = []
+        for t in first.tolist():
+            below = torch.randperm(t, generator=gen)[:self.config.distill_steps - 1].sort(descending=True).values
+            columns.append(torch.cat([torch.tensor([t]), below]))
+        return torch.stack(columns, dim=1)
+
+    def student_context(self, tokens: torch.Tensor, prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The SD1.5 text encoder's output for the prompt with the tokens [B, 16, D] at its placeholders."""
+        ids = (self.prompt_ids if prompt_ids is None else prompt_ids).expand(len(tokens), -1).to(self.device)
+        with placed_tokens(self.m.text_encoder, ids, self.placeholder_id, tokens):
+            return self.m.text_encoder(ids)[0]
+
+    def distillation_loss(self, model, faces: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                          plain: bool = False) -> torch.Tensor:
+        """Mean MSE between the student's and the teacher's predictions along the teacher's DDIM path; with
+        ``plain`` the student gets the prompt without the identity (the baseline)."""
+        faces, noise, timesteps = faces.to(self.device), noise.to(self.device), timesteps.to(self.device)
+        with torch.no_grad():
+            context = ada.arc2face_context(self.m.arc2face, faces.to(self.weight_dtype))
+        if plain:
+            student_context = self.m.text_encoder(self.plain_prompt_ids.expand(len(faces), -1).to(self.device))[0]
+        else:
+            tokens = model(context[:, ada.ID_START:ada.ID_START + ada.NUM_ID_VECS].float())
+            student_context = self.student_context(tokens.to(self.weight_dtype))
+        latents, loss = noise.to(self.weight_dtype), 0.0
+        for i, t in enumerate(timesteps):
+            with torch.no_grad():
+                teacher = self.m.teacher_unet(latents, t, encoder_hidden_states=context).sample
+            student = self.m.unet(latents, t, encoder_hidden_states=student_context).sample
+            loss = loss + F.mse_loss(student.float(), teacher.float())
+            if i + 1 < len(timesteps):
+                with torch.no_grad():
+                    latents = ddim_step(self.m.noise_scheduler, latents.float(), teacher.float(), t,
+                                        timesteps[i + 1]).to(self.weight_dtype)
+        return loss / len(timesteps)
+
+    def _noise(self, count: int, gen: torch.Generator) -> torch.Tensor:
+        side = self.config.resolution // 8
+        return torch.randn(count, self.m.unet.config.in_channels, side, side, generator=gen)
+
+    def loss(self, model, step: int):
+        gen = self._generator(step, 0)
+        count = self.config.batch_size
+        loss = self.distillation_loss(model, self.sample_faces(count, gen), self._noise(count, gen),
+                                      self.sample_timesteps(count, gen))
+        return loss, {"loss": loss.detach()}
+
+    # ---- dynamic model expansion
+
+    def after_step(self, step: int, logs: dict):
+        """Expands the inverter when the loss has plateaued or at --expand_at_steps; returns how the grown
+        parameters grew (for the loop to grow their optimiser state), else None."""
+        cfg = self.config
+        ema, best, last_improved, done = self.expansion_state.tolist()
+        done = int(done)
+        loss = float(logs["loss"])
+        ema = loss if ema != ema else LOSS_EMA_DECAY * ema + (1 - LOSS_EMA_DECAY) * loss  # ema != ema: not started
+        if ema < best * (1 - cfg.plateau_threshold):
+            best, last_improved = ema, step
+        due = done < len(cfg.expand_factors) and (
+            step in cfg.expand_at_steps or (cfg.expand_on_plateau and step - last_improved >= cfg.plateau_patience))
+        grown = None
+        if due:
+            inverter = self.trainable.inverter
+            factors = ada.parse_expansion(cfg.expand_factors[done], inverter.config.num_layers)
+            gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + step)
+            grown = ada.expand_kv(inverter, factors, cfg.expand_noise, gen)
+            done += 1
+            best, last_improved = float("inf"), step  # the grown model's loss starts a new plateau search
+            self.log(f"step {step}: expanded the inverter's keys/values ({cfg.expand_factors[done - 1]}); "
+                     f"K/V multipliers now {inverter.config.kv_multipliers}")
+        self.expansion_state = torch.tensor([ema, best, last_improved, done], dtype=torch.float64)
+        return grown
+
+    # ---- evaluation and validation
+
+    @torch.no_grad()
+    def heldout_check(self) -> tuple[float, float] | None:
+        """The distillation loss on held-out faces (plus two fixed random ones) at fixed noise and timesteps: with
+        the inverter's tokens, and with a plain prompt ("person" for the placeholder) as the baseline."""
+        if self.heldout_faces is None:
+            return None
+        gen = torch.Generator().manual_seed(123)
+        faces = torch.cat([self.heldout_faces, F.normalize(torch.randn(2, ada.ARCFACE_DIM, generator=gen), dim=-1)])
+        noise, timesteps = self._noise(len(faces), gen), self.sample_timesteps(len(faces), gen)
+        was_training = self.trainable.training
+        self.trainable.eval()
+        try:
+            return (self.distillation_loss(self.trainable, faces, noise, timesteps).item(),
+                    self.distillation_loss(self.trainable, faces, noise, timesteps, plain=True).item())
+        finally:
+            self.trainable.train(was_training)
+
+    @staticmethod
+    def heldout_line(before, after, when: str) -> str:
+        return (f"distillation loss (student vs teacher) with the tokens {after[0]:.4f}, with a plain prompt "
+                f"{after[1]:.4f}; {when}: {before[0]:.4f} and {before[1]:.4f}")
+
+    def describe_export(self) -> str:
+        multipliers = self.trainable.inverter.config.kv_multipliers
+        bundled = " + the Arc2Face ID encoder" if self.config.bundle_encoder else ""
+        if self.config.preset == "tiny":
+            return f"AdaFace inverter (K/V multipliers {multipliers}){bundled} for the tiny test models only"
+        return f"AdaFace inverter (K/V multipliers {multipliers}){bundled}, for Load AdaFace (SD1.5)"
+
+    @torch.no_grad()
+    def validate(self, model, step: int):
+        """Images of the first held-out face (else a dataset face) for each validation prompt, with CFG."""
+        from diffusers import DDIMScheduler
+        from PIL import Image
+
+        from .idadapter_task import sd_pipelines
+
+        pipeline_class = sd_pipelines()[0]
+        pipe = pipeline_class(vae=self.m.vae, text_encoder=self.m.text_encoder, tokenizer=self.m.tokenizer,
+                              unet=self.m.unet, scheduler=DDIMScheduler.from_config(self.m.noise_scheduler.config),
+                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        face = (self.heldout_faces if self.heldout_faces is not None else self.real_faces)[:1].to(self.device)
+        context = ada.arc2face_context(self.m.arc2face, face.to(self.weight_dtype))
+        tokens = self.accelerator.unwrap_model(model)(context[:, ada.ID_START:ada.ID_START + ada.NUM_ID_VECS].float())
+        empty = self.m.tokenizer([""], padding="max_length", max_length=self.m.tokenizer.model_max_length,
+                                 return_tensors="pt").input_ids
+        negative = self.m.text_encoder(empty.to(self.device))[0]
+        images = []
+        for i, prompt in enumerate(self.config.validation_prompts):
+            text = self.student_context(tokens.to(self.weight_dtype), self._tokenize(prompt))
+            out = pipe(prompt_embeds=text, negative_prompt_embeds=negative, num_inference_steps=self.config.validation_steps,
+                       guidance_scale=5.0, height=self.config.resolution, width=self.config.resolution,
+                       output_type="np", generator=torch.Generator().manual_seed(i))
+            images.append(Image.fromarray((np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)))
+        return images
