@@ -1,8 +1,14 @@
-"""One IDAdapter training step at real size: step time, peak memory and achieved TFLOP/s.
+"""One training step at real size: step time, peak memory and achieved TFLOP/s.
 
-    python bench/train_step.py                                   # SD2.1-size, 512x512, batch 4, bf16, on CUDA
+    python bench/train_step.py                                   # IDAdapter, SD2.1-size, 512x512, batch 4, bf16, CUDA
     python bench/train_step.py --gradient_checkpointing false
+    python bench/train_step.py --method adaface                  # AdaFace's face distillation, SD1.5/Arc2Face size
     ./dev python bench/train_step.py --device cpu --resolution 256 --batch 1 --steps 1   # a CPU smoke run
+
+AdaFace (--method adaface): random weights at SD1.5's sizes (UNet, CLIP-L text encoder) for the student and
+Arc2Face's (an SD1.5-size UNet, a CLIP-L ID encoder) for the teacher, the inverter a CLIP-L with K/V multipliers
+--multipliers (the paper's final (8, 8, 8, 4, ..., 4) by default), the trainer's own step
+(training/adaface_task.py: 3 distillation steps, batch 4 as in the paper).
 
 Random weights at the published sizes (SD2.1 UNet/VAE/OpenCLIP-H text encoder, CLIP ViT-H/14 vision, ArcFace
 IResNet-100), the trainer's own step (training/idadapter_task.py: MFF + text token + gated adapters +
@@ -30,7 +36,9 @@ _spec.loader.exec_module(_pack)
 
 from comfyui_idadapter.nodes.arch.iresnet import IRESNET_LAYERS, IResNet  # noqa: E402
 from comfyui_idadapter.training import tiny  # noqa: E402
-from comfyui_idadapter.training.config import IDAdapterTrainConfig  # noqa: E402
+from comfyui_idadapter.nodes.arch import adaface as ada  # noqa: E402
+from comfyui_idadapter.training.adaface_task import DEFAULT_LAYER_WEIGHTS, AdaFaceModels, AdaFaceTask  # noqa: E402
+from comfyui_idadapter.training.config import AdaFaceTrainConfig, IDAdapterTrainConfig  # noqa: E402
 from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PerImageCache  # noqa: E402
 
 
@@ -61,6 +69,33 @@ def sd21_components(device, tokenizer, pack):
     return Components(tokenizer, text, vae, unet, scheduler, vision, arcface.eval(), analyzer)
 
 
+def adaface_task(device, tokenizer, pack, dataset, args):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from comfyui_idadapter.nodes.face import insightface_backend
+
+    def sd15_unet():
+        return UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+
+    with torch.device(device):
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                            hidden_act="quick_gelu", bos_token_id=len(tokenizer) - 2,
+                                            eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1))
+        inverter = ada.CLIPTextTransformer(ada.TextModelConfig())
+        ada.expand_to_multipliers(inverter, args.multipliers)
+        models = AdaFaceModels(
+            tokenizer=tokenizer, text_encoder=text, unet=sd15_unet(), noise_scheduler=tiny.tiny_scheduler("epsilon"),
+            vae=tiny.tiny_vae(), teacher_unet=sd15_unet(), arc2face=ada.CLIPTextTransformer(ada.TextModelConfig()),
+            inverter=inverter, hidden_state_layer_weights=torch.tensor(DEFAULT_LAYER_WEIGHTS),
+            analyzer=insightface_backend.load_analyzer(pack, "CPU"))
+    config = AdaFaceTrainConfig(dataset=dataset, output_dir=os.path.dirname(dataset), resolution=args.resolution,
+                                batch_size=args.batch, gradient_checkpointing=args.gradient_checkpointing == "true",
+                                mixed_precision=args.mixed_precision, report_to="none", optimizer="adamw")
+    return AdaFaceTask(config, models, log=lambda *a: None), "AdaFace face distillation, SD1.5/Arc2Face size"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -70,6 +105,9 @@ def main():
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient_checkpointing", default="true", choices=["true", "false"])
     parser.add_argument("--profile", action="store_true", help="also print where one step's time goes")
+    parser.add_argument("--method", default="idadapter", choices=["idadapter", "adaface"])
+    parser.add_argument("--multipliers", type=int, nargs=12, default=[8, 8, 8] + [4] * 9,
+                        help="AdaFace: the inverter's K/V multipliers")
     args = parser.parse_args()
     from accelerate import Accelerator
     from torch.utils.flop_counter import FlopCounterMode
@@ -80,11 +118,16 @@ def main():
     tokenizer = tiny.tiny_tokenizer(os.path.join(tmp, "tokenizer"))
     accelerator = Accelerator(mixed_precision=args.mixed_precision if args.device == "cuda" else "no",
                               cpu=args.device == "cpu")
-    components = sd21_components(accelerator.device, tokenizer, pack)
-    config = IDAdapterTrainConfig(dataset=dataset, output_dir=tmp, resolution=args.resolution, batch_size=args.batch,
-                                  gradient_checkpointing=args.gradient_checkpointing == "true",
-                                  mixed_precision=args.mixed_precision, report_to="none")
-    task = IDAdapterTask(config, components, log=lambda *a: None)
+    if args.method == "adaface":
+        task, title = adaface_task(accelerator.device, tokenizer, pack, dataset, args)
+        config = task.config
+    else:
+        components = sd21_components(accelerator.device, tokenizer, pack)
+        config = IDAdapterTrainConfig(dataset=dataset, output_dir=tmp, resolution=args.resolution,
+                                      batch_size=args.batch, gradient_checkpointing=args.gradient_checkpointing == "true",
+                                      mixed_precision=args.mixed_precision, report_to="none")
+        task = IDAdapterTask(config, components, log=lambda *a: None)
+        title = "IDAdapter training step, SD2.1 size"
     task.setup(accelerator)
     optimizer = torch.optim.AdamW(task.param_groups(), lr=config.learning_rate, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(task.trainable, optimizer)
@@ -108,28 +151,33 @@ def main():
             torch.cuda.synchronize()
         return (time.perf_counter() - start) / args.steps
 
-    task.fill_cache([image for identity in task.identities for image in identity.images])  # as after the first epoch
+    if args.method == "idadapter":
+        task.fill_cache([image for identity in task.identities for image in identity.images])  # as after an epoch
     step(0)  # warm-up (allocator, kernels)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     seconds = timed(1)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    cache = task.cache
-    task.cache = PerImageCache(0)  # --cache_mb 0: the frozen VAE encoder and CLIP vision run every step
-    uncached = timed(1)
-    task.cache = cache
+    if args.method == "idadapter":
+        cache = task.cache
+        task.cache = PerImageCache(0)  # --cache_mb 0: the frozen VAE encoder and CLIP vision run every step
+        uncached = timed(1)
+        task.cache = cache
     with FlopCounterMode(display=False) as counter:
         step(args.steps + 1)
     flops = counter.get_total_flops()
     per_module = sorted(((sum(ops.values()), name) for name, ops in counter.get_flop_counts().items()
                          if name != "Global" and "." not in name), reverse=True)
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"IDAdapter training step, SD2.1 size, {args.resolution}x{args.resolution}, batch {args.batch}, "
+    print(f"{title}, {args.resolution}x{args.resolution}, batch {args.batch}, "
           f"{accelerator.mixed_precision}, gradient checkpointing {args.gradient_checkpointing}, {name}")
     print(f"  trainable parameters {trainable / 1e6:.1f} M")
-    print(f"  step time   {seconds:.3f} s   ({1 / seconds:.2f} steps/s; 50k steps = {50_000 * seconds / 3600:.1f} h)")
+    print(f"  step time   {seconds:.3f} s   ({1 / seconds:.2f} steps/s; {config.max_steps // 1000}k steps = "
+          f"{config.max_steps * seconds / 3600:.1f} h)")
     print(f"  peak memory {peak:.1f} GiB")
-    print(f"  without the per-photo cache {uncached:.3f} s/step: the cache makes a step {uncached / seconds:.2f}x faster")
+    if args.method == "idadapter":
+        print(f"  without the per-photo cache {uncached:.3f} s/step: the cache makes a step {uncached / seconds:.2f}x "
+              "faster")
     print(f"  {flops / 1e12:.1f} TFLOP per step -> {flops / seconds / 1e12:.0f} TFLOP/s achieved")
     for count, name in per_module:  # forward and backward of each top-level module the step calls
         print(f"    {name:<40} {count / 1e12:7.2f} TFLOP  ({count / flops:5.1%})")

@@ -627,3 +627,17 @@ def adaface_refuses_other_families(work, payload):
         except Exception as exc:
             messages[family] = f"{type(exc).__name__}: {exc}"
     return messages
+
+
+def adaface_tokens_of_file(work, payload):
+    """Load AdaFace + the nodes' face -> tokens path on a file, for faces and tokens computed elsewhere (the
+    trainer): the largest difference per face."""
+    import nodes
+    from safetensors.torch import load_file
+
+    module = _adaface_module()
+    adaface = nodes.NODE_CLASS_MAPPINGS["IDA_LoadAdaFace"].execute(payload["file"], module.BUNDLED_ENCODER).result[0]
+    expected = load_file(payload["expected"])
+    diffs = [float((module.identity_vectors(adaface, module.FaceEmbedsValue(face[None]), 1.0) - tokens).abs().max())
+             for face, tokens in zip(expected["faces"], expected["tokens"])]
+    return {"diffs": diffs, "multipliers": adaface.config.inverter.kv_multipliers}

@@ -127,3 +127,29 @@ def test_real_runs_need_their_inputs(tmp_path):
         parse_args(AdaFaceTrainConfig, ["--output_dir", str(tmp_path)])
     for name in ("base_model", "arc2face", "insightface_pack", "dataset"):
         assert f"--{name} is required (or use --preset tiny)" in str(err.value)
+
+
+def test_placed_tokens_put_the_kth_vector_at_the_kth_placeholder():
+    from comfyui_idadapter.training.prompts import placed_tokens
+
+    class Encoder(torch.nn.Module):  # the part of a text encoder the hook sees: its input embedding
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+        def forward(self, ids):
+            return self.embed(ids)
+
+    encoder = Encoder()
+    ids = torch.tensor([[1, 7, 7, 2, 7, 7], [7, 7, 3, 3, 7, 7]])  # 7: the placeholder, written K = 2 times per use
+    vectors = torch.arange(16.0).reshape(2, 2, 4)
+    with placed_tokens(encoder, ids, 7, vectors):
+        out = encoder(ids)
+    for row, columns in ((0, [1, 2, 4, 5]), (1, [0, 1, 4, 5])):
+        for k, column in enumerate(columns):
+            assert torch.equal(out[row, column], vectors[row, k % 2])
+    assert torch.equal(out[0, 0], encoder.embed.weight[1]) and torch.equal(out[1, 2], encoder.embed.weight[3])
+    assert torch.equal(encoder(ids)[0, 1], encoder.embed.weight[7])  # the hook is gone afterwards

@@ -53,3 +53,33 @@ def test_other_clip_families_are_refused_naming_both(work):
     for family in ("sd21", "sdxl"):
         assert result[family].startswith("PackError: this AdaFace writes sd15 prompt tokens"), result
         assert f"the CLIP belongs to {family}" in result[family], result
+
+
+def test_trainer_export_gives_the_trainers_tokens_in_load_adaface(work, tmp_path):
+    """The tiny trainer's export in models/adaface/: the nodes' tokens are the trainer's (1e-5)."""
+    pytest.importorskip("diffusers")
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from comfyui_idadapter.nodes.arch import adaface as ada
+    from comfyui_idadapter.training import loop
+    from comfyui_idadapter.training.adaface_task import AdaFaceTask
+    from comfyui_idadapter.training.config import AdaFaceTrainConfig, parse_args
+
+    config = parse_args(AdaFaceTrainConfig, ["--preset", "tiny", "--output_dir", str(tmp_path), "--report_to", "none",
+                                             "--validation_every", "0"])
+    task = AdaFaceTask(config, log=lambda *args: None)
+    export = loop.run(task, config)
+    shutil.copy(export, work / "models" / "adaface" / "trained.safetensors")
+    faces = F.normalize(torch.randn(2, ada.ARCFACE_DIM, generator=torch.Generator().manual_seed(1)), dim=-1)
+    with torch.no_grad():
+        context = ada.arc2face_context(task.m.arc2face, faces)
+        tokens = task.trainable(context[:, ada.ID_START:ada.ID_START + ada.NUM_ID_VECS])
+    save_file({"faces": faces.contiguous(), "tokens": tokens.contiguous()}, str(tmp_path / "expected.safetensors"))
+    result = run_check(work, "adaface_tokens_of_file", {"file": "trained.safetensors",
+                                                         "expected": str(tmp_path / "expected.safetensors")})
+    assert result["multipliers"] == [2, 2]
+    assert max(result["diffs"]) < 1e-5, result
