@@ -203,9 +203,8 @@ class AdaFaceTask:
             nn.Module.to(module, self.device, self.weight_dtype)
         nn.Module.to(self.m.vae, self.device)
         self.trainable.to(self.device)
-        if self.config.gradient_checkpointing:
+        if self.config.gradient_checkpointing:  # the UNet's activations are what the memory goes to (k steps)
             self.m.unet.enable_gradient_checkpointing()
-            self.m.text_encoder.gradient_checkpointing_enable()
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         state = {f"inverter.{k}": v for k, v in self.trainable.inverter.state_dict().items()
