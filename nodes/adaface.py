@@ -44,11 +44,14 @@ class LoadedAdaFace:
 
 def _encoder_folders() -> dict[str, str]:
     """Folders under models/adaface/ holding an Arc2Face encoder (config.json + weights), by their relative name."""
-    found = {}
+    found, seen = {}, set()
     for root in folder_paths.get_folder_paths("adaface"):
         if not os.path.isdir(root):
             continue
-        for folder, _dirs, files in os.walk(root, followlinks=True):
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            seen.add(os.path.realpath(folder))
+            # linked folders are followed once: a link back up the tree must not make the walk endless
+            dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(folder, d)) not in seen]
             if ENCODER_CONFIG in files:
                 found.setdefault(os.path.relpath(folder, root).replace(os.sep, "/"), folder)
     return found
