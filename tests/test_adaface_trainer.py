@@ -153,3 +153,13 @@ def test_placed_tokens_put_the_kth_vector_at_the_kth_placeholder():
             assert torch.equal(out[row, column], vectors[row, k % 2])
     assert torch.equal(out[0, 0], encoder.embed.weight[1]) and torch.equal(out[1, 2], encoder.embed.weight[3])
     assert torch.equal(encoder(ids)[0, 1], encoder.embed.weight[7])  # the hook is gone afterwards
+
+
+def test_ema_follows_the_expansion(tmp_path):
+    config = tiny_config(tmp_path, "--use_ema", "true", "--max_steps", "3", "--expand_at_steps", "2")
+    task = AdaFaceTask(config, log=lambda *args: None)
+    path = loop.run(task, config)  # the export is the EMA weights, at the grown shapes
+    weights = ada.load_adaface(path)
+    assert weights.config.inverter.kv_multipliers == [2, 2]
+    k = weights.inverter.text_model.encoder.layers[0].self_attn.k_proj.weight
+    assert k.shape == (2 * 768, 768) and torch.isfinite(k).all()
