@@ -8,6 +8,9 @@ noise at a timestep near the top of the schedule; the teacher then walks ``disti
 student predicts the noise at every one of them: the loss is the mean MSE between the two predictions (the paper's
 multi-timestep distillation, Eq. 2). Identities are real faces' ArcFace vectors and random unit Gaussian vectors.
 
+With ``--stage composition``: the paper's stage 2, composition distillation (``AdaFaceTask.composition_batch`` and
+``composition_loss_on``; the features in ``training.adaface_compos``, the losses in ``training.adaface_losses``).
+
 Trainable: the inverter's transformer layers, final layer norm and hidden-state layer weights (its token and
 position embeddings stay CLIP's, as in the official code). Dynamic model expansion multiplies the K/V copies of
 chosen layers when the loss plateaus or at given steps (``adaface.expand_kv``); the loop grows the optimiser and
@@ -28,11 +31,15 @@ from torch import nn
 from ..nodes.arch import adaface as ada
 from ..nodes.errors import ConfigError
 from . import data as dataset
-from .config import AdaFaceTrainConfig
+from .adaface_compos import (capturing_cross_attention, end_token_index, replaced_positions,
+                             subject_token_mass)
+from .adaface_losses import delta_loss_over, face_preserving_loss, mask_to_token_grid
+from .config import COMPOSITION_STAGE_SETTINGS, AdaFaceTrainConfig
 from .diffusion import ddim_step
 from .prompts import placed_tokens
 
 DEFAULT_LAYER_WEIGHTS = [[1.0], [2.0], [4.0]]  # the official initial hidden_state_layer_weights
+DELTA_TYPES = ("attn_out", "attn_map", "prompt_embeds")  # the compositional delta loss's feature types
 EXPANSION_STATE = "expansion_state"  # loss EMA, best EMA, step of the last improvement, expansions done
 LOSS_EMA_DECAY = 0.99
 
@@ -45,7 +52,7 @@ class AdaFaceModels:
     text_encoder: nn.Module  # SD1.5's CLIP text encoder (transformers)
     unet: nn.Module  # SD1.5's UNet
     noise_scheduler: object
-    vae: nn.Module  # for validation images only
+    vae: nn.Module  # the composition stage's photos, and validation images
     teacher_unet: nn.Module  # Arc2Face's UNet
     arc2face: ada.CLIPTextTransformer  # Arc2Face's ID encoder
     inverter: ada.CLIPTextTransformer  # the inverter's starting weights
@@ -90,11 +97,16 @@ def load_models(config: AdaFaceTrainConfig) -> tuple[AdaFaceModels, str, str]:
                                         first_identity=config.synthetic_identities)
         tokenizer = tiny.tiny_tokenizer(os.path.join(assets, "tokenizer"))
         unet = tiny.tiny_unet()
+        if config.inverter_init:  # e.g. a tiny face-stage export, for a tiny composition run
+            start = ada.load_adaface(config.inverter_init)
+            inverter, layer_weights = start.inverter, start.hidden_state_layer_weights
+        else:
+            inverter, layer_weights = tiny.tiny_clip_l(layers=2, seed=2), torch.tensor(DEFAULT_LAYER_WEIGHTS)
         models = AdaFaceModels(
             tokenizer=tokenizer, text_encoder=tiny.tiny_text_encoder(len(tokenizer)), unet=unet,
             noise_scheduler=tiny.tiny_scheduler("epsilon"), vae=tiny.tiny_vae(), teacher_unet=tiny.fine_tuned(unet),
-            arc2face=tiny.tiny_clip_l(layers=1, seed=1), inverter=tiny.tiny_clip_l(layers=2, seed=2),
-            hidden_state_layer_weights=torch.tensor(DEFAULT_LAYER_WEIGHTS),
+            arc2face=tiny.tiny_clip_l(layers=1, seed=1), inverter=inverter,
+            hidden_state_layer_weights=layer_weights,
             analyzer=insightface_backend.load_analyzer(pack, "CPU", 640))
         return models, data_dir, heldout_dir
 
@@ -127,6 +139,28 @@ def load_models(config: AdaFaceTrainConfig) -> tuple[AdaFaceModels, str, str]:
     return models, config.dataset, config.heldout_dataset
 
 
+@dataclass
+class CompositionPrompts:
+    """The composition stage's prompts as token ids [1 + K, 77]: row 0 the single prompt, row 1 + k the
+    compositional one with suffix k; and [1 + K, 77] masks of the subject's positions in each."""
+
+    subject_ids: torch.Tensor  # --distill_prompt (+ ", " + suffix), the placeholder written 16 times
+    class_ids: torch.Tensor  # the same with --class_word for the placeholder
+    subject_positions: torch.Tensor  # the 16 placeholder copies
+    class_positions: torch.Tensor  # the class word's tokens
+
+
+@dataclass
+class CompositionBatch:
+    """One composition step's data (CPU tensors, noisy on the device)."""
+
+    faces: torch.Tensor  # [B, 512] each photo's unit ArcFace vector
+    noisy: torch.Tensor  # [B, 4, h, w] the photos' VAE latents noised at ``timesteps``
+    timesteps: torch.Tensor  # [B]
+    suffixes: torch.Tensor  # [B] indices into --composition_prompts
+    masks: torch.Tensor  # [B, resolution, resolution] face masks in 0..1, in the photos' square crops
+
+
 class TrainableInverter(nn.Module):
     """The inverter and its hidden-state layer weights: image-prompt embeddings [B, 16, D] -> tokens [B, 16, D]."""
 
@@ -152,12 +186,15 @@ class AdaFaceTask:
             data_dir, heldout_dir = config.dataset, config.heldout_dataset
         self.m = models
         cache_dir = config.cache_dir or os.path.join(config.output_dir, "cache")
-        identities, report = dataset.scan_dataset(data_dir, models.analyzer, cache_dir, log=log)
-        self.real_faces = torch.stack([image.embedding for identity in identities for image in identity.images])
+        identities, report = dataset.scan_dataset(data_dir, models.analyzer, cache_dir, log=log,
+                                                  mask_suffix=config.mask_suffix)
+        self.photos = [image for identity in identities for image in identity.images]
+        self.real_faces = torch.stack([image.embedding for image in self.photos])
         self.heldout_faces = None
         if heldout_dir:
             heldout, _ = dataset.scan_dataset(heldout_dir, models.analyzer, os.path.join(cache_dir, "heldout"),
-                                              log=lambda text: log(f"held-out {text}"))
+                                              log=lambda text: log(f"held-out {text}"),
+                                              mask_suffix=config.mask_suffix)
             self.heldout_faces = torch.stack([identity.images[0].embedding for identity in heldout])
 
         inverter = copy.deepcopy(models.inverter).float()
@@ -183,10 +220,22 @@ class AdaFaceTask:
         plain = ada.expand_placeholder(config.distill_prompt, config.placeholder, 1, word="person")[0]
         self.plain_prompt_ids = self._tokenize(plain)  # the baseline: the prompt with no identity
         self.expansion_state = torch.tensor([float("nan"), float("inf"), 0.0, 0.0], dtype=torch.float64)
+        self.mask_problems: set[str] = set()  # mask files reported as unusable (each once)
+        if config.stage == "composition":
+            self.compos = self._composition_prompts()
+            paper = " ".join(f"--{name} {value}" for name, value in COMPOSITION_STAGE_SETTINGS.items())
+            here = ", ".join(f"--{name} {getattr(config, name)}" for name, value in COMPOSITION_STAGE_SETTINGS.items()
+                             if getattr(config, name) != value)
+            if here and not config.preset:  # the tiny preset's own values are deliberate
+                log(f"note: the paper's stage-2 settings are {paper}; this run has {here}")
 
     def _tokenize(self, text: str) -> torch.Tensor:
         expanded, _ = ada.expand_placeholder(text, self.config.placeholder, ada.NUM_ID_VECS)
-        return self.m.tokenizer([expanded], padding="max_length", max_length=self.m.tokenizer.model_max_length,
+        return self._ids([expanded])
+
+    def _ids(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [len(texts), 77], padded as the pipelines pad them."""
+        return self.m.tokenizer(texts, padding="max_length", max_length=self.m.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt").input_ids
 
     # ---- the task interface used by training.loop
@@ -314,11 +363,108 @@ class AdaFaceTask:
         return torch.randn(count, self.m.unet.config.in_channels, side, side, generator=gen)
 
     def loss(self, model, step: int):
+        if self.config.stage == "composition":
+            return self.composition_loss_on(model, self.composition_batch(step))
         gen = self._generator(step, 0)
         count = self.config.batch_size
         loss = self.distillation_loss(model, self.sample_faces(count, gen), self._noise(count, gen),
                                       self.sample_timesteps(count, gen))
         return loss, {"loss": loss.detach()}
+
+    # ---- composition distillation (--stage composition)
+
+    def _composition_prompts(self) -> "CompositionPrompts":
+        """Every prompt of the composition stage, tokenized once: the subject's (16 placeholder copies), the class's
+        (--class_word where the placeholder is) and where the subject is in each."""
+        cfg, tokenizer = self.config, self.m.tokenizer
+        single = cfg.distill_prompt.rstrip()
+        texts = [single] + [f"{single}, {suffix.strip()}" for suffix in cfg.composition_prompts]
+        subject = [ada.expand_placeholder(text, cfg.placeholder, ada.NUM_ID_VECS)[0] for text in texts]
+        klass = [ada.expand_placeholder(text, cfg.placeholder, 1, word=cfg.class_word.strip())[0] for text in texts]
+        limit = tokenizer.model_max_length
+        for text, written in zip(texts * 2, subject + klass):
+            length = len(tokenizer(written).input_ids)
+            if length > limit:
+                raise ConfigError(f"the composition prompt {text[:120]!r} is {length} tokens (the placeholder written "
+                                  f"{ada.NUM_ID_VECS} times), over the text encoder's {limit}: shorten "
+                                  "--distill_prompt or that --composition_prompts entry")
+        subject_ids, class_ids = self._ids(subject), self._ids(klass)
+        word = tokenizer(cfg.class_word.strip(), add_special_tokens=False).input_ids
+        try:
+            class_positions = replaced_positions(self._ids(texts), self.placeholder_id, class_ids, word)
+        except ValueError as exc:
+            raise ConfigError(f"--class_word {cfg.class_word!r}: its tokens cannot be found in the class prompts "
+                              f"({exc})") from exc
+        return CompositionPrompts(subject_ids, class_ids, subject_ids == self.placeholder_id, class_positions)
+
+    def composition_batch(self, step: int) -> "CompositionBatch":
+        """Step ``step``'s photos (from (seed, step, rank), as the face stage samples faces), each VAE-encoded at
+        --resolution and noised at its own timestep from the bottom --composition_timestep_max of the schedule,
+        with its face mask and one compositional suffix."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        cfg, gen = self.config, self._generator(step, 0)
+        photos = [self.photos[i] for i in torch.randint(len(self.photos), (cfg.batch_size,), generator=gen).tolist()]
+        suffixes = torch.randint(len(cfg.composition_prompts), (cfg.batch_size,), generator=gen)
+        total = self.m.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, max(1, round(total * cfg.composition_timestep_max)), (cfg.batch_size,),
+                                  generator=gen)
+        pixels = torch.stack([dataset.load_square(photo, cfg.resolution)[0] for photo in photos])
+        masks = []
+        for photo in photos:
+            mask, source = dataset.load_square_mask(photo, cfg.resolution, cfg.mask_suffix)
+            if source.startswith("box:") and photo.path not in self.mask_problems:
+                self.mask_problems.add(photo.path)
+                self.log(f"{source[5:]}: its face box is used instead")
+            masks.append(mask)
+        with torch.no_grad():
+            moments = self.m.vae.encode((pixels * 2 - 1).to(self.device, self.m.vae.dtype)).latent_dist.parameters
+            latents = DiagonalGaussianDistribution(moments.float()).sample(generator=gen)
+            latents = latents * self.m.vae.config.scaling_factor
+            noise = torch.randn(latents.shape, generator=gen).to(self.device)
+            noisy = self.m.noise_scheduler.add_noise(latents, noise, timesteps.to(self.device))
+        faces = torch.stack([photo.embedding for photo in photos])
+        return CompositionBatch(faces, noisy, timesteps, suffixes, torch.stack(masks))
+
+    def composition_loss_on(self, model, batch: "CompositionBatch"):
+        """The composition stage's loss on one batch: --delta_loss_weight x the compositional delta loss over the
+        cross-attention outputs, the subject's attention mass and the prompt embeddings + --face_preserving_weight x
+        the elastic face-preserving loss averaged over the cross-attention layers. One UNet pass over the 4 x B
+        rows (subject-single, subject-compos, class-single, class-compos), all from the same noisy latents."""
+        cfg, prompts, count = self.config, self.compos, len(batch.faces)
+        device, dtype = self.device, self.weight_dtype
+        single, compos = torch.zeros(count, dtype=torch.long), batch.suffixes + 1  # prompt rows: 0 is the single one
+        rows = torch.cat([single, compos])
+        subject_ids, class_ids = prompts.subject_ids[rows], prompts.class_ids[rows]
+        with torch.no_grad():
+            face_context = ada.arc2face_context(self.m.arc2face, batch.faces.to(device, dtype))
+            class_text = self.m.text_encoder(class_ids.to(device))[0]
+        tokens = model(face_context[:, ada.ID_START:ada.ID_START + ada.NUM_ID_VECS].float()).to(dtype)
+        subject_text = self.student_context(tokens.repeat(2, 1, 1), subject_ids)
+        text = torch.cat([subject_text, class_text])  # [4B, 77, D]
+        ids = torch.cat([subject_ids, class_ids])
+        positions = torch.cat([prompts.subject_positions[rows], prompts.class_positions[rows]]).to(device)
+        latents = batch.noisy.to(device, dtype)
+        aspect = tuple(latents.shape[-2:])
+        features, face_losses = {}, []
+        with capturing_cross_attention(self.m.unet) as captured:
+            self.m.unet(latents.repeat(4, 1, 1, 1), batch.timesteps.to(device).repeat(4), encoder_hidden_states=text)
+            for name, layer in captured.items():
+                outputs = layer.output.chunk(4)
+                queries = layer.query.chunk(4)
+                features[f"attn_out/{name}"] = outputs
+                features[f"attn_map/{name}"] = subject_token_mass(layer.probs, positions).chunk(4)
+                mask = mask_to_token_grid(batch.masks.to(device), queries[0].shape[1], aspect)
+                face_losses.append(face_preserving_loss(queries[0], queries[1], outputs[0], outputs[1], mask))
+            ends = end_token_index(ids, self.m.tokenizer.eos_token_id).to(device)
+            features["prompt_embeds"] = text[torch.arange(len(text), device=device), ends].chunk(4)
+            delta, per_name = delta_loss_over(features)
+            face = torch.stack(face_losses).mean()
+        loss = cfg.delta_loss_weight * delta + cfg.face_preserving_weight * face
+        logs = {"loss": loss.detach(), "delta_loss": delta.detach(), "face_preserving_loss": face.detach()}
+        for kind in DELTA_TYPES:
+            logs[f"delta_{kind}"] = torch.stack([v for k, v in per_name.items() if k.split("/", 1)[0] == kind]).mean()
+        return loss, logs
 
     # ---- dynamic model expansion
 
@@ -366,10 +512,13 @@ class AdaFaceTask:
         finally:
             self.trainable.train(was_training)
 
-    @staticmethod
-    def heldout_line(before, after, when: str) -> str:
-        return (f"distillation loss (student vs teacher) with the tokens {after[0]:.4f}, with a plain prompt "
+    def heldout_line(self, before, after, when: str) -> str:
+        line = (f"distillation loss (student vs teacher) with the tokens {after[0]:.4f}, with a plain prompt "
                 f"{after[1]:.4f}; {when}: {before[0]:.4f} and {before[1]:.4f}")
+        if self.config.stage == "composition":  # this stage does not train on it: it watches the identity
+            line += (" (composition stage: the identity is kept while the loss with the tokens stays well below the "
+                     "plain prompt's)")
+        return line
 
     def describe_export(self) -> str:
         multipliers = self.trainable.inverter.config.kv_multipliers

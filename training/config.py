@@ -131,6 +131,11 @@ class TrainConfig:
         """The trainer's own checks (its inputs and method options), as messages."""
         return []
 
+    @classmethod
+    def preset_values(cls, given: dict) -> dict:
+        """The values the preset named in ``given`` (the command line's options) sets."""
+        return dict(cls.presets.get(given.get("preset", ""), {}))
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
 
@@ -277,7 +282,7 @@ def parse_args(config_cls, argv=None, description: str = ""):
             parser.add_argument(flag, type=type(default), default=None, help=f"(default: {default!r})")
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if v is not None}
-    values = dict(config_cls.presets.get(given.get("preset", ""), {}))
+    values = config_cls.preset_values(given)
     values.update(given)
     config = config_cls(**values)
     config.validate()
@@ -292,9 +297,23 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+# the composition stage's default pool of compositional suffixes (the paper's "backgrounds, additional objects,
+# dresses, image styles and lighting conditions"); each is appended to --distill_prompt after ", "
+DEFAULT_COMPOSITION_PROMPTS = [
+    "in a garden", "on a beach at sunset", "in a busy city street", "in a snowy forest",
+    "holding a cup of coffee", "playing the guitar", "wearing a red hat", "wearing a business suit",
+    "oil painting", "pencil sketch", "under neon lights", "in soft morning light",
+]
+# the options the paper sets differently for stage 2 (Prodigy d_coef 0.5, batch 3, 120k iterations, no expansion):
+# the composition stage hints at them when a run keeps the face stage's defaults
+COMPOSITION_STAGE_SETTINGS = {"prodigy_d_coef": 0.5, "batch_size": 3, "max_steps": 120_000, "expand_on_plateau": False}
+STAGES = ("face", "composition")
+
+
 @dataclass
 class AdaFaceTrainConfig(TrainConfig):
-    """AdaFace's face distillation (the paper's stage 1) with dynamic model expansion."""
+    """AdaFace's face distillation (the paper's stage 1) with dynamic model expansion, or with ``--stage
+    composition`` its composition distillation (stage 2)."""
 
     # the K/V multipliers grow during a run and are read back from a checkpoint's shapes; these decide the rest
     architecture_options: ClassVar[tuple[str, ...]] = ("preset", "inverter_init", "optimizer")
@@ -309,6 +328,17 @@ class AdaFaceTrainConfig(TrainConfig):
         ),
     }
 
+    # --preset tiny --stage composition: a step costs about twice a face-stage one, so half as many
+    tiny_composition: ClassVar[dict] = dict(max_steps=30, expand_at_steps=[15], checkpoint_every=15,
+                                            validation_every=30)
+
+    @classmethod
+    def preset_values(cls, given: dict) -> dict:
+        values = super().preset_values(given)
+        if given.get("preset") == "tiny" and given.get("stage") == "composition":
+            values.update(cls.tiny_composition)
+        return values
+
     # inputs
     base_model: str = ""  # the student's SD1.5 (text encoder and UNet, frozen): diffusers folder or single file
     arc2face: str = ""  # the teacher: FoivosPar/Arc2Face's folder, holding arc2face/ (UNet) and encoder/ (ID encoder)
@@ -318,6 +348,10 @@ class AdaFaceTrainConfig(TrainConfig):
     insightface_pack: str = ""  # detector + ArcFace .onnx (antelopev2 with Arc2Face's arcface.onnx, as Arc2Face)
     dataset: str = ""  # face photos in identity folders (README "Training data"); only their ArcFace vectors are used
     output_dir: str = "runs/adaface"
+    # face: the paper's stage 1 (face distillation); composition: its stage 2 (composition distillation, usually
+    # from a face-stage export given as --inverter_init; set --prodigy_d_coef 0.5 --batch_size 3 --max_steps 120000
+    # --expand_on_plateau false for the paper's stage-2 settings)
+    stage: str = "face"
     # the paper's settings (stage 1: face distillation)
     resolution: int = 512
     batch_size: int = 4
@@ -344,6 +378,19 @@ class AdaFaceTrainConfig(TrainConfig):
     plateau_threshold: float = 0.01
     expand_at_steps: list[int] = field(default_factory=list)
     expand_noise: float = 0.1  # std of the noise on the new copies, relative to each weight's std
+    # composition distillation (--stage composition): per photo one suffix from this pool makes the compositional
+    # prompts (--distill_prompt + ", " + suffix); the class prompts put --class_word where the placeholder is
+    composition_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_COMPOSITION_PROMPTS))
+    class_word: str = "person"
+    # the paper gives no loss weights: both parts count equally (our choice)
+    delta_loss_weight: float = 1.0
+    face_preserving_weight: float = 1.0
+    # the noisy photo's timestep is drawn uniformly from the bottom this fraction of the schedule: noisy enough
+    # for the prompts to change the image, clean enough for its face to stay where the face mask says
+    composition_timestep_max: float = 0.6
+    # a photo's face mask is the file <stem><mask_suffix> next to it (white = face); without one, its face box.
+    # Such files are never taken for photos
+    mask_suffix: str = "_mask.png"
     validation_prompts: list[str] = field(default_factory=lambda: ["a photo of z", "z in a garden, oil painting"])
     export_name: str = "adaface.safetensors"
     bundle_encoder: bool = True  # write the Arc2Face ID encoder into the export: one file for Load AdaFace
@@ -408,4 +455,56 @@ class AdaFaceTrainConfig(TrainConfig):
             for name in ("base_model", "arc2face", "insightface_pack", "dataset"):
                 if not getattr(self, name):
                     problems.append(f"--{name} is required (or use --preset tiny)")
+        problems.extend(self.composition_problems())
+        return problems
+
+    def composition_problems(self) -> list[str]:
+        """The composition stage's options (checked in both stages: a resume may switch stage)."""
+        from ..nodes.arch.adaface import expand_placeholder
+        from .data import IMAGE_EXTENSIONS
+
+        problems = []
+        if self.stage not in STAGES:
+            problems.append(f"--stage must be face or composition, got {self.stage!r}")
+        if not (self.composition_prompts and all(p.strip() for p in self.composition_prompts)):
+            problems.append("--composition_prompts must be one or more non-empty suffixes (e.g. \"in a garden\")")
+        else:
+            try:
+                with_placeholder = [p for p in self.composition_prompts
+                                    if expand_placeholder(p, self.placeholder, 1)[1]]
+            except ConfigError:  # a bad --placeholder, reported above
+                with_placeholder = []
+            if with_placeholder:
+                problems.append(f"--composition_prompts must not contain the placeholder {self.placeholder!r} (the "
+                                f"subject is written once, by --distill_prompt): {with_placeholder[:3]}")
+        if self.stage == "composition":
+            try:
+                found = expand_placeholder(self.distill_prompt, self.placeholder, 1)[1]
+            except ConfigError:  # a bad --placeholder, reported above
+                found = 1
+            if not found:
+                problems.append(f"--distill_prompt must contain the placeholder {self.placeholder!r} with --stage "
+                                f"composition (the class prompts put --class_word there), got {self.distill_prompt!r}")
+        if not self.class_word.strip() or not all(part.isalpha() for part in self.class_word.split()):
+            problems.append(f"--class_word must be a word of letters such as person, woman or man, got "
+                            f"{self.class_word!r}")
+        elif self.class_word.strip().lower() == self.placeholder.lower():
+            problems.append(f"--class_word must differ from --placeholder, got {self.class_word!r} for both")
+        for name in ("delta_loss_weight", "face_preserving_weight"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        if self.stage == "composition" and self.delta_loss_weight == 0 and self.face_preserving_weight == 0:
+            problems.append("--delta_loss_weight and --face_preserving_weight are both 0: the composition stage "
+                            "would train on nothing")
+        if not 0.0 < self.composition_timestep_max <= 1.0:
+            problems.append(f"--composition_timestep_max must be in (0, 1], got {self.composition_timestep_max}")
+        if (os.path.splitext(self.mask_suffix)[1].lower() not in IMAGE_EXTENSIONS or os.sep in self.mask_suffix
+                or "/" in self.mask_suffix or self.mask_suffix.startswith(".")):
+            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+            problems.append(f"--mask_suffix must end a file name with an image extension ({extensions}), e.g. "
+                            f"_mask.png, got {self.mask_suffix!r}")
+        if self.stage == "composition" and self.gradient_checkpointing:
+            problems.append("--gradient_checkpointing is not available with --stage composition (the UNet's "
+                            "cross-attention runs with capturing processors that backward's recomputation would "
+                            "not see): lower --batch_size or --resolution instead")
         return problems

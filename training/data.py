@@ -52,10 +52,13 @@ class Identity:
 class DatasetReport:
     identities: int = 0
     images: int = 0
+    masks: int = 0  # face-mask files (scan_dataset's mask_suffix), which are not photos
     skipped: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     def summary(self) -> str:
         lines = [f"dataset: {self.identities} identities, {self.images} usable images"]
+        if self.masks:
+            lines.append(f"  {self.masks} face mask file(s) beside them (not photos)")
         for reason, paths in sorted(self.skipped.items()):
             shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
             lines.append(f"  skipped {len(paths)} ({reason}): {shown}")
@@ -227,8 +230,10 @@ class FaceCache:
         self.dirty = False
 
 
-def scan_dataset(root: str, analyzer, cache_dir: str, log=print) -> tuple[list[Identity], DatasetReport]:
-    """Validates every image once (readable, one face found) and returns the usable identities."""
+def scan_dataset(root: str, analyzer, cache_dir: str, log=print,
+                 mask_suffix: str = "") -> tuple[list[Identity], DatasetReport]:
+    """Validates every image once (readable, one face found) and returns the usable identities. With
+    ``mask_suffix``, files whose name ends with it are face masks (``mask_path``), counted and never photos."""
     from ..nodes.face.insightface_backend import embed_faces
 
     if not os.path.isdir(root):
@@ -268,6 +273,9 @@ def scan_dataset(root: str, analyzer, cache_dir: str, log=print) -> tuple[list[I
         usable = []
         for file in files:
             if os.path.splitext(file)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            if mask_suffix and file.lower().endswith(mask_suffix.lower()):
+                report.masks += 1
                 continue
             path = os.path.join(folder, file)
             key = os.path.relpath(path, root)
@@ -330,6 +338,71 @@ def load_square(image: "FaceImage", size: int) -> tuple[torch.Tensor, torch.Tens
     """A dataset image as [3, size, size] float 0..1 (centre square, resized) and its landmarks moved along."""
     pixels, scale, left, top = _square_uint8(image.path, size)
     return pixels.float() / 255, (image.landmarks - torch.tensor([left, top], dtype=image.landmarks.dtype)) * scale
+
+
+def mask_path(image_path: str, mask_suffix: str) -> str:
+    """Where a photo's face mask is: ``<folder>/<stem><mask_suffix>`` (img01.jpg -> img01_mask.png)."""
+    return os.path.splitext(image_path)[0] + mask_suffix
+
+
+def _square_geometry(height: int, width: int, size: int) -> tuple[float, int, int, int]:
+    """load_square's crop of an image of this size: (scale, left, top, side), the centre square resized to size."""
+    side = min(height, width)
+    return size / side, (width - side) // 2, (height - side) // 2, side
+
+
+@functools.lru_cache(maxsize=4096)
+def _square_mask_uint8(path: str, height: int, width: int, size: int) -> torch.Tensor:
+    """The mask file as uint8 [size, size] through load_square's crop of a height x width photo; a mask of
+    another size is first resized to the photo's (masks are often made at a segmenter's resolution)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        grey = np.array(img.convert("L"))
+    mask = torch.from_numpy(grey).float()[None, None] / 255
+    if mask.shape[-2:] != (height, width):
+        mask = torch.nn.functional.interpolate(mask, size=(height, width), mode="bilinear", antialias=True,
+                                               align_corners=False)
+    _, left, top, side = _square_geometry(height, width, size)
+    crop = mask[..., top:top + side, left:left + side]
+    square = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                                             align_corners=False)[0, 0].clamp(0, 1)
+    return (square * 255).round().to(torch.uint8)
+
+
+def box_mask(box: torch.Tensor, scale: float, left: int, top: int, size: int) -> torch.Tensor:
+    """[size, size] float 0..1: the face box [x1, y1, x2, y2] (pixels of the original image) moved into load_square's
+    crop (minus (left, top), times scale), each pixel valued by the share of its area inside the box."""
+    x1, y1, x2, y2 = ((box.double() - torch.tensor([left, top, left, top], dtype=torch.float64)) * scale).tolist()
+    edges = torch.arange(size, dtype=torch.float64)
+    cover_x = (torch.minimum(edges + 1, torch.tensor(x2)) - torch.maximum(edges, torch.tensor(x1))).clamp(0, 1)
+    cover_y = (torch.minimum(edges + 1, torch.tensor(y2)) - torch.maximum(edges, torch.tensor(y1))).clamp(0, 1)
+    return torch.outer(cover_y, cover_x).float()
+
+
+@functools.lru_cache(maxsize=65536)
+def _image_size(path: str) -> tuple[int, int]:
+    """(height, width) from the image file's header."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size[1], img.size[0]
+
+
+def load_square_mask(image: "FaceImage", size: int, mask_suffix: str) -> tuple[torch.Tensor, str]:
+    """A photo's face mask [size, size] float 0..1 in load_square's crop, and where it came from: "file" (the
+    ``mask_path`` file beside the photo, white = face), else "box" (the detected face box), or "box: <why>" when a
+    mask file is there but cannot be read (the box is used: a broken mask never stops a run)."""
+    height, width = _image_size(image.path)
+    path = mask_path(image.path, mask_suffix) if mask_suffix else ""
+    source = "box"
+    if path and os.path.lexists(path):
+        try:
+            return _square_mask_uint8(path, height, width, size).float() / 255, "file"
+        except Exception as exc:  # PIL raises many types for broken files
+            source = f"box: unreadable mask {path} ({type(exc).__name__})"
+    scale, left, top, _ = _square_geometry(height, width, size)
+    return box_mask(image.box, scale, left, top, size), source
 
 
 def sample_batch(identities: list[Identity], batch_size: int, num_images: int, step: int, seed: int,
