@@ -107,12 +107,17 @@ def test_a_tiny_composition_run_trains_only_the_inverter_and_restores_the_unet(a
     loop.run(task, config)
 
     assert len(logged) == 3
+    distill, composition = [logged[0], logged[2]], logged[1]  # every 2nd step keeps the identity (--face_distill_every)
+    for logs in distill:
+        assert set(logs) == {"loss", "face_distill_loss"}
+        assert logs["loss"] == pytest.approx(8.0 * logs["face_distill_loss"], rel=1e-5)  # --face_distill_weight
+    assert set(composition) == {"loss", "delta_loss", "face_preserving_loss", "delta_attn_out", "delta_attn_map",
+                                "delta_prompt_embeds"}
     for logs in logged:
-        assert set(logs) == {"loss", "delta_loss", "face_preserving_loss", "delta_attn_out", "delta_attn_map",
-                             "delta_prompt_embeds"}
         assert all(np.isfinite(v) for v in logs.values()), logs
-        assert logs["loss"] == pytest.approx(logs["delta_loss"] + logs["face_preserving_loss"], rel=1e-5)
-        assert 0 < logs["delta_loss"] <= 6 and 0 <= logs["face_preserving_loss"] <= 2
+    assert composition["loss"] == pytest.approx(composition["delta_loss"] + composition["face_preserving_loss"],
+                                                rel=1e-5)
+    assert 0 < composition["delta_loss"] <= 6 and 0 <= composition["face_preserving_loss"] <= 2
     assert task.m.unet.attn_processors == originals  # the very same processor objects
     for name, state in frozen_state(task).items():
         for key, value in state.items():
@@ -131,7 +136,7 @@ def test_the_processors_are_restored_when_a_step_raises(task, monkeypatch):
 
     monkeypatch.setattr(adaface_task, "face_preserving_loss", failing)
     with pytest.raises(RuntimeError, match="a loss part failed"):
-        task.loss(task.trainable, 0)
+        task.loss(task.trainable, 1)  # step 1: a composition step (0 is an identity-keeping distillation step)
     assert task.m.unet.attn_processors == originals
 
 
@@ -301,6 +306,7 @@ def test_the_tiny_composition_preset_is_shorter_and_the_command_line_wins(tmp_pa
     (["--mask_suffix", "masks/x.png"], "--mask_suffix must end a file name with an image extension"),
     (["--gradient_checkpointing", "true"], "--gradient_checkpointing is not available with --stage composition"),
     (["--distill_prompt", "a photo of someone"], "--distill_prompt must contain the placeholder 'z'"),
+    (["--face_distill_every", "-1"], "--face_distill_every and --face_distill_weight must be 0 or more"),
 ])
 def test_bad_composition_options_are_refused(tmp_path, args, message):
     escaped = message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")

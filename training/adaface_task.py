@@ -363,13 +363,18 @@ class AdaFaceTask:
         return torch.randn(count, self.m.unet.config.in_channels, side, side, generator=gen)
 
     def loss(self, model, step: int):
-        if self.config.stage == "composition":
+        cfg = self.config
+        distill_step = cfg.stage == "face" or (cfg.face_distill_every and step % cfg.face_distill_every == 0)
+        if not distill_step:
             return self.composition_loss_on(model, self.composition_batch(step))
         gen = self._generator(step, 0)
-        count = self.config.batch_size
+        count = cfg.batch_size
         loss = self.distillation_loss(model, self.sample_faces(count, gen), self._noise(count, gen),
                                       self.sample_timesteps(count, gen))
-        return loss, {"loss": loss.detach()}
+        if cfg.stage == "face":
+            return loss, {"loss": loss.detach()}
+        weighted = cfg.face_distill_weight * loss  # the composition stage's interleaved identity-keeping step
+        return weighted, {"loss": weighted.detach(), "face_distill_loss": loss.detach()}
 
     # ---- composition distillation (--stage composition)
 

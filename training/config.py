@@ -388,6 +388,11 @@ class AdaFaceTrainConfig(TrainConfig):
     # the noisy photo's timestep is drawn uniformly from the bottom this fraction of the schedule: noisy enough
     # for the prompts to change the image, clean enough for its face to stay where the face mask says
     composition_timestep_max: float = 0.6
+    # in the composition stage every n-th step is a face-distillation step instead, its loss weighted: what keeps the
+    # identity while composition is learned (the official configs' unet_distill_iter_gap 2, unet_distill_weight 8;
+    # 0 = none)
+    face_distill_every: int = 2
+    face_distill_weight: float = 8.0
     # a photo's face mask is the file <stem><mask_suffix> next to it (white = face); without one, its face box.
     # Such files are never taken for photos
     mask_suffix: str = "_mask.png"
@@ -496,6 +501,9 @@ class AdaFaceTrainConfig(TrainConfig):
         if self.stage == "composition" and self.delta_loss_weight == 0 and self.face_preserving_weight == 0:
             problems.append("--delta_loss_weight and --face_preserving_weight are both 0: the composition stage "
                             "would train on nothing")
+        if self.face_distill_every < 0 or self.face_distill_weight < 0:
+            problems.append(f"--face_distill_every and --face_distill_weight must be 0 or more, got "
+                            f"{self.face_distill_every} and {self.face_distill_weight}")
         if not 0.0 < self.composition_timestep_max <= 1.0:
             problems.append(f"--composition_timestep_max must be in (0, 1], got {self.composition_timestep_max}")
         if (os.path.splitext(self.mask_suffix)[1].lower() not in IMAGE_EXTENSIONS or os.sep in self.mask_suffix
