@@ -163,3 +163,15 @@ def test_ema_follows_the_expansion(tmp_path):
     assert weights.config.inverter.kv_multipliers == [2, 2]
     k = weights.inverter.text_model.encoder.layers[0].self_attn.k_proj.weight
     assert k.shape == (2 * 768, 768) and torch.isfinite(k).all()
+
+
+def test_an_arc2face_folder_of_another_layout_is_named_before_anything_loads(tmp_path):
+    folders = {name: tmp_path / name for name in ("base", "arc2face", "pack", "faces")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["arc2face"] / "unet").mkdir()  # not Arc2Face's layout (arc2face/ + encoder/)
+    config = parse_args(AdaFaceTrainConfig, [
+        "--base_model", str(folders["base"]), "--arc2face", str(folders["arc2face"]), "--insightface_pack",
+        str(folders["pack"]), "--dataset", str(folders["faces"]), "--output_dir", str(tmp_path / "out"), *QUIET])
+    with pytest.raises(ConfigError, match="has no arc2face/config.json: expected the folder of FoivosPar/Arc2Face"):
+        AdaFaceTask(config, log=lambda *args: None)

@@ -115,14 +115,14 @@ def load_models(config: AdaFaceTrainConfig) -> tuple[AdaFaceModels, str, str]:
     from ..nodes.arch.arc2face import load_arc2face_encoder
     from .idadapter_task import load_base_model
 
+    teacher_folder = os.path.join(config.arc2face, "arc2face")  # checked first: the base takes a while to load
+    if not os.path.isfile(os.path.join(teacher_folder, "config.json")):
+        raise ConfigError(f"--arc2face {config.arc2face!r} has no arc2face/config.json: expected the folder of "
+                          "FoivosPar/Arc2Face holding arc2face/ (the UNet) and encoder/ (the ID encoder)")
     base = load_base_model(config.base_model)
     if "text_encoder_2" in base or base["unet"].config.cross_attention_dim != 768:
         raise ConfigError(f"--base_model {config.base_model!r} is not an SD1.5 model; AdaFace's tokens are SD1.5's "
                           "(CLIP-L, 768 wide)")
-    teacher_folder = os.path.join(config.arc2face, "arc2face")
-    if not os.path.isfile(os.path.join(teacher_folder, "config.json")):
-        raise ConfigError(f"--arc2face {config.arc2face!r} has no arc2face/config.json: expected the folder of "
-                          "FoivosPar/Arc2Face holding arc2face/ (the UNet) and encoder/ (the ID encoder)")
     if config.inverter_init:
         start = ada.load_adaface(config.inverter_init)
         inverter, layer_weights = start.inverter, start.hidden_state_layer_weights
