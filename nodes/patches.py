@@ -143,6 +143,30 @@ def token_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
     raise PackError(f"cannot place {tokens} tokens on the {height}x{width} latent grid")
 
 
+class BlockMask:
+    """A MASK [H, W] or [B, H, W] resized to each block's token grid, once per device, grid and row count."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask.detach().float().reshape(-1, *mask.shape[-2:])
+        self._resized = PerDeviceMemo()
+
+    def for_rows(self, extra_options: dict, rows: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """[rows or 1, tokens, 1]: one mask per image, repeated for each CFG chunk of ``rows``."""
+        h, w = token_grid(extra_options, tokens)
+
+        def resized():
+            mask = F.interpolate(self.mask.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False)
+            mask = mask.reshape(mask.shape[0], h * w, 1).to(like.device, like.dtype)
+            if mask.shape[0] != 1:
+                mask = mask.repeat(rows // mask.shape[0], 1, 1)
+            return mask
+
+        return self._resized.get((like.device, like.dtype, h, w, rows), resized)
+
+    def release_accelerator_values(self) -> None:
+        self._resized.release_accelerator_values()
+
+
 class IDAdapterMiddlePatch:
     """``y + beta * tanh(gamma) * S([y, proj(E_r)])[:, :len(y)]`` on conditional chunks inside the sigma window.
 
@@ -167,11 +191,10 @@ class IDAdapterMiddlePatch:
         self.weight = float(weight)
         self.sigma_start = float(sigma_start)
         self.sigma_end = float(sigma_end)
-        self.mask = None if mask is None else mask.detach().float().reshape(-1, *mask.shape[-2:])
+        self.mask = None if mask is None else BlockMask(mask)
         self.attention = attention
         self._sigma = StepSigma()
         self._tokens = PerDeviceMemo()
-        self._masks = PerDeviceMemo()
 
     def __deepcopy__(self, memo):
         return self  # immutable once attached: clones share it (and its patcher)
@@ -187,7 +210,8 @@ class IDAdapterMiddlePatch:
         lets go of the copies on accelerators. Returns the patch itself, so every thread shares one object."""
         if isinstance(device_or_dtype, (str, torch.device)) and torch.device(device_or_dtype).type == "cpu":
             self._tokens.release_accelerator_values()
-            self._masks.release_accelerator_values()
+            if self.mask is not None:
+                self.mask.release_accelerator_values()
         return self
 
     def active_at(self, sigma: float | None) -> bool:
@@ -210,7 +234,7 @@ class IDAdapterMiddlePatch:
             out = adapter.residual(y, tokens[:1].expand(y.shape[0], -1, -1) if tokens.shape[0] != y.shape[0] else tokens,
                                    **attention) * self.weight
             if self.mask is not None:
-                out = out * self._mask_for(extra_options, y.shape[0], y.shape[1], x)
+                out = out * self.mask.for_rows(extra_options, y.shape[0], y.shape[1], x)
             return out
 
         return add_on_rows(x, rows, residual)
@@ -219,17 +243,6 @@ class IDAdapterMiddlePatch:
         sigmas = extra_options.get("sigmas")
         return None if sigmas is None else self._sigma.get(sigmas)
 
-    def _mask_for(self, extra_options, rows: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
-        h, w = token_grid(extra_options, tokens)
-
-        def resized():
-            mask = F.interpolate(self.mask.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False)
-            mask = mask.reshape(mask.shape[0], h * w, 1).to(like.device, like.dtype)
-            if mask.shape[0] != 1:  # one mask per image, repeated for each conditional chunk
-                mask = mask.repeat(rows // mask.shape[0], 1, 1)
-            return mask
-
-        return self._masks.get((like.device, like.dtype, h, w, rows), resized)
 
 
 def unet_transformer_blocks(diffusion_model) -> dict[str, BlockSpec]:
@@ -303,3 +316,83 @@ def place_identity_vectors(tokens: dict, key: str, placeholder_id: int, vectors:
             new_row.append(entry)
         rows.append(new_row)
     return {**tokens, key: rows}, placed
+
+
+def block_key(name: str) -> tuple[str, int, int]:
+    """A pack block name ("input_1_0") as ComfyUI's patches_replace key (("input", 1, 0))."""
+    kind, number, index = name.rsplit("_", 2)
+    return kind, int(number), int(index)
+
+
+def previous_attn2_replace(model, key: tuple[str, int, int]):
+    """The attn2 replace patch ComfyUI would run at ``key`` now (its 3-part key first, else the 2-part one)."""
+    replaces = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    return replaces.get(key, replaces.get(key[:2]))
+
+
+class WPlusAttn2Replace:
+    """An attn2 replace patch adding the W+ adapter's residual cross-attention to one block's text attention.
+
+    ``h`` (before to_out) comes from the replace patch that was installed at this block before (so this stacks on
+    IPAdapter-style packs) or, without one, ComfyUI's attention kernel; inside the sigma window the result is
+    ``h + scale * Attn(to_q_wplus(h), to_k_wplus(w), to_v_wplus(w))`` (times the mask, if any), the conditional
+    CFG chunks with the W+ code's tokens and the unconditional ones with a zero W+'s, as the official pipeline.
+    ``patcher`` owns the adapter's modules (memory manager); they are read through ``patcher.model`` per call.
+    """
+
+    def __init__(self, patcher, block: str, tokens: torch.Tensor, uncond_tokens: torch.Tensor, scale: float,
+                 sigma_start: float = float("inf"), sigma_end: float = 0.0, mask: torch.Tensor | None = None,
+                 previous=None, attention=None):
+        self.patcher, self.block = patcher, block
+        self.tokens, self.uncond_tokens = tokens.detach(), uncond_tokens.detach()
+        self.scale = float(scale)
+        self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
+        self.mask = None if mask is None else BlockMask(mask)
+        self.previous = previous
+        self.attention = attention or comfy_attention()
+        self._sigma = StepSigma()
+        self._tokens = PerDeviceMemo()
+
+    def __deepcopy__(self, memo):
+        return self  # immutable once attached: clones share it
+
+    def models(self) -> list:
+        earlier = self.previous.models() if hasattr(self.previous, "models") else []
+        return [self.patcher, *earlier]
+
+    def to(self, device_or_dtype, **kwargs):
+        if hasattr(self.previous, "to"):
+            self.previous = self.previous.to(device_or_dtype, **kwargs)
+        if isinstance(device_or_dtype, (str, torch.device)) and torch.device(device_or_dtype).type == "cpu":
+            self._tokens.release_accelerator_values()
+            if self.mask is not None:
+                self.mask.release_accelerator_values()
+        return self
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        heads = extra_options["n_heads"]
+        h = self.previous(q, k, v, extra_options) if self.previous is not None else self.attention(q, k, v, heads)
+        sigmas = extra_options.get("sigmas")
+        sigma = None if sigmas is None else self._sigma.get(sigmas)
+        if self.scale == 0 or (sigma is not None and not self.sigma_end <= sigma <= self.sigma_start):
+            return h
+        chunks = extra_options.get("cond_or_uncond") or [0]
+        per_chunk = h.shape[0] // len(chunks)
+        tokens = self._tokens.get((h.device, h.dtype, tuple(chunks), per_chunk),
+                                  lambda: self._batch_tokens(chunks, per_chunk, h))
+        residual = self.patcher.model.layers[self.block].residual(h, tokens, self.attention, heads)
+        if self.mask is not None:
+            residual = residual * self.mask.for_rows(extra_options, h.shape[0], h.shape[1], h)
+        return h + self.scale * residual
+
+    def _batch_tokens(self, chunks, per_chunk: int, like: torch.Tensor) -> torch.Tensor:
+        """The tokens of every batch row: per CFG chunk the W+ codes' (one per image, or one for all) or a zero
+        W+'s."""
+        def rows(tokens):
+            if tokens.shape[0] not in (1, per_chunk):
+                raise PackError(f"{tokens.shape[0]} W+ codes for a batch of {per_chunk} latents: give one code, or "
+                                "one per latent (a batch of W+ codes needs an Empty Latent Image of that batch size)")
+            return tokens.expand(per_chunk, -1, -1)
+
+        return torch.cat([rows(self.uncond_tokens if c == 1 else self.tokens) for c in chunks]).to(like.device,
+                                                                                                  like.dtype)

@@ -1,0 +1,105 @@
+"""Apply W+ Adapter's attn2 replace patch, outside ComfyUI: chaining, scale 0, CFG chunks, sigma window, mask."""
+
+import pytest
+import torch
+
+from comfyui_idadapter.nodes import patches
+from comfyui_idadapter.nodes.arch import wplus
+from comfyui_idadapter.nodes.arch.idadapter import BlockSpec, sdpa_attention
+from comfyui_idadapter.nodes.errors import PackError
+from idadapter_helpers import StandInPatcher
+
+BLOCK, CHANNELS, HEADS, CONTEXT = "input_1_0", 32, 4, 768
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    torch.manual_seed(0)
+    model = wplus.WPlusAdapter(wplus.WPlusAdapterConfig("sd15", {BLOCK: BlockSpec(CHANNELS, HEADS, CONTEXT)}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def qkv(batch=2, tokens=16, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, tokens, CHANNELS, generator=gen), torch.randn(batch, 77, CHANNELS, generator=gen),
+            torch.randn(batch, 77, CHANNELS, generator=gen))
+
+
+def patch_for(adapter, scale=1.0, codes=None, **kwargs):
+    codes = torch.randn(1, 18, 512, generator=torch.Generator().manual_seed(2)) if codes is None else codes
+    return patches.WPlusAttn2Replace(StandInPatcher(adapter), BLOCK, adapter.tokens(codes), adapter.uncond_tokens(codes),
+                                     scale, attention=sdpa_attention, **kwargs)
+
+
+OPTIONS = {"n_heads": HEADS, "cond_or_uncond": [1, 0]}  # ComfyUI's [uncond, cond] chunks
+
+
+def test_scale_zero_is_exactly_the_text_attention(adapter):
+    q, k, v = qkv()
+    assert torch.equal(patch_for(adapter, 0.0)(q, k, v, OPTIONS), sdpa_attention(q, k, v, HEADS))
+
+
+def test_cond_chunks_get_the_codes_tokens_and_uncond_chunks_a_zero_codes(adapter):
+    q, k, v = qkv()
+    codes = torch.randn(1, 18, 512)
+    out = patch_for(adapter, 0.7, codes)(q, k, v, OPTIONS)
+    h = sdpa_attention(q, k, v, HEADS)
+    layer = adapter.layers[BLOCK]
+    expected_uncond = h[:1] + 0.7 * layer.residual(h[:1], adapter.uncond_tokens(codes), sdpa_attention, HEADS)
+    expected_cond = h[1:] + 0.7 * layer.residual(h[1:], adapter.tokens(codes), sdpa_attention, HEADS)
+    torch.testing.assert_close(out, torch.cat([expected_uncond, expected_cond]))
+    # the official unconditional tokens: LayerNorm of a zero W+'s projections is the norm's bias
+    torch.testing.assert_close(adapter.uncond_tokens(codes)[0], adapter.w_proj.norm.bias.expand(4, -1))
+
+
+def test_it_adds_its_residual_on_top_of_the_patch_installed_before(adapter):
+    q, k, v = qkv()
+    calls = []
+
+    def other_pack(q, k, v, extra_options):  # e.g. an IPAdapter-style replace patch
+        calls.append(1)
+        return sdpa_attention(q, k, v, extra_options["n_heads"]) * 2 + 1
+
+    ours = patch_for(adapter, 1.0, previous=other_pack)(q, k, v, OPTIONS)
+    alone = patch_for(adapter, 1.0)
+    h_other = other_pack(q, k, v, OPTIONS)
+    codes = torch.randn(1, 18, 512, generator=torch.Generator().manual_seed(2))
+    tokens = torch.cat([adapter.uncond_tokens(codes), adapter.tokens(codes)])
+    expected = h_other + adapter.layers[BLOCK].residual(h_other, tokens, sdpa_attention, HEADS)
+    torch.testing.assert_close(ours, expected)
+    assert len(calls) == 2 and not torch.allclose(ours, alone(q, k, v, OPTIONS))
+
+
+def test_outside_the_sigma_window_it_is_the_text_attention(adapter):
+    q, k, v = qkv()
+    patch = patch_for(adapter, 1.0, sigma_start=5.0, sigma_end=1.0)
+    h = sdpa_attention(q, k, v, HEADS)
+    assert torch.equal(patch(q, k, v, {**OPTIONS, "sigmas": torch.tensor([9.0])}), h)  # the delayed start
+    assert not torch.equal(patch(q, k, v, {**OPTIONS, "sigmas": torch.tensor([3.0])}), h)
+
+
+def test_a_mask_limits_the_residual_to_its_region(adapter):
+    q, k, v = qkv(tokens=16)
+    mask = torch.zeros(4, 4)
+    mask[:, :2] = 1  # the left half
+    options = {**OPTIONS, "activations_shape": [2, CHANNELS, 4, 4]}
+    out = patch_for(adapter, 1.0, mask=mask)(q, k, v, options)
+    h = sdpa_attention(q, k, v, HEADS)
+    changed = (out - h).abs().amax(dim=(0, 2)).reshape(4, 4)
+    assert (changed[:, 2:] == 0).all() and (changed[:, :2] > 0).all()
+
+
+def test_codes_and_latents_must_pair_up(adapter):
+    q, k, v = qkv(batch=6)  # 3 latents x [uncond, cond]
+    two_codes = torch.randn(2, 18, 512)
+    with pytest.raises(PackError, match="2 W\\+ codes for a batch of 3 latents"):
+        patch_for(adapter, 1.0, two_codes)(q, k, v, OPTIONS)
+    three = patch_for(adapter, 1.0, torch.randn(3, 18, 512))(q, k, v, OPTIONS)  # one code per latent
+    assert three.shape == (6, 16, CHANNELS)
+
+
+def test_block_keys_round_trip():
+    assert patches.block_key("input_1_0") == ("input", 1, 0) and patches.block_key("middle_0_0") == ("middle", 0, 0)
