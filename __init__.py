@@ -14,6 +14,7 @@ MODEL_FOLDERS = {
     "adaface": {".safetensors", ".pt", ".ckpt"},
     "wplus": {".safetensors", ".bin", ".pt", ".npy"},
     "face_embeds": {".safetensors"},
+    "wplus_codes": {".safetensors", ".pth"},
 }
 
 
@@ -23,8 +24,9 @@ def _register_model_folders():
         if extensions:
             paths, known = folder_paths.folder_names_and_paths[name]
             folder_paths.folder_names_and_paths[name] = (paths, set(known) | extensions)
-    # Save Face Embeds writes under output/face_embeds/; list those files in Load Face Embeds too.
+    # Save Face Embeds and Save W+ write under output/face_embeds/ and output/wplus/; their Load nodes list them too.
     folder_paths.add_model_folder_path("face_embeds", os.path.join(folder_paths.get_output_directory(), "face_embeds"))
+    folder_paths.add_model_folder_path("wplus_codes", os.path.join(folder_paths.get_output_directory(), "wplus"))
 
 
 if folder_paths is not None:

@@ -641,3 +641,70 @@ def adaface_tokens_of_file(work, payload):
     diffs = [float((module.identity_vectors(adaface, module.FaceEmbedsValue(face[None]), 1.0) - tokens).abs().max())
              for face, tokens in zip(expected["faces"], expected["tokens"])]
     return {"diffs": diffs, "multipliers": adaface.config.inverter.kv_multipliers}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# W+ adapter: an adapter fitted to the tiny checkpoint's UNet, a full-size e4e encoder with random weights and two
+# direction files, in models/wplus/
+
+
+def _wplus_module():
+    import nodes
+
+    return __import__("sys").modules[nodes.NODE_CLASS_MAPPINGS["IDA_ApplyWPlusAdapter"].__module__]
+
+
+def make_wplus_assets(work, payload):
+    import numpy as np
+
+    module = _wplus_module()
+    _, patches = _pack_modules()
+    model, _ = _load_checkpoint(work)
+    blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+    folder = os.path.join(work, "models", "wplus")
+    os.makedirs(os.path.join(folder, "directions"), exist_ok=True)
+    torch.manual_seed(5)
+    adapter = module.wplus_arch.WPlusAdapter(module.wplus_arch.WPlusAdapterConfig("sd15", blocks))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.05)
+    module.wplus_arch.save_wplus_adapter(module.wplus_arch.WPlusAdapterWeights(adapter, "test"),
+                                         os.path.join(folder, "tiny_wplus.safetensors"))
+    e4e = module.e4e_arch
+    encoder = e4e.Encoder4Editing().eval()
+    e4e.save_e4e(e4e.E4EWeights(encoder, torch.randn(18, 512) * 0.5), os.path.join(folder, "tiny_e4e.safetensors"),
+                 torch.float16)
+    direction = torch.nn.functional.normalize(torch.randn(1, 512), dim=-1)
+    torch.save(direction, os.path.join(folder, "directions", "age.pt"))
+    np.save(os.path.join(folder, "directions", "smile.npy"), np.random.default_rng(0).standard_normal((18, 512)))
+    return sorted(blocks)
+
+
+def wplus_patch_wiring(work, payload):
+    """Apply W+ Adapter on a MODEL that already has another pack's attn2 replace patch at one block: ours chains to
+    it, the input MODEL keeps exactly its own patch, and ComfyUI's memory manager sees the adapter's patcher."""
+    import nodes
+
+    module = _wplus_module()
+    model, _ = _load_checkpoint(work)
+    other = model.clone()
+
+    def other_pack(q, k, v, extra_options):
+        return q * 0
+
+    other.set_model_attn2_replace(other_pack, "input", 1, 0)
+    adapter = nodes.NODE_CLASS_MAPPINGS["IDA_LoadWPlusAdapter"].execute("tiny_wplus.safetensors").result[0]
+    apply = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyWPlusAdapter"]
+    codes = torch.randn(1, 18, 512)
+    ours = apply.execute(other, adapter, codes, 1.0, 0.2, 1.0).result[0]
+    replaces = ours.model_options["transformer_options"]["patches_replace"]["attn2"]
+    theirs = other.model_options["transformer_options"]["patches_replace"]["attn2"]
+    zero = apply.execute(model, adapter, codes, 0.0, 0.2, 1.0).result[0]
+    return {"ours": sorted("_".join(map(str, k)) for k in replaces),
+            "chained": getattr(replaces[("input", 1, 0)], "previous", None) is other_pack,
+            "others_unchained": all(getattr(p, "previous", None) is None
+                                    for k, p in replaces.items() if k != ("input", 1, 0)),
+            "input_model_keeps_its_own": list(theirs) == [("input", 1, 0)] and theirs[("input", 1, 0)] is other_pack,
+            "patcher_in_models": adapter.patcher in replaces[("input", 1, 0)].models(),
+            "scale_zero_patches": len(zero.model_options.get("transformer_options", {}).get("patches_replace", {})
+                                      .get("attn2", {}))}

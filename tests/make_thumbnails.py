@@ -23,7 +23,8 @@ from comfyui_server import start_server  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FOLDERS = {"CheckpointLoaderSimple": "checkpoints", "CLIPVisionLoader": "clip_vision",
-                 "IDA_LoadIDAdapter": "idadapter", "IDA_LoadAdaFace": "adaface"}
+                 "IDA_LoadIDAdapter": "idadapter", "IDA_LoadAdaFace": "adaface", "IDA_LoadE4EEncoder": "wplus",
+                 "IDA_LoadWPlusAdapter": "wplus"}
 SIZE = (1600, 900)
 MARGIN = 24
 

@@ -35,7 +35,9 @@ WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
 STAND_INS = {"CheckpointLoaderSimple": ("checkpoints", "tiny_sd15.safetensors"),
              "CLIPVisionLoader": ("clip_vision", "vit_l.safetensors"),
              "IDA_LoadIDAdapter": ("idadapter", "tiny.safetensors"),
-             "IDA_LoadAdaFace": ("adaface", "tiny_adaface.safetensors")}
+             "IDA_LoadAdaFace": ("adaface", "tiny_adaface.safetensors"),
+             "IDA_LoadE4EEncoder": ("wplus", "tiny_e4e.safetensors"),
+             "IDA_LoadWPlusAdapter": ("wplus", "tiny_wplus.safetensors")}
 FAST = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 3}}
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
@@ -78,6 +80,7 @@ def server(tmp_path_factory):
     run_check(work, "make_sd15_assets", {})
     run_check(work, "make_idadapters", {})
     run_check(work, "make_adafaces", {})
+    run_check(work, "make_wplus_assets", {})
     _provide_workflow_models(work)
     _bad_adapter_files(work)
     (work / "user" / "default").mkdir(parents=True)

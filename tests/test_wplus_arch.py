@@ -433,3 +433,21 @@ def test_saving_refuses_weights_that_overflow_float16(tmp_path):
         weights.adapter.layers["input_1_0"].to_q_wplus.weight[0, 0] = 1e6
     with pytest.raises(ConfigError, match="write the file in float32"):
         wplus.save_wplus_adapter(weights, str(tmp_path / "x.safetensors"), dtype=torch.float16)
+
+
+
+def test_the_converter_script_writes_wplus_1_and_keeps_existing_files(official, tmp_path):
+    import subprocess
+    import sys
+
+    official = official[1]
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_wplus.py")
+    out = tmp_path / "converted.safetensors"
+    done = subprocess.run([sys.executable, script, "--adapter", official, "--out", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "wplus/1" in done.stdout and "16 cross-attention layers" in done.stdout
+    assert wplus.load_wplus_adapter(str(out)).config.blocks.keys() == wplus.official_sd15_config().blocks.keys()
+    again = subprocess.run([sys.executable, script, "--adapter", official, "--out", str(out)], capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 1 and "error:" in again.stderr

@@ -246,12 +246,25 @@ class E4EWeights:
     latent_avg: torch.Tensor  # [style_count, 512]
 
 
+class WPlusEncoder(nn.Module):
+    """The e4e encoder and ``latent_avg`` as one module (what a ComfyUI model patcher owns):
+    ``forward(images01 [B, 3, H, W] RGB in [0, 1], aligned faces) -> W+ [B, 18, 512]``."""
+
+    def __init__(self, weights: E4EWeights):
+        super().__init__()
+        self.encoder = weights.encoder
+        self.register_buffer("latent_avg", weights.latent_avg)
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        weight = self.encoder.input_layer[0].weight  # read as an attribute: what the caller may have put there
+        x = normalize_for_e4e(images01.to(weight.device, weight.dtype))
+        return self.encoder(x) + self.latent_avg.to(weight.device, weight.dtype)
+
+
 def encode_wplus(weights: E4EWeights, images01: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] RGB in [0, 1] (aligned faces) -> W+ [B, 18, 512] = encoder(normalized images) + latent_avg, as
     the W+ adapter computes it (§3.6). Runs on the encoder's device and dtype; gradients flow if the caller wants."""
-    param = next(weights.encoder.parameters())
-    x = normalize_for_e4e(images01.to(param.device, param.dtype))
-    return weights.encoder(x) + weights.latent_avg.to(param.device, param.dtype)
+    return WPlusEncoder(weights)(images01)
 
 
 # --- our file format ---------------------------------------------------------------------------------------------

@@ -1,0 +1,338 @@
+"""W+ adapter nodes: Load e4e Encoder, W+ Encode, W+ Edit, W+ Interpolate, Save / Load W+, Load W+ Adapter,
+Apply W+ Adapter.
+
+A face goes into StyleGAN's W+ space (e4e), can be edited there with StyleGAN directions (age, smile, pose, ...),
+and conditions the UNet through the W+ adapter's residual cross-attention.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from . import patches
+from .arch import e4e as e4e_arch
+from .arch import wplus as wplus_arch
+from .arch import wplus_edits
+from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
+from .arch.ffhq_align import align_ffhq
+from .errors import ConfigError, ImageInputError, PackError
+from .face import insightface_backend
+from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
+
+E4EType = io.Custom("E4E")
+WPlusType = io.Custom("WPLUS")
+WPlusAdapterType = io.Custom("WPLUS_ADAPTER")
+DIRECTIONS = "directions"  # models/wplus/directions/
+NO_DIRECTION = "(none: put direction files into models/wplus/directions/)"
+E4E_SIZE = 256  # e4e's input
+
+
+@dataclass
+class LoadedModel:
+    """A file's module owned by a ComfyUI model patcher (loaded and offloaded by the memory manager)."""
+
+    patcher: object
+    config: object = None
+
+    @property
+    def module(self):
+        return self.patcher.model
+
+
+_cache: dict = {}
+_cache_lock = threading.Lock()
+
+
+def load_cached(kind: str, path: str, load) -> LoadedModel:
+    """One resident file per kind (e4e, adapter): another Load node of that kind reloads its own."""
+    key = (path, os.path.getmtime(path), os.path.getsize(path))
+    with _cache_lock:
+        if _cache.get(kind, (None,))[0] != key:
+            _cache[kind] = (key, load(path))
+        return _cache[kind][1]
+
+
+def _wplus_files(ending: tuple[str, ...]) -> list[str]:
+    return [f for f in folder_paths.get_filename_list("wplus")
+            if f.lower().endswith(ending) and not f.replace(os.sep, "/").startswith(DIRECTIONS + "/")]
+
+
+def _direction_files() -> list[str]:
+    found = [f for f in folder_paths.get_filename_list("wplus") if f.replace(os.sep, "/").startswith(DIRECTIONS + "/")]
+    return found or [NO_DIRECTION]
+
+
+class LoadE4EEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_LoadE4EEncoder",
+            display_name="Load e4e Encoder",
+            category=CATEGORY,
+            description="Loads the e4e encoder (StyleGAN2 FFHQ W+) from models/wplus/: the official "
+            "e4e_ffhq_encode.pt (read tensors-only; its StyleGAN decoder is not used) or an e4e/1 safetensors.",
+            inputs=[io.Combo.Input("file", options=_wplus_files((".pt", ".safetensors")),
+                                   tooltip="e4e_ffhq_encode.pt or an e4e/1 .safetensors")],
+            outputs=[E4EType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, file) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("wplus", file)
+
+        def load(path):
+            weights = e4e_arch.load_e4e(path) if path.lower().endswith(".safetensors") else \
+                e4e_arch.load_official_e4e(path)
+            return LoadedModel(patches.module_patcher(e4e_arch.WPlusEncoder(weights).eval()))
+
+        return io.NodeOutput(load_cached("e4e", path, load))
+
+
+class WPlusEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_WPlusEncode",
+            display_name="W+ Encode",
+            category=CATEGORY,
+            description="Each image's largest face, FFHQ-aligned from its 5 landmarks at 256x256, encoded by e4e "
+            "into a W+ code [18, 512]. The official pipeline also whitens the background and clothes with a face "
+            "parser; this keeps the aligned crop as it is (no parser), so busy backgrounds leak into the code.",
+            inputs=[
+                E4EType.Input("e4e"),
+                io.Image.Input("image", tooltip="one face per image (the largest is used)"),
+                InsightFace.Input("insightface", optional=True, tooltip="detects the faces and their landmarks"),
+                FaceEmbeds.Input("face_embeds", optional=True,
+                                 tooltip="or: Face Embed's output for these images (its landmarks are used)"),
+            ],
+            outputs=[WPlusType.Output(), io.Image.Output("aligned")],
+        )
+
+    @classmethod
+    def execute(cls, e4e, image, insightface=None, face_embeds=None) -> io.NodeOutput:
+        if face_embeds is None and insightface is None:
+            raise PackError("connect insightface (Load InsightFace) or face_embeds (Face Embed) to W+ Encode: the "
+                            "alignment needs each face's landmarks")
+        if face_embeds is None:
+            face_embeds, _ = insightface_backend.embed_faces(insightface, image, "largest", on_no_face="error")
+        if not isinstance(face_embeds, FaceEmbedsValue) or not face_embeds.has_geometry:
+            raise PackError("face_embeds has no landmarks (averaged embeddings describe no single face): connect "
+                            "Face Embed's output for these images, or insightface")
+        images = image[..., :3] if image.shape[-1] >= 3 else image.expand(-1, -1, -1, 3)
+        crops = []
+        for index in range(images.shape[0]):
+            faces = (face_embeds.image_index == index).nonzero().flatten()
+            if len(faces) == 0:
+                raise ImageInputError(f"image {index} of the batch has no face in face_embeds: W+ Encode needs one "
+                                      "face per image")
+            boxes = face_embeds.boxes[faces]
+            largest = faces[((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).argmax()]
+            crops.append(align_ffhq(images[index].movedim(-1, 0).float(), face_embeds.landmarks[largest], E4E_SIZE))
+        aligned = torch.stack(crops).clamp(0, 1)
+        codes = patches.run_loaded(e4e.patcher, aligned).float().cpu()
+        return io.NodeOutput(codes, aligned.movedim(1, -1))
+
+
+class WPlusEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_WPlusEdit",
+            display_name="W+ Edit",
+            category=CATEGORY,
+            description="Moves W+ codes along a StyleGAN direction from models/wplus/directions/: InterFaceGAN "
+            "[1, 512] .pt (all 18 rows), latent-direction [18, 512] .npy (rows 0-7, as the official code), or "
+            "GANSpace ffhq_pca.pt (a component over a row range).",
+            inputs=[
+                WPlusType.Input("wplus"),
+                io.Combo.Input("direction", options=_direction_files()),
+                io.Float.Input("strength", default=2.0, min=-20.0, max=20.0, step=0.1,
+                               tooltip="InterFaceGAN / latent directions: the step (official range -4..4). GANSpace: "
+                               "the target coordinate in standard deviations (official), or the step (relative)"),
+                io.String.Input("sweep", default="",
+                                tooltip="several strengths, e.g. '-3, -1, 1, 3': one code per strength and input "
+                                "code (a batch), instead of 'strength'"),
+                io.Int.Input("start_layer", default=-1, min=-1, max=17, tooltip="-1: the direction's own rows"),
+                io.Int.Input("end_layer", default=-1, min=-1, max=18, tooltip="exclusive; -1: the direction's own"),
+                io.Int.Input("ganspace_component", default=0, min=0, max=511, tooltip="GANSpace files only"),
+                io.Combo.Input("ganspace_mode", options=["target (official)", "relative"],
+                               tooltip="GANSpace: strength is the target coordinate (official) or a step"),
+            ],
+            outputs=[WPlusType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, wplus, direction, strength, sweep, start_layer, end_layer, ganspace_component,
+                ganspace_mode) -> io.NodeOutput:
+        if direction == NO_DIRECTION:
+            raise ConfigError("no direction files: put InterFaceGAN .pt, latent-direction .npy or GANSpace "
+                              "ffhq_pca.pt files into models/wplus/directions/")
+        loaded = wplus_edits.load_direction(folder_paths.get_full_path_or_raise("wplus", direction))
+        strengths = _strengths(sweep) or [strength]
+        codes = wplus_edits.check_wplus(wplus)
+        codes = codes if codes.ndim == 3 else codes[None]
+        edited = []
+        for value in strengths:
+            if isinstance(loaded, wplus_edits.GanSpace):
+                start, end = (0 if start_layer < 0 else start_layer), (wplus_arch.W_ROWS if end_layer < 0 else end_layer)
+                edited.append(wplus_edits.apply_ganspace(codes, loaded, ganspace_component, value, start, end,
+                                                         relative=ganspace_mode == "relative"))
+            else:
+                edited.append(wplus_edits.apply_direction(codes, loaded, value, None if start_layer < 0 else start_layer,
+                                                          None if end_layer < 0 else end_layer))
+        return io.NodeOutput(torch.cat(edited))
+
+
+def _strengths(text: str) -> list[float]:
+    parts = [p for p in text.replace(";", ",").split(",") if p.strip()]
+    try:
+        return [float(p) for p in parts]
+    except ValueError as exc:
+        raise ConfigError(f"sweep {text!r} is not a comma-separated list of numbers, e.g. '-3, -1, 1, 3'") from exc
+
+
+class WPlusInterpolate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_WPlusInterpolate",
+            display_name="W+ Interpolate",
+            category=CATEGORY,
+            description="(1 - t) * a + t * b: two identities mixed in W+ (t outside 0..1 extrapolates).",
+            inputs=[WPlusType.Input("a"), WPlusType.Input("b"),
+                    io.Float.Input("t", default=0.5, min=-1.0, max=2.0, step=0.05)],
+            outputs=[WPlusType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, a, b, t) -> io.NodeOutput:
+        return io.NodeOutput(wplus_edits.interpolate(a, b, t))
+
+
+class SaveWPlus(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_SaveWPlus",
+            display_name="Save W+",
+            category=CATEGORY,
+            description="Writes W+ codes as safetensors (wplus-code/1) under the output folder (wplus/ by default).",
+            inputs=[WPlusType.Input("wplus"), io.String.Input("filename_prefix", default="wplus/face")],
+            outputs=[io.String.Output("path")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, wplus, filename_prefix) -> io.NodeOutput:
+        folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix,
+                                                                       folder_paths.get_output_directory())
+        path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
+        os.makedirs(folder, exist_ok=True)
+        wplus_edits.save_wplus_code(wplus, path)
+        return io.NodeOutput(path)
+
+
+class LoadWPlus(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_LoadWPlus",
+            display_name="Load W+",
+            category=CATEGORY,
+            description="Reads W+ codes (wplus-code/1, or the official test_data .pth) from output/wplus/ (where "
+            "Save W+ writes) or models/wplus_codes/.",
+            inputs=[io.Combo.Input("file", options=folder_paths.get_filename_list("wplus_codes") or ["(none)"])],
+            outputs=[WPlusType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, file) -> io.NodeOutput:
+        return io.NodeOutput(wplus_edits.load_wplus_code(folder_paths.get_full_path_or_raise("wplus_codes", file)))
+
+
+class LoadWPlusAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_LoadWPlusAdapter",
+            display_name="Load W+ Adapter",
+            category=CATEGORY,
+            description="Loads W+ adapter weights from models/wplus/: ours (wplus/1 safetensors) or the official "
+            "wplus_adapter.bin / wplus_adapter_stage1.bin (read tensors-only).",
+            inputs=[io.Combo.Input("file", options=_wplus_files((".bin", ".safetensors")))],
+            outputs=[WPlusAdapterType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, file) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("wplus", file)
+
+        def load(path):
+            weights = wplus_arch.load_wplus_file(path)
+            return LoadedModel(patches.module_patcher(weights.adapter), weights.config)
+
+        return io.NodeOutput(load_cached("adapter", path, load))
+
+
+class ApplyWPlusAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_ApplyWPlusAdapter",
+            display_name="Apply W+ Adapter",
+            category=CATEGORY,
+            description="Adds the W+ adapter's residual cross-attention to every cross-attention layer: the text "
+            "attention (or another pack's patch installed there before) plus scale x attention over the W+ tokens; "
+            "the unconditional CFG half gets a zero W+'s tokens, as the official pipeline.",
+            inputs=[
+                io.Model.Input("model"),
+                WPlusAdapterType.Input("wplus_adapter"),
+                WPlusType.Input("wplus", tooltip="one code, or one per latent of the batch"),
+                io.Float.Input("scale", default=1.0, min=-1.0, max=3.0, step=0.05, tooltip="alpha; 0 = unchanged"),
+                io.Float.Input("start_percent", default=0.2, min=0.0, max=1.0, step=0.001,
+                               tooltip="the official delayed start: off for the first 20 % of the steps"),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Mask.Input("attn_mask", optional=True, tooltip="where the face goes (white)"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, wplus_adapter, wplus, scale, start_percent, end_percent, attn_mask=None) -> io.NodeOutput:
+        if start_percent > end_percent:
+            raise PackError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
+        codes = wplus_edits.check_wplus(wplus)
+        config = wplus_adapter.config
+        blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+        missing = sorted(set(config.blocks) - set(blocks))
+        if missing or any(blocks[n].channels != s.channels or blocks[n].context_dim != s.context_dim
+                          for n, s in config.blocks.items() if n in blocks):
+            raise PackError(f"this W+ adapter was made for a {config.family} UNet (blocks {sorted(config.blocks)[:3]}..., "
+                            f"context {config.context_dim}); the MODEL's blocks differ"
+                            + (f" (it has no {missing[:3]})" if missing else "") + ": use an SD1.5 checkpoint")
+        patched = model.clone()
+        if scale == 0:
+            return io.NodeOutput(patched)
+        adapter = wplus_adapter.module
+        with torch.no_grad():
+            tokens, uncond = adapter.tokens(codes.float().cpu()), adapter.uncond_tokens(codes.float().cpu()[:1])
+        sampling = model.get_model_object("model_sampling")
+        attention = patches.comfy_attention()
+        for name in config.blocks:
+            key = patches.block_key(name)
+            patch = patches.WPlusAttn2Replace(
+                wplus_adapter.patcher, name, tokens, uncond, scale,
+                sigma_start=sampling.percent_to_sigma(start_percent), sigma_end=sampling.percent_to_sigma(end_percent),
+                mask=attn_mask, previous=patches.previous_attn2_replace(patched, key), attention=attention)
+            patched.set_model_attn2_replace(patch, *key)
+        return io.NodeOutput(patched)
+
+
+WPLUS_NODES = [LoadE4EEncoder, WPlusEncode, WPlusEdit, WPlusInterpolate, SaveWPlus, LoadWPlus, LoadWPlusAdapter,
+               ApplyWPlusAdapter]
