@@ -672,8 +672,14 @@ def make_wplus_assets(work, payload):
                                          os.path.join(folder, "tiny_wplus.safetensors"))
     e4e = module.e4e_arch
     encoder = e4e.Encoder4Editing().eval()
-    e4e.save_e4e(e4e.E4EWeights(encoder, torch.randn(18, 512) * 0.5), os.path.join(folder, "tiny_e4e.safetensors"),
-                 torch.float16)
+    latent_avg = torch.randn(18, 512) * 0.5
+    e4e.save_e4e(e4e.E4EWeights(encoder, latent_avg), os.path.join(folder, "tiny_e4e.safetensors"), torch.float16)
+    # the same in the official layout (pSp's dict: encoder and decoder weights, opts, latent_avg), in fp16 to keep
+    # the file at half the size
+    state = {f"encoder.{k}": v.half() if v.is_floating_point() else v for k, v in encoder.state_dict().items()}
+    state["decoder.style.1.weight"] = torch.zeros(512, 512, dtype=torch.float16)
+    torch.save({"state_dict": state, "opts": {"encoder_type": "Encoder4Editing", "stylegan_size": 1024},
+                "latent_avg": latent_avg}, os.path.join(folder, "tiny_e4e_official.pt"))
     direction = torch.nn.functional.normalize(torch.randn(1, 512), dim=-1)
     torch.save(direction, os.path.join(folder, "directions", "age.pt"))
     np.save(os.path.join(folder, "directions", "smile.npy"), np.random.default_rng(0).standard_normal((18, 512)))

@@ -36,7 +36,7 @@ STAND_INS = {"CheckpointLoaderSimple": ("checkpoints", "tiny_sd15.safetensors"),
              "CLIPVisionLoader": ("clip_vision", "vit_l.safetensors"),
              "IDA_LoadIDAdapter": ("idadapter", "tiny.safetensors"),
              "IDA_LoadAdaFace": ("adaface", "tiny_adaface.safetensors"),
-             "IDA_LoadE4EEncoder": ("wplus", "tiny_e4e.safetensors"),
+             "IDA_LoadE4EEncoder": ("wplus", "tiny_e4e_official.pt"),
              "IDA_LoadWPlusAdapter": ("wplus", "tiny_wplus.safetensors")}
 FAST = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 3}}
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
