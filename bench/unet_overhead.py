@@ -1,4 +1,4 @@
-"""Per-step cost of IDAdapter on a full-size SD1.5 UNet (random weights), measured in one run.
+"""Per-step cost of IDAdapter and the W+ adapter on a full-size SD1.5 UNet (random weights), measured in one run.
 
     ./dev python bench/unet_overhead.py                       # CPU, fp32
     python bench/unet_overhead.py --device cuda --dtype fp16  # GPU
@@ -8,6 +8,11 @@ One CFG step = one UNet call on batch 2 (unconditional + conditional) at 512x512
   idadapter     the gated self-attention on the conditional half only (what Apply IDAdapter does)
   both-halves   the same adapter run on both halves (for reference: an extra self-attention everywhere)
   ip-adapter    an IP-Adapter-style parallel cross-attention over the same number of tokens, both halves
+  wplus         the official SD1.5 W+ adapter (nodes/arch/wplus.py) on all 16 cross-attention layers, what Apply
+                W+ Adapter adds: attn2 computes the text attention h (before to_out), adds scale (1) * the W+
+                residual attention over 4 tokens (query to_q_wplus(h)), then to_out; on both halves, the
+                unconditional one with the zero-W+ tokens as the official pipeline. The tokens (the mapping network
+                of a random W+ code) are computed once before timing: they do not change from step to step.
   floor         base + the adapter modules timed on their own on the same activations: what the
                 idadapter variant computes, with no integration overhead
 Prints seconds per step and each variant's ratio to base, and idadapter/floor.
@@ -28,6 +33,7 @@ sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec
 _spec.loader.exec_module(_pack)
 
 from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention  # noqa: E402
+from comfyui_idadapter.nodes.arch.wplus import W_DIM, W_ROWS, WPlusAdapter, official_sd15_config  # noqa: E402
 from comfyui_idadapter.training import diffusers_binding  # noqa: E402
 
 SD15_UNET = dict(
@@ -54,6 +60,18 @@ class ParallelCrossAttention:
         tokens = self.image_tokens.expand(hidden_states.shape[0], -1, -1)
         image = sdpa_attention(q, self.to_k_ip(tokens), self.to_v_ip(tokens), attn.heads)
         return attn.to_out[1](attn.to_out[0](text + self.scale * image))
+
+
+class WPlusCrossAttention:
+    """The W+ adapter on one attn2: to_out(h + scale * residual(h, tokens)), h the text attention before to_out."""
+
+    def __init__(self, layer, tokens, scale=1.0):
+        self.layer, self.tokens, self.scale = layer, tokens, scale
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        q = attn.to_q(hidden_states)
+        h = sdpa_attention(q, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), attn.heads)
+        return attn.to_out[1](attn.to_out[0](self.layer(h, self.tokens, self.scale, sdpa_attention, attn.heads)))
 
 
 def sync(device):
@@ -136,6 +154,23 @@ def main():
         processors[name] = ParallelCrossAttention(module, image_tokens) if name.endswith("attn2.processor") else AttnProcessor2_0()
     unet.set_attn_processor(processors)
     results["ip-adapter"] = timed(run, device, args.repeats)
+
+    wplus = WPlusAdapter(official_sd15_config()).to(device, dtype).eval().requires_grad_(False)
+    with torch.no_grad():
+        wplus.w_proj.norm.weight.normal_(1, 0.1)  # random LayerNorm too, so the zero-W+ tokens are not all zero
+        wplus.w_proj.norm.bias.normal_(0, 0.1)
+        w = torch.randn(1, W_ROWS, W_DIM, device=device, dtype=dtype)
+        wplus_tokens = torch.cat([wplus.uncond_tokens(w), wplus.tokens(w)])  # [2, 4, 768]: uncond, cond
+    block_of = {id(block.attn2): name for name, block in diffusers_binding.transformer_blocks(unet).items()}
+    processors = {}
+    for name in unet.attn_processors:
+        module = unet.get_submodule(name.rsplit(".", 1)[0])
+        block = block_of.get(id(module))
+        processors[name] = (WPlusCrossAttention(wplus.layers[block], wplus_tokens) if block in wplus.layers
+                            else AttnProcessor2_0())
+    assert sum(isinstance(p, WPlusCrossAttention) for p in processors.values()) == len(wplus.layers) == 16
+    unet.set_attn_processor(processors)
+    results["wplus"] = timed(run, device, args.repeats)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"SD1.5 UNet, {args.resolution}x{args.resolution}, batch 2 (one CFG step), {args.dtype}, {name}")
