@@ -87,9 +87,7 @@ class LoadE4EEncoder(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("wplus", file)
 
         def load(path):
-            weights = e4e_arch.load_e4e(path) if path.lower().endswith(".safetensors") else \
-                e4e_arch.load_official_e4e(path)
-            return LoadedModel(patches.module_patcher(e4e_arch.WPlusEncoder(weights).eval()))
+            return LoadedModel(patches.module_patcher(e4e_arch.WPlusEncoder(e4e_arch.load_e4e_file(path)).eval()))
 
         return io.NodeOutput(load_cached("e4e", path, load))
 

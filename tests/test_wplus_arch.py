@@ -451,3 +451,14 @@ def test_the_converter_script_writes_wplus_1_and_keeps_existing_files(official, 
     again = subprocess.run([sys.executable, script, "--adapter", official, "--out", str(out)], capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 1 and "error:" in again.stderr
+
+
+def test_a_wplus1_file_under_the_official_name_goes_to_our_reader(official, tiny_file, tmp_path):
+    import shutil
+
+    renamed = tmp_path / "wplus_adapter.bin"  # a wplus/1 file under the official name
+    shutil.copy(tiny_file, renamed)
+    assert wplus.load_wplus_file(str(renamed)).config.blocks.keys() == wplus.load_wplus_adapter(tiny_file).config.blocks.keys()
+    assert len(wplus.load_wplus_file(official[1]).config.blocks) == 16
+    with pytest.raises(ModelFileError):
+        wplus.load_wplus_file(str(tmp_path / "missing.bin"))

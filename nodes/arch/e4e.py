@@ -53,7 +53,7 @@ from torch import nn
 
 from ..errors import ConfigError, ImageInputError, ModelFileError
 from .adaface import materialized
-from .files import check_shapes, first_few, open_safetensors, write_safetensors
+from .files import check_shapes, first_few, looks_like_safetensors, open_safetensors, write_safetensors
 
 FORMAT = "e4e/1"
 FAMILY = "ffhq"
@@ -512,6 +512,11 @@ def load_official_e4e(path: str) -> E4EWeights:
                                  f"is damaged or came from a diverged run. {_OFFICIAL_FIX}")
         encoder_state[name[len(ENCODER_PREFIX):]] = tensor
     return E4EWeights(encoder=_materialize(module, encoder_state), latent_avg=latent_avg)
+
+
+def load_e4e_file(path: str) -> E4EWeights:
+    """Either kind of e4e file, told apart by content: ``e4e/1`` safetensors, or the official ``.pt``."""
+    return load_e4e(path) if looks_like_safetensors(path) else load_official_e4e(path)
 
 
 def convert_official_e4e(pt_path: str, out_path: str, overwrite: bool = False,

@@ -102,6 +102,17 @@ def open_safetensors(path: str, expected_format: str, what: str, writer: str) ->
         yield SafetensorsReader(path, handle, meta, what, writer)
 
 
+def looks_like_safetensors(path: str) -> bool:
+    """Whether a file starts as safetensors does (an 8-byte header length, then the JSON header's "{"), whatever its
+    name says: a renamed file still goes to the reader of what it holds (torch's files start "PK" or with a pickle)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return path.lower().endswith(".safetensors")  # the reader then says what is wrong with it
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
 def first_few(names: list) -> str:
     """Up to four items of a sorted list, with how many more there are."""
     return f"{names[:4]}" + (f" and {len(names) - 4} more" if len(names) > 4 else "")

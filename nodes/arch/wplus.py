@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelFileError
-from .files import check_shapes, first_few, open_safetensors, write_safetensors
+from .files import check_shapes, first_few, looks_like_safetensors, open_safetensors, write_safetensors
 from .idadapter import FAMILIES, Attention, BlockKey, BlockSpec, CastLayerNorm, CastLinear, block_name, sdpa_attention
 
 FORMAT = "wplus/1"
@@ -435,8 +435,8 @@ def load_official_wplus(path: str) -> WPlusAdapterWeights:
 
 
 def load_wplus_file(path: str) -> WPlusAdapterWeights:
-    """Either kind of W+ adapter file: ``wplus/1`` safetensors, or an official ``.bin``."""
-    if path.lower().endswith(".safetensors"):
+    """Either kind of W+ adapter file, told apart by content: ``wplus/1`` safetensors, or an official ``.bin``."""
+    if looks_like_safetensors(path):
         return load_wplus_adapter(path)
     return load_official_wplus(path)
 
