@@ -49,5 +49,5 @@ def align_ffhq(image: torch.Tensor, landmarks: torch.Tensor, size: int = 256) ->
     across, down = quad[3] - quad[0], quad[1] - quad[0]
     source = quad[0] + u[..., None] * across + v[..., None] * down  # [size, size, 2] continuous (x, y) pixels
     grid = torch.stack([source[..., 0] * 2 / width - 1, source[..., 1] * 2 / height - 1], dim=-1)
-    return F.grid_sample(image[None].float(), grid[None].float(), mode="bilinear", padding_mode="reflection",
-                         align_corners=False)[0]
+    return F.grid_sample(image[None].float(), grid[None].float().to(image.device), mode="bilinear",
+                         padding_mode="reflection", align_corners=False)[0]
