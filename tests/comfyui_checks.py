@@ -714,3 +714,75 @@ def wplus_patch_wiring(work, payload):
             "patcher_in_models": adapter.patcher in replaces[("input", 1, 0)].models(),
             "scale_zero_patches": len(zero.model_options.get("transformer_options", {}).get("patches_replace", {})
                                       .get("attn2", {}))}
+
+
+def wplus_trainer_parity_sd15(work, payload):
+    """The W+ adapter's trainer<->node parity, in one process: ComfyUI's UNet of the tiny checkpoint patched by Apply
+    W+ Adapter (scale 1, start 0, end 1) against the trainer's diffusers UNet with the same weights and
+    ``attach_wplus`` (scale 1), on the same latents, timestep and text; CFG chunks [uncond, cond] (the
+    unconditional row with a zero W+'s tokens, as the node does) and a conditional-only batch."""
+    import comfy.model_management
+    import comfy.utils
+    import nodes
+
+    import pack_import  # noqa: F401
+    from comfyui_idadapter.nodes.arch import wplus as trainer_wplus
+    from comfyui_idadapter.training import diffusers_binding
+
+    module = _wplus_module()
+    _, patches = _pack_modules()
+    model, _ = _load_checkpoint(work)
+    blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+    folder = os.path.join(work, "models", "wplus")
+    os.makedirs(folder, exist_ok=True)
+    adapter_path = os.path.join(folder, "parity_wplus.safetensors")
+    torch.manual_seed(8)
+    adapter = module.wplus_arch.WPlusAdapter(module.wplus_arch.WPlusAdapterConfig("sd15", blocks))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.05)
+    module.wplus_arch.save_wplus_adapter(module.wplus_arch.WPlusAdapterWeights(adapter, "test"), adapter_path)
+
+    gen = torch.Generator().manual_seed(9)
+    codes = torch.randn(1, 18, 512, generator=gen)
+    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
+    t = torch.tensor([500, 500])
+    base = {k: v.detach().float().clone() for k, v in model.model.state_dict().items()}
+    loaded = nodes.NODE_CLASS_MAPPINGS["IDA_LoadWPlusAdapter"].execute("parity_wplus.safetensors").result[0]
+    patched = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyWPlusAdapter"].execute(model, loaded, codes, 1.0, 0.0,
+                                                                         1.0).result[0]
+    comfy.model_management.load_models_gpu([patched], force_patch_weights=True)
+    dm = patched.model.diffusion_model
+    dtype = dm.input_blocks[0][0].weight.dtype
+    replaces = patched.model_options["transformer_options"]["patches_replace"]
+
+    def comfyui(rows, cond_or_uncond):
+        options = {"patches_replace": replaces, "cond_or_uncond": cond_or_uncond, "sigmas": torch.tensor([1.0])}
+        with torch.no_grad():
+            return dm(x[rows].to(dtype), timesteps=t[rows], context=text[rows].to(dtype),
+                      transformer_options=options).float()
+
+    theirs = {"cfg": comfyui(slice(0, 2), [1, 0]), "cond": comfyui(slice(1, 2), [0])}
+
+    unet = _tiny_diffusers_unet()
+    mapping = comfy.utils.unet_to_diffusers(TINY_UNET_CONFIG)
+    unet.load_state_dict({d: base["diffusion_model." + name] for d, name in mapping.items()
+                          if "diffusion_model." + name in base})
+    unet.eval()
+    weights = trainer_wplus.load_wplus_adapter(adapter_path)
+    with torch.no_grad():
+        plain = unet(x, t, encoder_hidden_states=text).sample
+        installed = diffusers_binding.attach_wplus(unet, weights.adapter)
+        cond, uncond = weights.adapter.tokens(codes), weights.adapter.uncond_tokens(codes)
+        ours = {
+            "cfg": unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=diffusers_binding.wplus_kwargs(
+                torch.cat([uncond, cond]), 1.0)).sample,
+            "cond": unet(x[1:], t[1:], encoder_hidden_states=text[1:],
+                         cross_attention_kwargs=diffusers_binding.wplus_kwargs(cond, 1.0)).sample,
+        }
+    return {"dtype": str(dtype), "blocks": sorted(blocks), "installed": installed,
+            "patched": sorted("_".join(map(str, k)) for k in replaces.get("attn2", {})),
+            "adapter_effect": float((ours["cfg"] - plain).abs().max()),
+            "uncond_effect": float((ours["cfg"][:1] - plain[:1]).abs().max()),
+            "max_diff": {k: float((ours[k] - theirs[k]).abs().max()) for k in ours},
+            "close": {k: bool(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-5)) for k in ours}}

@@ -8,9 +8,15 @@ arguments to ``unet.position_net`` and passes its result to every fuser; ours pa
 
 Transformer blocks are named like ComfyUI's block keys (``input_4_0``...), so trainer exports and node-side
 patches address the same blocks.
+
+The W+ adapter (``nodes.arch.wplus``) binds through attn2 instead: :func:`attach_wplus` installs a
+:class:`WPlusAttnProcessor` holding the adapter's own ``ResidualCrossAttention`` of that block, and the UNet is called
+with ``cross_attention_kwargs=wplus_kwargs(tokens, scale)`` (what ComfyUI's ``WPlusAttn2Replace`` computes).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from torch import nn
@@ -86,3 +92,133 @@ def attach(unet, adapter: IDAdapter) -> None:
 def idadapter_kwargs(tokens: torch.Tensor, active: torch.Tensor | None = None, beta: float = 1.0) -> dict:
     """``cross_attention_kwargs`` for a UNet call with the adapter on (for the ``active`` rows)."""
     return {"gligen": {"tokens": tokens, "active": active, "beta": beta}}
+
+
+# ---- W+ adapter: an attn2 processor
+
+
+WPLUS_KWARG = "wplus"  # the cross_attention_kwargs key the W+ processor reads
+
+
+class WPlusAttnProcessor:
+    """diffusers' attn2 processor of one block with the W+ adapter's residual cross-attention.
+
+    The text attention is diffusers' ``AttnProcessor2_0`` step for step up to before ``to_out`` (spatial norm, group
+    norm, ``norm_cross``, attention mask, ``norm_q``/``norm_k``, SDPA); then ``h + scale * layer.residual(h, tokens)``
+    (the W+ branch: no mask, the attention's own head count, as ComfyUI's ``WPlusAttn2Replace`` passes
+    ``n_heads``), then ``to_out``, the residual connection and the rescale the default processor applies. Without
+    the ``wplus`` argument, or at scale 0, it computes exactly what ``AttnProcessor2_0`` does.
+
+    ``layer`` is the adapter's own :class:`ResidualCrossAttention` (the module the nodes run; no copy). The
+    processor is not an ``nn.Module``, so the adapter's parameters stay out of ``unet.parameters()`` and
+    ``unet.state_dict()``: freezing or saving the UNet leaves the adapter alone; move and optimize it yourself.
+    """
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 wplus: dict | None = None) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                       is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if wplus is not None and wplus.get("scale", 1.0) != 0:  # h + scale * Attn(to_q_wplus(h), W+ tokens)
+            hidden_states = hidden_states + wplus.get("scale", 1.0) * self.layer.residual(
+                hidden_states, wplus["tokens"], sdpa_attention, attn.heads)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class _QuietWPlusKwarg(logging.Filter):
+    """Drops diffusers' per-call warning that a processor without the ``wplus`` argument (attn1, attn2 of blocks
+    the adapter does not cover) ignores it; any other unexpected argument is still reported."""
+
+    _MESSAGE = f"cross_attention_kwargs {[WPLUS_KWARG]} are not expected by "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self._MESSAGE)
+
+
+def _quiet_wplus_warning() -> None:
+    log = logging.getLogger("diffusers.models.attention_processor")
+    if not any(isinstance(f, _QuietWPlusKwarg) for f in log.filters):
+        log.addFilter(_QuietWPlusKwarg())
+
+
+def attach_wplus(unet, adapter) -> list[str]:
+    """Installs :class:`WPlusAttnProcessor` on the attn2 of every transformer block in ``adapter.config.blocks``
+    (a :class:`~..nodes.arch.wplus.WPlusAdapter`); every other processor stays. Returns the block names.
+
+    Each block's widths must match its config entry (``ConfigError`` otherwise, before anything is installed).
+    Stacks with :func:`attach` (the IDAdapter): in a transformer block the IDAdapter's gated self-attention (the
+    ``fuser`` slot, after self-attention) runs first, then attn2 with the W+ residual, as ComfyUI runs Apply
+    IDAdapter's middle patch before Apply W+ Adapter's attn2 replace; merge the two ``cross_attention_kwargs``
+    (``{**idadapter_kwargs(...), **wplus_kwargs(...)}``). The IDAdapter's K/V deltas, added to attn2's ``to_k`` /
+    ``to_v`` weights, enter the text attention the W+ residual is computed from, as in ComfyUI.
+    """
+    from ..nodes.errors import ConfigError
+
+    blocks = transformer_blocks(unet)
+    config = adapter.config
+    missing = sorted(set(config.blocks) - set(blocks))
+    if missing:
+        raise ConfigError(f"the W+ adapter has layers for blocks {missing[:5]} this UNet lacks (it has "
+                          f"{sorted(blocks)[:5]}...): use the UNet the adapter was made for")
+    for name, spec in config.blocks.items():
+        attn2 = blocks[name].attn2
+        got = (attn2.to_q.in_features, attn2.to_k.in_features)
+        if got != (spec.channels, spec.context_dim) or attn2.to_q.out_features != spec.channels:
+            raise ConfigError(f"block {name}: the W+ adapter expects {spec.channels} channels and context "
+                              f"{spec.context_dim}, the UNet's cross-attention has {got[0]} and {got[1]}")
+    for name in config.blocks:
+        blocks[name].attn2.set_processor(WPlusAttnProcessor(adapter.layers[name]))
+    _quiet_wplus_warning()
+    return sorted(config.blocks)
+
+
+def wplus_kwargs(tokens: torch.Tensor, scale: float = 1.0) -> dict:
+    """``cross_attention_kwargs`` for a UNet call with the W+ adapter on: ``tokens`` [B or 1, 4, context] (one set
+    per batch row, e.g. ``torch.cat([adapter.uncond_tokens(w), adapter.tokens(w)])`` for both CFG halves)."""
+    return {WPLUS_KWARG: {"tokens": tokens, "scale": float(scale)}}
