@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .diffusers_binding import around_attention
+
 
 @dataclass
 class CrossAttentionCapture:
@@ -42,39 +44,19 @@ class CapturingCrossAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
-                                          else encoder_hidden_states.shape)
-        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        def attend(hidden_states, context, attention_mask, batch_size, sequence_length):
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+            probs = attn.get_attention_scores(attn.head_to_batch_dim(query), attn.head_to_batch_dim(key),
+                                              attention_mask)
+            out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(value)))
+            out = attn.to_out[1](attn.to_out[0](out))  # linear projection, dropout
+            if self.name not in self.store:
+                heads_first = probs.view(out.shape[0], attn.heads, *probs.shape[1:])  # head_to_batch_dim: batch-major
+                self.store[self.name] = CrossAttentionCapture(query=query, probs=heads_first, output=out)
+            return out
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        probs = attn.get_attention_scores(attn.head_to_batch_dim(query), attn.head_to_batch_dim(key), attention_mask)
-        out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(value)))
-        out = attn.to_out[1](attn.to_out[0](out))  # linear projection, dropout
-        if self.name not in self.store:
-            heads_first = probs.view(out.shape[0], attn.heads, *probs.shape[1:])  # head_to_batch_dim is batch-major
-            self.store[self.name] = CrossAttentionCapture(query=query, probs=heads_first, output=out)
-
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return around_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, attend)
 
 
 def cross_attention_layers(unet) -> dict[str, torch.nn.Module]:

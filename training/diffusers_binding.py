@@ -122,53 +122,56 @@ class WPlusAttnProcessor:
                  wplus: dict | None = None) -> torch.Tensor:
         import torch.nn.functional as F
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        def attend(hidden_states, context, attention_mask, batch_size, sequence_length):
+            if attention_mask is not None:
+                attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+                attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+            head_dim = key.shape[-1] // attn.heads
+            query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            h = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                               is_causal=False)
+            h = h.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+            if wplus is not None and wplus.get("scale", 1.0) != 0:  # h + scale * Attn(to_q_wplus(h), W+ tokens)
+                h = h + wplus.get("scale", 1.0) * self.layer.residual(h, wplus["tokens"], sdpa_attention, attn.heads)
+            return attn.to_out[1](attn.to_out[0](h))
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                                       is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
+        return around_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, attend)
 
-        if wplus is not None and wplus.get("scale", 1.0) != 0:  # h + scale * Attn(to_q_wplus(h), W+ tokens)
-            hidden_states = hidden_states + wplus.get("scale", 1.0) * self.layer.residual(
-                hidden_states, wplus["tokens"], sdpa_attention, attn.heads)
 
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+def around_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, attend) -> torch.Tensor:
+    """What diffusers' attention processors do around the attention itself: the spatial and group norms, 4-D inputs
+    flattened to tokens, ``norm_cross`` of the context, then after ``attend`` the shape restored, the residual
+    connection and the rescale. ``attend(hidden_states [B, N, C], context [B, T, D], attention_mask, batch_size,
+    sequence_length)`` projects, attends and applies ``to_out``; the processors that differ only there share the
+    rest."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch_size, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    batch_size, sequence_length, _ = (
+        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    out = attend(hidden_states, encoder_hidden_states, attention_mask, batch_size, sequence_length)
+    if input_ndim == 4:
+        out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
 
 
 class _QuietWPlusKwarg(logging.Filter):
