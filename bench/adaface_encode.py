@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import pathlib
 import sys
-import time
 
 import torch
 
@@ -25,29 +24,8 @@ _spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__i
 sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_pack)
 
+from common import SD15_UNET, timed  # noqa: E402  (bench/, the script's own folder)
 from comfyui_idadapter.nodes.arch import adaface as ada  # noqa: E402
-
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def random_clip(multipliers, device, dtype):

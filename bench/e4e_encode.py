@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import pathlib
 import sys
-import time
 
 import torch
 
@@ -25,23 +24,9 @@ _spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__i
 sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_pack)
 
+from common import timed  # noqa: E402  (bench/, the script's own folder)
 from comfyui_idadapter.nodes.arch.e4e import (  # noqa: E402
     INPUT_SIZE, LATENT_DIM, STYLE_COUNT, E4EWeights, Encoder4Editing, encode_wplus)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def random_encoder(device, dtype) -> E4EWeights:

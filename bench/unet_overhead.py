@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import pathlib
 import sys
-import time
 
 import torch
 
@@ -32,16 +31,11 @@ _spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__i
 sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_pack)
 
+from common import SD15_UNET, timed  # noqa: E402  (bench/, the script's own folder)
 from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention  # noqa: E402
 from comfyui_idadapter.nodes.arch.wplus import W_DIM, W_ROWS, WPlusAdapter, official_sd15_config  # noqa: E402
 from comfyui_idadapter.training import diffusers_binding  # noqa: E402
 
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
-)
 TOKENS = 16
 
 
@@ -72,21 +66,6 @@ class WPlusCrossAttention:
         q = attn.to_q(hidden_states)
         h = sdpa_attention(q, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), attn.heads)
         return attn.to_out[1](attn.to_out[0](self.layer(h, self.tokens, self.scale, sdpa_attention, attn.heads)))
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / repeats
 
 
 def main():
