@@ -83,18 +83,9 @@ def load_models(config: AdaFaceTrainConfig) -> tuple[AdaFaceModels, str, str]:
     if config.preset == "tiny":
         from . import tiny
 
-        assets = os.path.join(config.output_dir, "tiny_assets")
-        pack = os.path.join(assets, "insightface", "models", "tinypack")
-        if not os.path.isfile(os.path.join(pack, "rec.onnx")):
-            tiny.make_pack(os.path.join(assets, "insightface"), "tinypack")
-        data_dir = config.dataset or os.path.join(assets, "dataset")
-        if not config.dataset and not os.path.isdir(data_dir):
-            tiny.make_synthetic_dataset(data_dir, config.synthetic_identities, config.synthetic_images, size=64,
-                                        seed=config.seed)
-        heldout_dir = config.heldout_dataset or os.path.join(assets, "heldout")
-        if not config.heldout_dataset and not os.path.isdir(heldout_dir):  # other people
-            tiny.make_synthetic_dataset(heldout_dir, 2, 1, size=64, seed=config.seed + 99,
-                                        first_identity=config.synthetic_identities)
+        # held out: one photo each of two other people
+        assets, pack, data_dir, heldout_dir = tiny.face_assets(config, 64, 2, 1,
+                                                               heldout_first_identity=config.synthetic_identities)
         tokenizer = tiny.tiny_tokenizer(os.path.join(assets, "tokenizer"))
         unet = tiny.tiny_unet()
         if config.inverter_init:  # e.g. a tiny face-stage export, for a tiny composition run

@@ -54,18 +54,8 @@ def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str, str]
 
         from . import tiny
 
-        assets = os.path.join(config.output_dir, "tiny_assets")
-        pack = os.path.join(assets, "insightface", "models", "tinypack")
-        if not os.path.isfile(os.path.join(pack, "rec.onnx")):
-            tiny.make_pack(os.path.join(assets, "insightface"), "tinypack")
-        data_dir = config.dataset or os.path.join(assets, "dataset")
-        if not config.dataset and not os.path.isdir(data_dir):
-            tiny.make_synthetic_dataset(data_dir, config.synthetic_identities, config.synthetic_images, size=config.resolution,
-                                        seed=config.seed)
-        heldout_dir = config.heldout_dataset or os.path.join(assets, "heldout")
-        if not config.heldout_dataset and not os.path.isdir(heldout_dir):  # new photos of the same identities
-            tiny.make_synthetic_dataset(heldout_dir, config.synthetic_identities, 2, size=config.resolution,
-                                        seed=config.seed + 99)
+        # held out: new photos of the same identities
+        assets, pack, data_dir, heldout_dir = tiny.face_assets(config, config.resolution, config.synthetic_identities, 2)
         tokenizer = tiny.tiny_tokenizer(os.path.join(assets, "tokenizer"))
         text_encoder, vae = tiny.tiny_text_encoder(len(tokenizer)), tiny.tiny_vae()
         noise_scheduler = tiny.tiny_scheduler()

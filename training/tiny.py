@@ -307,6 +307,26 @@ def pretrain_base(unet, vae, text_encoder, tokenizer, noise_scheduler, dataset_d
     return unet
 
 
+def face_assets(config, size: int, heldout_identities: int, heldout_images: int,
+                heldout_first_identity: int = 0) -> tuple[str, str, str, str]:
+    """The tiny preset's face data under ``<output_dir>/tiny_assets`` (built once, then reused): the folder itself, an
+    insightface pack, a synthetic dataset and a held-out set (``--dataset``/``--heldout_dataset`` win when given).
+    Held-out identities numbered from ``heldout_first_identity``: 0 gives new photos of the training identities."""
+    assets = os.path.join(config.output_dir, "tiny_assets")
+    pack = os.path.join(assets, "insightface", "models", "tinypack")
+    if not os.path.isfile(os.path.join(pack, "rec.onnx")):
+        make_pack(os.path.join(assets, "insightface"), "tinypack")
+    data_dir = config.dataset or os.path.join(assets, "dataset")
+    if not config.dataset and not os.path.isdir(data_dir):
+        make_synthetic_dataset(data_dir, config.synthetic_identities, config.synthetic_images, size=size,
+                               seed=config.seed)
+    heldout_dir = config.heldout_dataset or os.path.join(assets, "heldout")
+    if not config.heldout_dataset and not os.path.isdir(heldout_dir):
+        make_synthetic_dataset(heldout_dir, heldout_identities, heldout_images, size=size, seed=config.seed + 99,
+                               first_identity=heldout_first_identity)
+    return assets, pack, data_dir, heldout_dir
+
+
 def tiny_clip_l(layers: int, seed: int = 0):
     """A stand-in for CLIP ViT-L/14's text encoder (AdaFace's inverter and Arc2Face's ID encoder): its width and
     vocabulary (the inverter's templates use CLIP's token ids), ``layers`` narrow layers, random weights."""
