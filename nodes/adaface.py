@@ -7,7 +7,6 @@ patch and works with any SD1.5 checkpoint, LoRA, ControlNet or AnimateDiff.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 
 import folder_paths
@@ -21,6 +20,7 @@ from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
 from .arch.files import write_safetensors
 from .errors import ConfigError, ModelFolderError, PackError
 from .face_nodes import CATEGORY, FaceEmbeds
+from .resident import ResidentFile
 
 AdaFaceType = io.Custom("ADAFACE")
 BUNDLED_ENCODER = "(bundled in the inverter file)"
@@ -70,35 +70,28 @@ def _read_inverter(path: str) -> ada.AdaFaceWeights:
     return ada.load_adaface(path)
 
 
-_cache: dict = {}
-_cache_lock = threading.Lock()
-
-
-def _file_key(path: str) -> tuple:
-    return path, os.path.getmtime(path), os.path.getsize(path)
+_resident = ResidentFile()
 
 
 def load_cached(inverter_path: str, encoder_folder: str | None) -> LoadedAdaFace:
-    encoder_key = None if encoder_folder is None else _file_key(os.path.join(encoder_folder, ENCODER_CONFIG))
-    key = (_file_key(inverter_path), encoder_key)
-    with _cache_lock:
-        if key not in _cache:
-            _cache.clear()  # keep one file resident; another Load node reloads its own
-            weights = _read_inverter(inverter_path)
-            if encoder_folder is not None:
-                encoder = load_arc2face_encoder(encoder_folder)
-            elif weights.arc2face is not None:
-                encoder = weights.arc2face
-            else:
-                raise ModelFolderError(
-                    f"{os.path.basename(inverter_path)} holds no Arc2Face ID encoder: put Arc2Face's 'encoder' "
-                    "folder (config.json + pytorch_model.bin or model.safetensors, from FoivosPar/Arc2Face) into "
-                    "models/adaface/ and choose it as arc2face_encoder, or convert the inverter with "
-                    "tools/convert_adaface.py --arc2face_encoder to bundle it")
-            module = ada.AdaFaceEncoder(weights, encoder)
-            _cache[key] = LoadedAdaFace(weights.config, ada.FAMILY, patches.module_patcher(module),
-                                        weights.pad_embeddings is not None)
-        return _cache[key]
+    def load():
+        weights = _read_inverter(inverter_path)
+        if encoder_folder is not None:
+            encoder = load_arc2face_encoder(encoder_folder)
+        elif weights.arc2face is not None:
+            encoder = weights.arc2face
+        else:
+            raise ModelFolderError(
+                f"{os.path.basename(inverter_path)} holds no Arc2Face ID encoder: put Arc2Face's 'encoder' "
+                "folder (config.json + pytorch_model.bin or model.safetensors, from FoivosPar/Arc2Face) into "
+                "models/adaface/ and choose it as arc2face_encoder, or convert the inverter with "
+                "tools/convert_adaface.py --arc2face_encoder to bundle it")
+        module = ada.AdaFaceEncoder(weights, encoder)
+        return LoadedAdaFace(weights.config, ada.FAMILY, patches.module_patcher(module),
+                             weights.pad_embeddings is not None)
+
+    encoder_config = () if encoder_folder is None else (os.path.join(encoder_folder, ENCODER_CONFIG),)
+    return _resident.get((inverter_path, *encoder_config), load)
 
 
 class LoadAdaFace(io.ComfyNode):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import threading
 from dataclasses import dataclass
 
 import folder_paths
@@ -15,6 +13,7 @@ from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
 from .errors import PackError
 from .face import insightface_backend
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
+from .resident import ResidentFile
 
 IDAdapterType = io.Custom("IDADAPTER")
 IDAdapterEmbedsType = io.Custom("IDADAPTER_EMBEDS")
@@ -32,18 +31,15 @@ class LoadedIDAdapter(ida.IDAdapterWeights):
     patcher: object
 
 
-_cache: dict = {}
-_cache_lock = threading.Lock()
+_resident = ResidentFile()
 
 
 def load_cached(path: str) -> LoadedIDAdapter:
-    key = (path, os.path.getmtime(path), os.path.getsize(path))
-    with _cache_lock:
-        if key not in _cache:
-            _cache.clear()  # keep one file resident; another Load node reloads its own
-            weights = ida.load_idadapter(path)
-            _cache[key] = LoadedIDAdapter(weights.adapter, weights.kv_deltas, patches.adapter_patcher(weights.adapter))
-        return _cache[key]
+    def load():
+        weights = ida.load_idadapter(path)
+        return LoadedIDAdapter(weights.adapter, weights.kv_deltas, patches.adapter_patcher(weights.adapter))
+
+    return _resident.get((path,), load)
 
 
 class LoadIDAdapter(io.ComfyNode):

@@ -8,7 +8,6 @@ and conditions the UNet through the W+ adapter's residual cross-attention.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass
 
 import folder_paths
@@ -24,6 +23,7 @@ from .arch.ffhq_align import align_ffhq
 from .errors import ConfigError, ImageInputError, PackError
 from .face import insightface_backend
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
+from .resident import ResidentFile
 
 E4EType = io.Custom("E4E")
 WPlusType = io.Custom("WPLUS")
@@ -45,17 +45,12 @@ class LoadedModel:
         return self.patcher.model
 
 
-_cache: dict = {}
-_cache_lock = threading.Lock()
+_resident = {"e4e": ResidentFile(), "adapter": ResidentFile()}
 
 
 def load_cached(kind: str, path: str, load) -> LoadedModel:
     """One resident file per kind (e4e, adapter): another Load node of that kind reloads its own."""
-    key = (path, os.path.getmtime(path), os.path.getsize(path))
-    with _cache_lock:
-        if _cache.get(kind, (None,))[0] != key:
-            _cache[kind] = (key, load(path))
-        return _cache[kind][1]
+    return _resident[kind].get((path,), lambda: load(path))
 
 
 def _wplus_files(ending: tuple[str, ...]) -> list[str]:
