@@ -19,7 +19,6 @@ from .arch import e4e as e4e_arch
 from .arch import wplus as wplus_arch
 from .arch import wplus_edits
 from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
-from .arch.ffhq_align import align_ffhq
 from .errors import ConfigError, ImageInputError, PackError
 from .face import insightface_backend
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
@@ -30,7 +29,6 @@ WPlusType = io.Custom("WPLUS")
 WPlusAdapterType = io.Custom("WPLUS_ADAPTER")
 DIRECTIONS = "directions"  # models/wplus/directions/
 NO_DIRECTION = "(none: put direction files into models/wplus/directions/)"
-E4E_SIZE = 256  # e4e's input
 
 
 @dataclass
@@ -126,8 +124,8 @@ class WPlusEncode(io.ComfyNode):
                                       "face per image")
             boxes = face_embeds.boxes[faces]
             largest = faces[((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).argmax()]
-            crops.append(align_ffhq(images[index].movedim(-1, 0).float(), face_embeds.landmarks[largest], E4E_SIZE))
-        aligned = torch.stack(crops).clamp(0, 1)
+            crops.append(e4e_arch.align_for_e4e(images[index].movedim(-1, 0).float(), face_embeds.landmarks[largest]))
+        aligned = torch.stack(crops)
         codes = patches.run_loaded(e4e.patcher, aligned).float().cpu()
         return io.NodeOutput(codes, aligned.movedim(1, -1))
 

@@ -53,6 +53,7 @@ from torch import nn
 
 from ..errors import ConfigError, ImageInputError, ModelFileError
 from .adaface import materialized
+from .ffhq_align import align_ffhq
 from .files import check_shapes, first_few, looks_like_safetensors, open_safetensors, write_safetensors
 
 FORMAT = "e4e/1"
@@ -259,6 +260,12 @@ class WPlusEncoder(nn.Module):
         weight = self.encoder.input_layer[0].weight  # read as an attribute: what the caller may have put there
         x = normalize_for_e4e(images01.to(weight.device, weight.dtype))
         return self.encoder(x) + self.latent_avg.to(weight.device, weight.dtype)
+
+
+def align_for_e4e(image: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """An image [3, H, W] (RGB, 0..1) and its face's 5 landmarks -> the FFHQ-aligned face [3, 256, 256] in 0..1
+    that e4e encodes: what W+ Encode feeds the encoder and the W+ trainer computes its codes from."""
+    return align_ffhq(image, landmarks, INPUT_SIZE).clamp(0, 1)
 
 
 def encode_wplus(weights: E4EWeights, images01: torch.Tensor) -> torch.Tensor:
