@@ -36,6 +36,7 @@ from .adaface_compos import (capturing_cross_attention, end_token_index, replace
 from .adaface_losses import delta_loss_over, face_preserving_loss, mask_to_token_grid
 from .config import COMPOSITION_STAGE_SETTINGS, AdaFaceTrainConfig
 from .diffusion import ddim_step
+from .loop import step_generator
 from .prompts import placed_tokens
 
 DEFAULT_LAYER_WEIGHTS = [[1.0], [2.0], [4.0]]  # the official initial hidden_state_layer_weights
@@ -297,8 +298,7 @@ class AdaFaceTask:
         return (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
 
     def _generator(self, step: int, salt: int) -> torch.Generator:
-        rank = self._rank()[0]
-        return torch.Generator().manual_seed(((self.config.seed * 1_000_003 + step) * 97 + salt) * 131 + rank)
+        return step_generator(self.config.seed, step, salt, self._rank()[0])
 
     def sample_faces(self, count: int, gen: torch.Generator) -> torch.Tensor:
         """Unit ArcFace vectors [count, 512]: a real face's, or with probability --random_face_ratio a random one."""
@@ -545,8 +545,9 @@ class AdaFaceTask:
         images = []
         for i, prompt in enumerate(self.config.validation_prompts):
             text = self.student_context(tokens.to(self.weight_dtype), self._tokenize(prompt))
-            out = pipe(prompt_embeds=text, negative_prompt_embeds=negative, num_inference_steps=self.config.validation_steps,
-                       guidance_scale=5.0, height=self.config.resolution, width=self.config.resolution,
-                       output_type="np", generator=torch.Generator().manual_seed(i))
+            with self.accelerator.autocast():  # the pipeline's latents take the text's dtype, the VAE stays float32
+                out = pipe(prompt_embeds=text, negative_prompt_embeds=negative, num_inference_steps=self.config.validation_steps,
+                           guidance_scale=5.0, height=self.config.resolution, width=self.config.resolution,
+                           output_type="np", generator=torch.Generator().manual_seed(i))
             images.append(Image.fromarray((np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)))
         return images

@@ -26,6 +26,7 @@ from . import data as dataset
 from . import diffusers_binding
 from .config import ConfigError, IDAdapterTrainConfig
 from .diffusion import predicted_x0, training_target
+from .loop import step_generator
 from .prompts import PromptEncoder
 
 
@@ -50,8 +51,6 @@ class Components:
 def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str, str]:
     """Loads (or, for --preset tiny, builds) every model; returns them, the dataset folder and the held-out one."""
     if config.preset == "tiny":
-        from diffusers import UNet2DConditionModel
-
         from . import tiny
 
         # held out: new photos of the same identities
@@ -59,13 +58,8 @@ def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str, str]
         tokenizer = tiny.tiny_tokenizer(os.path.join(assets, "tokenizer"))
         text_encoder, vae = tiny.tiny_text_encoder(len(tokenizer)), tiny.tiny_vae()
         noise_scheduler = tiny.tiny_scheduler()
-        base = os.path.join(assets, "base_unet")
-        if os.path.isfile(os.path.join(base, "config.json")):
-            unet = UNet2DConditionModel.from_pretrained(base)
-        else:
-            unet = tiny.pretrain_base(tiny.tiny_unet(), vae, text_encoder, tokenizer, noise_scheduler, data_dir,
-                                      config.tiny_base_steps, config.seed)
-            unet.save_pretrained(base)
+        unet = tiny.base_unet(assets, vae, text_encoder, tokenizer, noise_scheduler, data_dir, config.tiny_base_steps,
+                              config.seed)
         analyzer, arcface = load_face_models(pack, provider="CPU")
         return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, tiny.tiny_clip_vision(), arcface,
                           analyzer), data_dir, heldout_dir
@@ -294,8 +288,7 @@ class IDAdapterTask:
     # ---- one step
 
     def _generator(self, step: int, salt: int) -> torch.Generator:
-        rank = self._rank()[0]
-        return torch.Generator().manual_seed(((self.config.seed * 1_000_003 + step) * 97 + salt) * 131 + rank)
+        return step_generator(self.config.seed, step, salt, self._rank()[0])
 
     # ---- the frozen models' per-image outputs (through the cache)
 

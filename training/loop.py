@@ -132,6 +132,13 @@ def train_from_command_line(config_cls, make_task, argv, description: str) -> st
         return run(task, config, accelerator)
 
 
+def step_generator(seed: int, step: int, salt: int, rank: int = 0) -> torch.Generator:
+    """The CPU generator of one micro-step's draws (``salt`` tells a step's independent streams apart): a function
+    of (seed, step, salt, rank) alone, so a resumed run draws what the uninterrupted one drew, and every process
+    draws its own examples."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 97 + salt) * 131 + rank)
+
+
 def exit_code(main, argv=None) -> int:
     """Runs a trainer's ``main``; a PackError (bad option, dataset or model file) is one line saying what to fix."""
     try:

@@ -307,6 +307,39 @@ def pretrain_base(unet, vae, text_encoder, tokenizer, noise_scheduler, dataset_d
     return unet
 
 
+def base_unet(assets: str, vae, text_encoder, tokenizer, noise_scheduler, data_dir: str, steps: int, seed: int = 0):
+    """The tiny preset's base UNet: ``pretrain_base`` on the synthetic dataset once, saved under
+    ``<assets>/base_unet`` and read back by later runs into the same output folder."""
+    from diffusers import UNet2DConditionModel
+
+    folder = os.path.join(assets, "base_unet")
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return UNet2DConditionModel.from_pretrained(folder)
+    unet = pretrain_base(tiny_unet(), vae, text_encoder, tokenizer, noise_scheduler, data_dir, steps, seed)
+    unet.save_pretrained(folder)
+    return unet
+
+
+class TinyWPlusEncoder(nn.Module):
+    """A stand-in for e4e (``e4e.WPlusEncoder``: aligned faces [B, 3, H, W] in 0..1 -> W+ [B, 18, 512]) in the tiny
+    preset: the face pooled to 8x8 and sent through a fixed random map around a random ``latent_avg``, at the
+    spread of real e4e codes (std about 0.5). Different faces give different codes, as e4e's do; the real encoder
+    (267 M parameters, about a second per face on a CPU) would make every tiny run wait for it."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        from ..nodes.arch.wplus import W_DIM, W_ROWS
+
+        gen = torch.Generator().manual_seed(seed)
+        self.shape = (W_ROWS, W_DIM)
+        self.register_buffer("projection", torch.randn(3 * 8 * 8, W_ROWS * W_DIM, generator=gen) * 0.25)
+        self.register_buffer("latent_avg", torch.randn(W_ROWS, W_DIM, generator=gen) * 0.3)
+
+    def forward(self, images01: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(images01.float(), 8).flatten(1) - 0.5
+        return (pooled @ self.projection).view(-1, *self.shape) + self.latent_avg
+
+
 def face_assets(config, size: int, heldout_identities: int, heldout_images: int,
                 heldout_first_identity: int = 0) -> tuple[str, str, str, str]:
     """The tiny preset's face data under ``<output_dir>/tiny_assets`` (built once, then reused): the folder itself, an
