@@ -3,6 +3,7 @@
     python bench/train_step.py                                   # IDAdapter, SD2.1-size, 512x512, batch 4, bf16, CUDA
     python bench/train_step.py --gradient_checkpointing false
     python bench/train_step.py --method adaface                  # AdaFace's face distillation, SD1.5/Arc2Face size
+    python bench/train_step.py --method wplus --batch 16 --mixed_precision fp16   # W+ stage II, SD1.5 size
     ./dev python bench/train_step.py --device cpu --resolution 256 --batch 1 --steps 1   # a CPU smoke run
 
 AdaFace (--method adaface): random weights at SD1.5's sizes (UNet, CLIP-L text encoder) for the student and
@@ -10,7 +11,12 @@ Arc2Face's (an SD1.5-size UNet, a CLIP-L ID encoder) for the teacher, the invert
 --multipliers (the paper's final (8, 8, 8, 4, ..., 4) by default), the trainer's own step
 (training/adaface_task.py: 3 distillation steps, batch 4 as in the paper).
 
-Random weights at the published sizes (SD2.1 UNet/VAE/OpenCLIP-H text encoder, CLIP ViT-H/14 vision, ArcFace
+W+ adapter (--method wplus, --stage 2 by default): random weights at SD1.5's sizes (UNet, VAE, CLIP-L text encoder),
+the adapter on all 16 cross-attention layers (7.1 M mapping + 31.6 M residual attention), the trainer's own step
+(training/wplus_task.py; stage II: the trained pass plus two target passes without gradients, the shuffled code's and
+the branch-off one). The W+ codes are cached before training, so e4e is not part of a step (a stand-in makes them).
+
+IDAdapter (the default): random weights at the published sizes (SD2.1 UNet/VAE/OpenCLIP-H text encoder, CLIP ViT-H/14 vision, ArcFace
 IResNet-100), the trainer's own step (training/idadapter_task.py: MFF + text token + gated adapters +
 K/V, L_SD + 0.1 * gated ID loss through the VAE decoder) on a synthetic identity set; the tiny insightface
 stand-in does the up-front face detection. FLOPs are counted with torch's FlopCounterMode over one step, in
@@ -33,6 +39,8 @@ _root = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py", submodule_search_locations=[str(_root)])
 sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_pack)
+
+from common import SD15_UNET  # noqa: E402
 
 from comfyui_idadapter.nodes.arch.iresnet import IRESNET_LAYERS, IResNet  # noqa: E402
 from comfyui_idadapter.training import tiny  # noqa: E402
@@ -76,7 +84,7 @@ def adaface_task(device, tokenizer, pack, dataset, args):
     from comfyui_idadapter.nodes.face import insightface_backend
 
     def sd15_unet():
-        return UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+        return UNet2DConditionModel(**SD15_UNET)
 
     with torch.device(device):
         text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
@@ -96,6 +104,30 @@ def adaface_task(device, tokenizer, pack, dataset, args):
     return AdaFaceTask(config, models, log=lambda *a: None), "AdaFace face distillation, SD1.5/Arc2Face size"
 
 
+def wplus_task(device, tokenizer, pack, dataset, args):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from comfyui_idadapter.nodes.face import insightface_backend
+    from comfyui_idadapter.training.config import WPlusTrainConfig
+    from comfyui_idadapter.training.wplus_task import WPlusModels, WPlusTask
+
+    with torch.device(device):
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                            hidden_act="quick_gelu", bos_token_id=len(tokenizer) - 2,
+                                            eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1))
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        models = WPlusModels(tokenizer, text, vae, UNet2DConditionModel(**SD15_UNET), tiny.tiny_scheduler("epsilon"),
+                             tiny.TinyWPlusEncoder, "bench", insightface_backend.load_analyzer(pack, "CPU"))
+    config = WPlusTrainConfig(dataset=dataset, output_dir=os.path.dirname(dataset), resolution=args.resolution,
+                              batch_size=args.batch, stage=args.stage, report_to="none",
+                              gradient_checkpointing=args.gradient_checkpointing == "true",
+                              mixed_precision=args.mixed_precision)
+    return WPlusTask(config, models, log=lambda *a: None), f"W+ adapter stage {args.stage}, SD1.5 size"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -105,7 +137,8 @@ def main():
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient_checkpointing", default="true", choices=["true", "false"])
     parser.add_argument("--profile", action="store_true", help="also print where one step's time goes")
-    parser.add_argument("--method", default="idadapter", choices=["idadapter", "adaface"])
+    parser.add_argument("--method", default="idadapter", choices=["idadapter", "adaface", "wplus"])
+    parser.add_argument("--stage", type=int, default=2, choices=[1, 2], help="W+: the stage whose step is timed")
     parser.add_argument("--multipliers", type=int, nargs=12, default=[8, 8, 8] + [4] * 9,
                         help="AdaFace: the inverter's K/V multipliers")
     args = parser.parse_args()
@@ -118,8 +151,9 @@ def main():
     tokenizer = tiny.tiny_tokenizer(os.path.join(tmp, "tokenizer"))
     accelerator = Accelerator(mixed_precision=args.mixed_precision if args.device == "cuda" else "no",
                               cpu=args.device == "cpu")
-    if args.method == "adaface":
-        task, title = adaface_task(accelerator.device, tokenizer, pack, dataset, args)
+    if args.method in ("adaface", "wplus"):
+        make = adaface_task if args.method == "adaface" else wplus_task
+        task, title = make(accelerator.device, tokenizer, pack, dataset, args)
         config = task.config
     else:
         components = sd21_components(accelerator.device, tokenizer, pack)
@@ -153,6 +187,8 @@ def main():
 
     if args.method == "idadapter":
         task.fill_cache([image for identity in task.identities for image in identity.images])  # as after an epoch
+    elif args.method == "wplus":
+        task.fill_cache()
     step(0)  # warm-up (allocator, kernels)
     if cuda:
         torch.cuda.reset_peak_memory_stats()

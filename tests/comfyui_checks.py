@@ -718,9 +718,9 @@ def wplus_patch_wiring(work, payload):
 
 def wplus_trainer_parity_sd15(work, payload):
     """The W+ adapter's trainer<->node parity, in one process: ComfyUI's UNet of the tiny checkpoint patched by Apply
-    W+ Adapter (scale 1, start 0, end 1) against the trainer's diffusers UNet with the same weights and
-    ``attach_wplus`` (scale 1), on the same latents, timestep and text; CFG chunks [uncond, cond] (the
-    unconditional row with a zero W+'s tokens, as the node does) and a conditional-only batch."""
+    W+ Adapter (scale 1, start 0, end 1) against the W+ trainer's forward (``TrainableWPlus``: the diffusers UNet
+    with the same weights and the W+ processors, scale 1), on the same latents, timestep and text; CFG chunks
+    [uncond, cond] (the unconditional row with a zero W+ code, as the node does) and a conditional-only batch."""
     import comfy.model_management
     import comfy.utils
     import nodes
@@ -728,6 +728,7 @@ def wplus_trainer_parity_sd15(work, payload):
     import pack_import  # noqa: F401
     from comfyui_idadapter.nodes.arch import wplus as trainer_wplus
     from comfyui_idadapter.training import diffusers_binding
+    from comfyui_idadapter.training.wplus_task import TrainableWPlus
 
     module = _wplus_module()
     _, patches = _pack_modules()
@@ -772,14 +773,13 @@ def wplus_trainer_parity_sd15(work, payload):
     weights = trainer_wplus.load_wplus_adapter(adapter_path)
     with torch.no_grad():
         plain = unet(x, t, encoder_hidden_states=text).sample
-        installed = diffusers_binding.attach_wplus(unet, weights.adapter)
-        cond, uncond = weights.adapter.tokens(codes), weights.adapter.uncond_tokens(codes)
-        ours = {
-            "cfg": unet(x, t, encoder_hidden_states=text, cross_attention_kwargs=diffusers_binding.wplus_kwargs(
-                torch.cat([uncond, cond]), 1.0)).sample,
-            "cond": unet(x[1:], t[1:], encoder_hidden_states=text[1:],
-                         cross_attention_kwargs=diffusers_binding.wplus_kwargs(cond, 1.0)).sample,
-        }
+        # the trainer's forward: codes -> the mapping -> the UNet with the W+ processors; a zero code is the
+        # unconditional row, as the trainer's dropout and the node's uncond half
+        trainable = TrainableWPlus(unet, weights.adapter).eval()
+        installed = sorted(name for name, block in diffusers_binding.transformer_blocks(unet).items()
+                           if isinstance(block.attn2.processor, diffusers_binding.WPlusAttnProcessor))
+        ours = {"cfg": trainable(x, t, text, torch.cat([torch.zeros_like(codes), codes])),
+                "cond": trainable(x[1:], t[1:], text[1:], codes)}
     return {"dtype": str(dtype), "blocks": sorted(blocks), "installed": installed,
             "patched": sorted("_".join(map(str, k)) for k in replaces.get("attn2", {})),
             "adapter_effect": float((ours["cfg"] - plain).abs().max()),
