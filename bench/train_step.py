@@ -214,7 +214,7 @@ def main():
     if args.method == "idadapter":
         print(f"  without the per-photo cache {uncached:.3f} s/step: the cache makes a step {uncached / seconds:.2f}x "
               "faster")
-    print(f"  {flops / 1e12:.1f} TFLOP per step -> {flops / seconds / 1e12:.0f} TFLOP/s achieved")
+    print(f"  {flops / 1e12:.1f} TFLOP per step -> {flops / seconds / 1e12:.3g} TFLOP/s achieved")
     for count, name in per_module:  # forward and backward of each top-level module the step calls
         print(f"    {name:<40} {count / 1e12:7.2f} TFLOP  ({count / flops:5.1%})")
     if args.profile:

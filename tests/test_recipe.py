@@ -117,19 +117,18 @@ def test_cli_reports_pack_errors_in_one_line(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was built
 
 
-def test_cli_catches_only_the_packs_errors(monkeypatch, capsys):
-    """A plain ValueError is a bug: it must reach the user as a traceback, not as a one-line 'error:'."""
+def test_cli_catches_only_the_packs_errors(capsys):
+    """A plain ValueError is a bug: it must reach the user as a traceback, not as a one-line 'error:'. (Every trainer
+    script's cli is ``loop.exit_code`` around its main.)"""
     pytest.importorskip("diffusers")
-    from comfyui_idadapter.training import train_idadapter
+    from comfyui_idadapter.training import loop
 
     def fail(error):
         def main(argv=None):
             raise error
         return main
 
-    monkeypatch.setattr(train_idadapter, "main", fail(errors.DatasetError("no usable identity in 'x'")))
-    assert train_idadapter.cli([]) == 1
+    assert loop.exit_code(fail(errors.DatasetError("no usable identity in 'x'")), []) == 1
     assert capsys.readouterr().err == "error: no usable identity in 'x'\n"
-    monkeypatch.setattr(train_idadapter, "main", fail(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
-        train_idadapter.cli([])
+        loop.exit_code(fail(ValueError("a bug")), [])

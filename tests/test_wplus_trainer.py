@@ -2,6 +2,7 @@
 swaps leave the background alone, codes are computed once, resumes are exact, and the exports load in the nodes'
 loader."""
 
+import dataclasses
 import os
 import re
 import shutil
@@ -171,6 +172,17 @@ def test_stage_two_loss_is_the_official_weighted_sum(stages):
     assert float(logs["disentangle"]) > 0 and float(logs["preserve"]) > 0
     again, _ = task.loss(task.trainable, 7)  # every draw comes from (seed, step): a resumed run repeats it
     assert torch.equal(loss.detach(), again.detach())
+    official = task.config
+    try:
+        task.config = dataclasses.replace(official, preserve_outside_face_only=True)
+        _, masked = task.loss(task.trainable, 7)
+        assert torch.equal(masked["disentangle"], logs["disentangle"])
+        assert float(masked["preserve"]) != pytest.approx(float(logs["preserve"]), rel=1e-3)  # outside pixels only
+        task.config = dataclasses.replace(official, disentangle_weight=0.0, preserve_weight=0.0)
+        only, plain = task.loss(task.trainable, 7)  # terms weighted 0 are not computed at all
+        assert set(plain) == {"loss", "reconstruction"} and torch.equal(only.detach(), logs["reconstruction"])
+    finally:
+        task.config = official
 
 
 def test_face_masks_come_from_mask_files_or_the_landmarks(stages, tmp_path):

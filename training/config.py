@@ -39,6 +39,7 @@ class TrainConfig:
     architecture_options: ClassVar[tuple[str, ...]] = ("preset",)
     path_options: ClassVar[tuple[str, ...]] = ("heldout_dataset",)
     presets: ClassVar[dict[str, dict]] = {}
+    required_inputs: ClassVar[tuple[str, ...]] = ()  # options a run without --preset must be given
 
     # identities kept out of training (same layout as the dataset) for the held-out check before and after training
     heldout_dataset: str = ""
@@ -64,6 +65,7 @@ class TrainConfig:
     resume: str = ""  # "latest" or a checkpoint folder
     validation_every: int = 1000
     validation_steps: int = 30
+    validation_prompts: list[str] = field(default_factory=list)
     log_every: int = 10
     report_to: str = "tensorboard"  # tensorboard | none
     export_name: str = "weights.safetensors"
@@ -110,6 +112,12 @@ class TrainConfig:
                 or self.export_name.startswith(".")):
             problems.append(f"--export_name must be a file name ending in .safetensors (no folder; it is written into "
                             f"--output_dir), got {self.export_name!r}")
+        if self.validation_every and not (self.validation_prompts and all(p.strip() for p in self.validation_prompts)):
+            problems.append("--validation_prompts must be one or more non-empty prompts while --validation_every is "
+                            "not 0 (or set --validation_every 0)")
+        if not self.preset:
+            problems.extend(f"--{name} is required (or use --preset tiny)" for name in self.required_inputs
+                            if not getattr(self, name))
         problems.extend(self.method_problems())
         for name in self.path_options:
             value = getattr(self, name)
@@ -146,6 +154,7 @@ class IDAdapterTrainConfig(TrainConfig):
         "num_tokens", "mff_width", "mff_heads", "embed_dim", "textual_hidden", "num_images", "preset")
     path_options: ClassVar[tuple[str, ...]] = (
         "base_model", "clip_vision", "insightface_pack", "arcface", "dataset", "heldout_dataset")
+    required_inputs: ClassVar[tuple[str, ...]] = ("base_model", "clip_vision", "insightface_pack", "dataset")
     presets: ClassVar[dict[str, dict]] = {
         "tiny": dict(
             resolution=64, batch_size=2, num_images=2, max_steps=150, learning_rate=3e-3, kv_learning_rate=3e-4,
@@ -223,13 +232,6 @@ class IDAdapterTrainConfig(TrainConfig):
                 problems.append(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.mff_heads >= 1 and self.mff_width % self.mff_heads:
             problems.append(f"--mff_width ({self.mff_width}) must be divisible by --mff_heads ({self.mff_heads})")
-        if self.validation_every and not (self.validation_prompts and all(p.strip() for p in self.validation_prompts)):
-            problems.append("--validation_prompts must be one or more non-empty prompts while --validation_every is "
-                            "not 0 (or set --validation_every 0)")
-        if not self.preset:
-            for name in ("base_model", "clip_vision", "insightface_pack", "dataset"):
-                if not getattr(self, name):
-                    problems.append(f"--{name} is required (or use --preset tiny)")
         try:
             check_identifier(self.identifier)
         except ConfigError as exc:
@@ -331,6 +333,7 @@ class AdaFaceTrainConfig(TrainConfig):
     architecture_options: ClassVar[tuple[str, ...]] = ("preset", "inverter_init", "optimizer")
     path_options: ClassVar[tuple[str, ...]] = (
         "base_model", "arc2face", "inverter_init", "insightface_pack", "dataset", "heldout_dataset")
+    required_inputs: ClassVar[tuple[str, ...]] = ("base_model", "arc2face", "insightface_pack", "dataset")
     presets: ClassVar[dict[str, dict]] = {
         "tiny": dict(
             resolution=32, batch_size=2, gradient_accumulation_steps=1, max_steps=60, optimizer="adamw",
@@ -465,13 +468,6 @@ class AdaFaceTrainConfig(TrainConfig):
         if len(self.expand_at_steps) > len(self.expand_factors):
             problems.append(f"--expand_at_steps names {len(self.expand_at_steps)} expansions, --expand_factors "
                             f"describes {len(self.expand_factors)}")
-        if self.validation_every and not (self.validation_prompts and all(p.strip() for p in self.validation_prompts)):
-            problems.append("--validation_prompts must be one or more non-empty prompts while --validation_every is "
-                            "not 0 (or set --validation_every 0)")
-        if not self.preset:
-            for name in ("base_model", "arc2face", "insightface_pack", "dataset"):
-                if not getattr(self, name):
-                    problems.append(f"--{name} is required (or use --preset tiny)")
         problems.extend(self.composition_problems())
         return problems
 
@@ -542,6 +538,7 @@ class WPlusTrainConfig(TrainConfig):
     architecture_options: ClassVar[tuple[str, ...]] = ("preset", "stage")
     path_options: ClassVar[tuple[str, ...]] = (
         "base_model", "e4e", "insightface_pack", "dataset", "heldout_dataset", "adapter_init")
+    required_inputs: ClassVar[tuple[str, ...]] = ("base_model", "e4e", "insightface_pack", "dataset")
     presets: ClassVar[dict[str, dict]] = {
         "tiny": dict(
             resolution=64, batch_size=4, max_steps=150, learning_rate=1e-3, adam_weight_decay=0.0,
@@ -640,11 +637,4 @@ class WPlusTrainConfig(TrainConfig):
         if self.synthetic_identities < 2 or self.synthetic_images < 1:
             problems.append(f"--synthetic_identities must be at least 2 and --synthetic_images at least 1, got "
                             f"{self.synthetic_identities} and {self.synthetic_images}")
-        if self.validation_every and not (self.validation_prompts and all(p.strip() for p in self.validation_prompts)):
-            problems.append("--validation_prompts must be one or more non-empty prompts while --validation_every is "
-                            "not 0 (or set --validation_every 0)")
-        if not self.preset:
-            for name in ("base_model", "e4e", "insightface_pack", "dataset"):
-                if not getattr(self, name):
-                    problems.append(f"--{name} is required (or use --preset tiny)")
         return problems

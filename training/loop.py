@@ -36,6 +36,7 @@ checkpoint, which the main process renames once all have finished.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -130,6 +131,24 @@ def train_from_command_line(config_cls, make_task, argv, description: str) -> st
         with accelerator.main_process_first():
             task = make_task(config, say)
         return run(task, config, accelerator)
+
+
+def trainer_command_line(config_cls, task_module: str, task_class: str, description: str):
+    """A trainer script's ``main(argv) -> export path`` and ``cli(argv) -> exit code``. The task's module (under
+    ``training``) is imported once the options have been checked: a bad option is reported before the heavy
+    imports."""
+
+    def make_task(config, log):
+        module = importlib.import_module(f".{task_module}", __package__)
+        return getattr(module, task_class)(config, log=log)
+
+    def main(argv=None) -> str:
+        return train_from_command_line(config_cls, make_task, argv, description)
+
+    def cli(argv=None) -> int:
+        return exit_code(main, argv)
+
+    return main, cli
 
 
 def step_generator(seed: int, step: int, salt: int, rank: int = 0) -> torch.Generator:

@@ -24,22 +24,9 @@ if not __package__:  # run as a script: import this checkout as `comfyui_idadapt
     _spec.loader.exec_module(_pack)
 
 from comfyui_idadapter.training.config import AdaFaceTrainConfig  # noqa: E402
-from comfyui_idadapter.training.loop import exit_code, train_from_command_line  # noqa: E402
+from comfyui_idadapter.training.loop import trainer_command_line  # noqa: E402
 
-
-def make_task(config, log):
-    from comfyui_idadapter.training.adaface_task import AdaFaceTask
-
-    return AdaFaceTask(config, log=log)
-
-
-def main(argv=None) -> str:
-    return train_from_command_line(AdaFaceTrainConfig, make_task, argv, __doc__)
-
-
-def cli(argv=None) -> int:
-    return exit_code(main, argv)
-
+main, cli = trainer_command_line(AdaFaceTrainConfig, "adaface_task", "AdaFaceTask", __doc__)
 
 if __name__ == "__main__":
     sys.exit(cli())

@@ -25,22 +25,9 @@ if not __package__:  # run as a script: import this checkout as `comfyui_idadapt
     _spec.loader.exec_module(_pack)
 
 from comfyui_idadapter.training.config import WPlusTrainConfig  # noqa: E402
-from comfyui_idadapter.training.loop import exit_code, train_from_command_line  # noqa: E402
+from comfyui_idadapter.training.loop import trainer_command_line  # noqa: E402
 
-
-def make_task(config, log):
-    from comfyui_idadapter.training.wplus_task import WPlusTask
-
-    return WPlusTask(config, log=log)
-
-
-def main(argv=None) -> str:
-    return train_from_command_line(WPlusTrainConfig, make_task, argv, __doc__)
-
-
-def cli(argv=None) -> int:
-    return exit_code(main, argv)
-
+main, cli = trainer_command_line(WPlusTrainConfig, "wplus_task", "WPlusTask", __doc__)
 
 if __name__ == "__main__":
     sys.exit(cli())

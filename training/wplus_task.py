@@ -237,6 +237,9 @@ class WPlusTask:
                                               log=lambda text: log(f"held-out {text}"), mask_suffix=config.mask_suffix)
             if len(heldout) >= 2:  # the check compares a photo's own code with another person's
                 self.heldout = [(image, i) for i, identity in enumerate(heldout) for image in identity.images]
+            else:
+                log("held-out check off: it compares a photo's own W+ code with another person's, so the held-out "
+                    "set needs photos of at least two people")
         self.family = base_family(models.unet)
         for module in (models.text_encoder, models.vae, models.unet):
             module.requires_grad_(False).eval()
@@ -394,15 +397,21 @@ class WPlusTask:
         if cfg.stage == 1:
             return reconstruction, {"loss": reconstruction.detach()}
         other = losses.apply_wplus_dropout(self.augmented(codes, gen), drop_w).to(self.device)
-        with torch.no_grad(), self.accelerator.autocast():  # targets only, as the official script
-            with_other = self.trainable(noisy, timesteps, text, other).float()
-            without = self.trainable(noisy, timesteps, text, w, scale=0.0).float()
         masks = torch.stack([self._latent_mask(photo, tuple(latents.shape[-2:])) for photo in photos]).to(self.device)
-        disentangle = losses.disentanglement_loss(prediction, with_other, masks)
-        preserve = losses.regularisation_loss(prediction, without, masks if cfg.preserve_outside_face_only else None)
-        loss = reconstruction + cfg.disentangle_weight * disentangle + cfg.preserve_weight * preserve
-        return loss, {"loss": loss.detach(), "reconstruction": reconstruction.detach(),
-                      "disentangle": disentangle.detach(), "preserve": preserve.detach()}
+        loss, logs = reconstruction, {"reconstruction": reconstruction.detach()}
+        # the other predictions are targets only (no gradient), as in the official script; a term weighted 0 is skipped
+        with torch.no_grad(), self.accelerator.autocast():
+            with_other = self.trainable(noisy, timesteps, text, other).float() if cfg.disentangle_weight else None
+            without = self.trainable(noisy, timesteps, text, w, scale=0.0).float() if cfg.preserve_weight else None
+        if with_other is not None:
+            disentangle = losses.disentanglement_loss(prediction, with_other, masks)
+            loss, logs["disentangle"] = loss + cfg.disentangle_weight * disentangle, disentangle.detach()
+        if without is not None:
+            preserve = losses.regularisation_loss(prediction, without,
+                                                  masks if cfg.preserve_outside_face_only else None)
+            loss, logs["preserve"] = loss + cfg.preserve_weight * preserve, preserve.detach()
+        logs["loss"] = loss.detach()
+        return loss, logs
 
     # ---- evaluation and validation
 
