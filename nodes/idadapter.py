@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from . import patches
 from .arch import idadapter as ida
 from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
-from .errors import PackError
+from .errors import NoFaceError, PackError
 from .face import insightface_backend
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
 from .resident import ResidentFile
@@ -66,16 +67,19 @@ class IDAdapterMFFEmbed(io.ComfyNode):
             node_id="IDA_IDAdapterMFFEmbed",
             display_name="IDAdapter MFF Embed",
             category=CATEGORY,
-            description="Mixed facial features of 1..K reference photos (replicated with augmentation to N, as in "
-            "the paper) -> the identity's vision tokens and text token.",
+            description="Mixed facial features of 1..K reference photos (the first N; fewer are copied up to N, as "
+            "the paper does at inference) -> the identity's vision tokens and text token. Adapters trained on face "
+            "crops get each photo's face, cropped as in training.",
             inputs=[
                 IDAdapterType.Input("idadapter"),
                 io.ClipVision.Input("clip_vision"),
                 io.Image.Input("images", tooltip="1..K portraits of one person"),
                 io.Int.Input("num_images", default=0, min=0, max=16,
                              tooltip="N references fed to the MFF; 0 = the N the adapter was trained with"),
-                io.Boolean.Input("augment", default=True,
-                                 tooltip="fill up to N with flipped/rotated/colour-jittered copies (else plain copies)"),
+                io.Boolean.Input("augment", default=False,
+                                 tooltip="with fewer than N photos: off fills up to N with plain copies, as the paper "
+                                 "does at inference; on fills with flipped/rotated/colour-jittered copies (as the "
+                                 "trainer fills identities with few photos)"),
                 # control_after_generate=False: no "control after generate" widget, so the seed stays as set and
                 # a result can be reproduced. ComfyUI 0.3.64 takes only a bool here and its frontend starts every
                 # control widget at "randomize" (which an INT named "seed" gets unless this says False); 0.38
@@ -95,17 +99,47 @@ class IDAdapterMFFEmbed(io.ComfyNode):
                 insightface=None) -> io.NodeOutput:
         if face_embeds is None and insightface is None:
             raise PackError("connect face_embeds (from Face Embed) or insightface (Load InsightFace) to MFF Embed")
+        count = num_images or idadapter.config.num_images
+        refs = (images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images[..., :3])[:count]  # CLIP and
+        # ArcFace both take the first N photos
+        detected = None
+        if insightface is not None:
+            detected, _ = insightface_backend.embed_faces(insightface, refs, "largest", on_no_face="error")
         if face_embeds is None:
-            face_embeds, _ = insightface_backend.embed_faces(insightface, images, "largest", on_no_face="error")
+            face_embeds = detected
         if not isinstance(face_embeds, FaceEmbedsValue) or len(face_embeds) == 0:
             raise PackError("face_embeds holds no face: the references need a detectable face")
-        refs = (images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images[..., :3]).movedim(-1, 1)
-        refs = ida.fill_references(refs, num_images or idadapter.config.num_images, seed, augment)
-        out = clip_vision.encode_image(refs.movedim(1, -1), crop=True)
+        # per-photo faces describe these photos: keep those of the first N; averaged vectors are used as given
+        arcface = face_embeds.embeds[face_embeds.image_index < count] if face_embeds.has_geometry else \
+            face_embeds.embeds
+        margin = idadapter.config.face_crop_margin
+        boxes = [None] * len(refs)
+        if margin is not None:  # the adapter was trained on face crops: find each photo's face
+            boxes = largest_face_boxes(detected if detected is not None else face_embeds, len(refs))
+        crops = torch.stack([ida.reference_crop(ref.movedim(-1, 0), box, margin, clip_vision.image_size)
+                             for ref, box in zip(refs, boxes)])
+        crops = ida.fill_references(crops, count, seed, augment)
+        out = clip_vision.encode_image(crops.movedim(1, -1), crop=True)
         embeds = ida.embed_references(
-            idadapter.adapter, out["penultimate_hidden_states"], out["last_hidden_state"][:, 0], face_embeds.embeds
+            idadapter.adapter, out["penultimate_hidden_states"], out["last_hidden_state"][:, 0], arcface
         )
         return io.NodeOutput(embeds)
+
+
+def largest_face_boxes(faces: FaceEmbedsValue, count: int) -> list[torch.Tensor]:
+    """The largest face's box in each of the first ``count`` photos, from per-photo FACE_EMBEDS."""
+    if not faces.has_geometry:
+        raise PackError("this IDAdapter shows CLIP a crop around each reference's face, and face_embeds has no face "
+                        "boxes (averaged vectors describe no single photo): connect insightface (Load InsightFace) "
+                        "to MFF Embed as well")
+    boxes = []
+    for index in range(count):
+        mine = faces.boxes[faces.image_index == index]
+        if len(mine) == 0:
+            raise NoFaceError(f"reference photo {index} has no face in face_embeds: MFF Embed crops each reference "
+                              "around its face (use photos with a detectable face)")
+        boxes.append(mine[((mine[:, 2] - mine[:, 0]) * (mine[:, 3] - mine[:, 1])).argmax()])
+    return boxes
 
 
 class ApplyIDAdapter(io.ComfyNode):

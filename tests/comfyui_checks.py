@@ -133,17 +133,18 @@ def _pack_modules():
 
 def make_idadapters(work, payload):
     """IDAdapter files fitted to the tiny checkpoint's UNet: one trained-looking (gamma != 0, K/V deltas), one
-    untrained (gamma = 0, no deltas)."""
+    untrained (gamma = 0, no deltas), and the trained-looking one for face crops (margin 0.5)."""
     pack, patches = _pack_modules()
     ida = pack.ida
     model, _ = _load_checkpoint(work)
     blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
     out = {"blocks": sorted(blocks), "model_class": type(model.model).__name__,
            "model_config": type(model.model.model_config).__name__}
-    for name, gamma, kv in (("tiny.safetensors", 0.8, True), ("untrained.safetensors", 0.0, False)):
+    for name, gamma, kv, margin in (("tiny.safetensors", 0.8, True, None), ("untrained.safetensors", 0.0, False, None),
+                                    ("face_crops.safetensors", 0.8, True, 0.5)):
         torch.manual_seed(3)
         cfg = ida.IDAdapterConfig(family="sd15", blocks=blocks, clip_vision_dim=1024, width=64, mff_heads=4,
-                                  num_tokens=4, embed_dim=64, textual_hidden=64)
+                                  num_tokens=4, embed_dim=64, textual_hidden=64, face_crop_margin=margin)
         adapter = ida.IDAdapter(cfg)
         with torch.no_grad():
             for gated in adapter.adapters.values():
@@ -151,6 +152,59 @@ def make_idadapters(work, payload):
         deltas = {n: {p: torch.randn(s.channels, s.context_dim) * 0.05 for p in ("to_k", "to_v")}
                   for n, s in blocks.items()} if kv else {}
         ida.save_idadapter(ida.IDAdapterWeights(adapter, deltas), os.path.join(work, "models", "idadapter", name))
+    return out
+
+
+def mff_clip_input_matches_trainer(work, payload):
+    """What IDAdapter MFF Embed hands CLIP vision for face.png (Load Image, Load InsightFace) against what the trainer
+    gives CLIP for the same file found by scan_dataset with the same pack, for an adapter trained on face crops and
+    for one trained on whole photos."""
+    import shutil
+    import types
+
+    import comfy.clip_vision
+    import nodes
+
+    import pack_import  # noqa: F401
+    from comfyui_idadapter.training import data
+    from comfyui_idadapter.training.idadapter_task import IDAdapterTask
+
+    pack, _ = _pack_modules()
+    image = nodes.LoadImage().load_image("face.png")[0]
+    insightface = nodes.NODE_CLASS_MAPPINGS["IDA_LoadInsightFace"].execute("tinypack", "CPU", 640).result[0]
+    clip_vision = comfy.clip_vision.load(os.path.join(work, "models", "clip_vision", "vit_l.safetensors"))
+    dataset_dir = os.path.join(work, "scan", "person")
+    os.makedirs(dataset_dir, exist_ok=True)
+    shutil.copy(os.path.join(work, "input", "face.png"), dataset_dir)
+    from comfyui_idadapter.nodes.face import insightface_backend  # the trainer's copy of the pack's modules
+
+    analyzer = insightface_backend.load_analyzer(os.path.join(work, "models", "insightface", "models", "tinypack"),
+                                                 "CPU", 640)
+    identities, _ = data.scan_dataset(os.path.dirname(dataset_dir), analyzer, os.path.join(work, "scan_cache"),
+                                      log=lambda *a: None)
+    photo = identities[0].images[0]
+    seen = {}
+
+    class Capturing:
+        image_size = clip_vision.image_size
+
+        def encode_image(self, pixels, crop=True):
+            seen["pixels"] = pixels.movedim(-1, 1).clone()
+            return clip_vision.encode_image(pixels, crop=crop)
+
+    out = {}
+    for name in ("face_crops.safetensors", "tiny.safetensors"):
+        loaded = nodes.NODE_CLASS_MAPPINGS["IDA_LoadIDAdapter"].execute(name).result[0]
+        nodes.NODE_CLASS_MAPPINGS["IDA_IDAdapterMFFEmbed"].execute(loaded, Capturing(), image, 0, False, 0,
+                                                                   insightface=insightface)
+        trainer_side = types.SimpleNamespace(adapter=loaded.adapter, vision_size=clip_vision.image_size)
+        ours = IDAdapterTask.reference_pixels(trainer_side, photo)
+        theirs = seen["pixels"]
+        out[name] = {"margin": loaded.config.face_crop_margin, "shape": list(theirs.shape),
+                     "copies_equal": all(torch.equal(theirs[0], t) for t in theirs),  # augment off: plain copies
+                     "max_diff": float((theirs[0] - ours).abs().max()),
+                     "differs_from_whole_photo": float((theirs[0] - pack.ida.reference_crop(
+                         image[0].movedim(-1, 0), None, None, clip_vision.image_size)).abs().max())}
     return out
 
 

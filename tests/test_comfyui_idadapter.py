@@ -122,3 +122,13 @@ def test_node_prompt_tokens_equal_the_trainers(work):
                        "portrait of sks smiling, woman is sks", "woman is sks"]
     for r in result["results"]:
         assert len(r["node"]) == 77 and r["node"] == r["trainer"], r
+
+
+def test_mff_embed_shows_clip_what_the_trainer_shows_it(work):
+    result = run_check(work, "mff_clip_input_matches_trainer", {})
+    faces, photo = result["face_crops.safetensors"], result["tiny.safetensors"]
+    assert faces["margin"] == 0.5 and photo["margin"] is None
+    for run in (faces, photo):
+        assert run["shape"] == [4, 3, 224, 224] and run["copies_equal"], run  # one photo copied up to N = 4
+        assert run["max_diff"] <= 1e-6, run  # the node's CLIP input is the trainer's, to the pixel
+    assert faces["differs_from_whole_photo"] > 0.1 and photo["differs_from_whole_photo"] == 0.0

@@ -227,3 +227,47 @@ def test_cli_reports_config_errors_without_a_traceback():
     assert out.returncode == 1
     assert "error: invalid training configuration" in out.stderr and "--base_model '/nope' does not exist" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def identities_of(sizes: list[int]) -> list:
+    """Identities with the given numbers of photos (paths only: sampling never opens them)."""
+    return [data.Identity(f"id{i}", "person", [data.FaceImage(f"id{i}/img{j}.png", "", torch.zeros(4),
+                                                              torch.zeros(5, 2), torch.zeros(512))
+                                               for j in range(size)])
+            for i, size in enumerate(sizes)]
+
+
+def test_a_target_is_never_among_its_own_references():
+    identities = identities_of([3, 6, 2, 1])  # N = 2: more than N, exactly N, a single photo
+    seen = {3: 0, 6: 0, 2: 0, 1: 0}
+    for step in range(300):
+        for ex in data.sample_batch(identities, 4, 2, step, seed=5):
+            refs, size = [im.path for im in ex["references"]], len(ex["identity"].images)
+            seen[size] += 1
+            if size == 1:  # nothing else to show: the photo is its own reference
+                assert refs == [ex["target"].path]
+                continue
+            assert ex["target"].path not in refs and len(set(refs)) == len(refs)
+            assert len(refs) == min(2, size - 1)  # fewer than N: filled up by augmentation later
+    assert all(count > 100 for count in seen.values())
+    # the old data path, kept for comparison: the target is the first of its N references
+    old = data.sample_batch(identities, 4, 2, 0, seed=5, include_target=True)
+    assert all(ex["references"][0] is ex["target"] for ex in old)
+    assert data.sample_batch(identities, 4, 2, 7, seed=5) == data.sample_batch(identities, 4, 2, 7, seed=5)
+
+
+def test_identities_with_too_few_photos_are_left_out_and_counted():
+    task = IDAdapterTask.__new__(IDAdapterTask)  # only the config is needed
+    lines = []
+    task.config = IDAdapterTrainConfig(num_images=2)
+    kept = task.enough_photos(identities_of([3, 2, 5, 1]), lines.append)
+    assert [len(i.images) for i in kept] == [3, 5]
+    assert lines == ["2 of 4 identities have 2 photos or fewer (N = --num_images 2): 2 with fewer than --min_images 3 "
+                     "left out"]
+    task.config = IDAdapterTrainConfig(num_images=2, min_images=2)
+    assert [len(i.images) for i in task.enough_photos(identities_of([3, 2, 1]), lines.append)] == [3, 2]
+    assert lines[-1].endswith("1 with fewer than --min_images 2 left out; the others' references are their other "
+                              "photos, filled up to N by augmentation")
+    task.config = IDAdapterTrainConfig(num_images=2)
+    with pytest.raises(data.DatasetError, match="no identity has --min_images 3 photos"):
+        task.enough_photos(identities_of([1, 2]), lines.append)

@@ -131,7 +131,7 @@ def test_codes_are_what_w_plus_encode_computes_and_are_computed_once(stages, tmp
     task = first["task"]
     photos = task.photos[:3]
     encoder = tiny.TinyWPlusEncoder()
-    expected = torch.stack([encoder(e4e_arch.align_for_e4e(wt._rgb(p.path), p.landmarks)[None])[0] for p in photos])
+    expected = torch.stack([encoder(e4e_arch.align_for_e4e(data.load_rgb_tensor(p.path), p.landmarks)[None])[0] for p in photos])
     torch.testing.assert_close(task.codes[:3], expected, rtol=1e-6, atol=1e-6)
 
     calls, lines = [], []

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..nodes.arch.idadapter import CONFIG_LIMITS, DEFAULT_IDENTIFIER, check_identifier
+from ..nodes.arch.idadapter import CONFIG_LIMITS, DEFAULT_IDENTIFIER, FACE_CROP_MARGIN_LIMIT, check_identifier
 from ..nodes.errors import ConfigError, PackError
 
 __all__ = ["ConfigError", "IDAdapterTrainConfig", "TrainConfig", "parse_args"]
@@ -177,6 +177,16 @@ class IDAdapterTrainConfig(TrainConfig):
     # the paper's settings
     resolution: int = 512
     num_images: int = 4  # N references per identity
+    # identities with fewer photos are left out (0: N + 1, so that every target has N references besides itself);
+    # with fewer than N + 1, the references are the other photos, filled up to N by augmentation
+    min_images: int = 0
+    # the old data path, for comparison: the target is one of its own N references
+    references_include_target: bool = False
+    # what CLIP vision sees of a reference: "face", a square around the detected face, the box's longer side plus
+    # --face_crop_margin of it on each side (stored in the export, so MFF Embed crops alike); "photo", the whole
+    # photo's centre square
+    reference_crop: str = "face"
+    face_crop_margin: float = 0.5
     identifier: str = DEFAULT_IDENTIFIER
     batch_size: int = 4
     learning_rate: float = 3e-5
@@ -220,10 +230,15 @@ class IDAdapterTrainConfig(TrainConfig):
                 problems.append(f"--{name} must be at most {CONFIG_LIMITS[field_name]} (the largest IDAdapter files "
                                 f"the nodes load), got {getattr(self, name)}")
         for name, meaning in (("cache_mb", "0 (off) or more"), ("kv_learning_rate", "0 (= --learning_rate) or more"),
+                              ("min_images", "0 (= --num_images + 1) or more"),
                               ("id_loss_weight", "0 (off) or more"), ("id_gate_ratio", "0 (gate always on) or more"),
                               ("tiny_base_steps", "0 or more")):
             if getattr(self, name) < 0:
                 problems.append(f"--{name} must be {meaning}, got {getattr(self, name)}")
+        if self.reference_crop not in ("face", "photo"):
+            problems.append(f"--reference_crop must be face or photo, got {self.reference_crop!r}")
+        if not 0 <= self.face_crop_margin <= FACE_CROP_MARGIN_LIMIT:
+            problems.append(f"--face_crop_margin must be from 0 to {FACE_CROP_MARGIN_LIMIT}, got {self.face_crop_margin}")
         if self.synthetic_identities < 2:
             problems.append(f"--synthetic_identities must be at least 2 (the held-out check compares identities), "
                             f"got {self.synthetic_identities}")

@@ -147,6 +147,11 @@ def load_rgb(path: str) -> np.ndarray:
         return np.array(img.convert("RGB"))
 
 
+def load_rgb_tensor(path: str) -> torch.Tensor:
+    """[3, H, W] float 0..1 RGB, as ComfyUI's Load Image gives the same file."""
+    return torch.from_numpy(load_rgb(path)).permute(2, 0, 1).float() / 255
+
+
 class FaceCache:
     """Detections and embeddings per image file, persisted as safetensors + JSON metadata."""
 
@@ -406,7 +411,7 @@ def load_square_mask(image: "FaceImage", size: int, mask_suffix: str) -> tuple[t
 
 
 def sample_batch(identities: list[Identity], batch_size: int, num_images: int, step: int, seed: int,
-                 rank: int = 0, processes: int = 1) -> list[dict]:
+                 rank: int = 0, processes: int = 1, include_target: bool = False) -> list[dict]:
     """Process ``rank``'s batch for ``step``: a pure function of (seed, step, rank, processes), so a resumed run sees
     the same data.
 
@@ -414,7 +419,11 @@ def sample_batch(identities: list[Identity], batch_size: int, num_images: int, s
     slice, so the processes train on different examples (different identities while the global batch is no larger
     than the identity count). With one process this is the whole batch.
 
-    Per example: an identity, a target image (with caption) and up to N reference images of that identity.
+    Per example: an identity, a target image (with caption) and up to N references of that identity drawn from its
+    *other* photos, so the adapter never sees the image it denoises and cannot learn to copy its pose and
+    expression (the paper's point of mixing references); fewer than N are filled up later by augmentation. An
+    identity with a single photo has no other: that photo is its reference. ``include_target`` restores the target
+    as one of the N (the first N of the shuffled photos), for comparison.
     """
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     picks = torch.randperm(len(identities), generator=gen)
@@ -422,10 +431,11 @@ def sample_batch(identities: list[Identity], batch_size: int, num_images: int, s
     for i in range(batch_size * processes):
         identity = identities[int(picks[i % len(picks)])]
         order = torch.randperm(len(identity.images), generator=gen).tolist()
+        others = order if include_target or len(order) == 1 else order[1:]
         examples.append({
             "identity": identity,
             "target": identity.images[order[0]],
-            "references": [identity.images[j] for j in order[:num_images]],
+            "references": [identity.images[j] for j in others[:num_images]],
             "augment_seed": int(torch.randint(2**31 - 1, (1,), generator=gen)),
         })
     return examples[rank * batch_size:(rank + 1) * batch_size]

@@ -211,7 +211,8 @@ class IDAdapterTask:
                                      config.resolution)
         self.data_dir = data_dir
         cache_dir = config.cache_dir or os.path.join(config.output_dir, "cache")
-        self.identities, self.report = dataset.scan_dataset(data_dir, components.analyzer, cache_dir, log=log)
+        identities, self.report = dataset.scan_dataset(data_dir, components.analyzer, cache_dir, log=log)
+        self.identities = self.enough_photos(identities, log)
         self.heldout = []
         if heldout_dir:
             self.heldout, _ = dataset.scan_dataset(heldout_dir, components.analyzer, os.path.join(cache_dir, "heldout"),
@@ -222,6 +223,7 @@ class IDAdapterTask:
             family=self.family, blocks=diffusers_binding.block_specs(unet), clip_vision_dim=vision_cfg.hidden_size,
             width=config.mff_width, mff_heads=config.mff_heads, num_tokens=config.num_tokens,
             embed_dim=config.embed_dim, textual_hidden=config.textual_hidden, num_images=config.num_images,
+            face_crop_margin=config.face_crop_margin if config.reference_crop == "face" else None,
         )
         for key, encoder in zip(self.prompts.keys, components.text_encoders):
             width = encoder.get_input_embeddings().embedding_dim
@@ -242,6 +244,24 @@ class IDAdapterTask:
         diffusers_binding.attach(unet, self.adapter)
         unet.train()
         self.trainable = TrainableIDAdapter(unet, self.adapter)
+
+    def enough_photos(self, identities: list, log) -> list:
+        """The identities with at least --min_images photos, and a line saying how many have N or fewer."""
+        n = self.config.num_images
+        least = self.config.min_images or n + 1
+        few = [identity for identity in identities if len(identity.images) <= n]
+        kept = [identity for identity in identities if len(identity.images) >= least]
+        if few:
+            left_out = len(identities) - len(kept)
+            log(f"{len(few)} of {len(identities)} identities have {n} photos or fewer (N = --num_images {n}): "
+                + (f"{left_out} with fewer than --min_images {least} left out" if left_out else "none left out")
+                + ("; the others' references are their other photos, filled up to N by augmentation"
+                   if len(kept) > len(identities) - len(few) else ""))
+        if not kept:
+            raise dataset.DatasetError(f"no identity has --min_images {least} photos: add photos, or lower "
+                                       f"--min_images (fewer than N + 1 = {n + 1} photos: the references are filled "
+                                       "up by augmentation)")
+        return kept
 
     # ---- the task interface used by training.loop
 
@@ -323,10 +343,15 @@ class IDAdapterTask:
         out = self.c.clip_vision(pixel_values=pixel, output_hidden_states=True)
         return out.hidden_states[-2], out.last_hidden_state[:, 0]
 
+    def reference_pixels(self, image) -> torch.Tensor:
+        """What CLIP vision sees of a reference photo, [3, S, S] 0..1: the crop MFF Embed makes of it."""
+        return ida.reference_crop(dataset.load_rgb_tensor(image.path), image.box, self.adapter.config.face_crop_margin,
+                                  self.vision_size)
+
     def _reference_features(self, image) -> tuple[torch.Tensor, torch.Tensor]:
         @torch.no_grad()
         def compute():
-            patches, cls = self._clip_vision(dataset.load_square(image, self.vision_size)[0][None])
+            patches, cls = self._clip_vision(self.reference_pixels(image)[None])
             return patches[0].cpu(), cls[0].cpu()
 
         return self.cache.get(("reference", image.path), compute)
@@ -341,8 +366,7 @@ class IDAdapterTask:
         features: list = [None] * len(examples)
         augmented = [i for i, ex in enumerate(examples) if len(ex["references"]) < n]
         if augmented:
-            images = [torch.stack([dataset.load_square(im, self.vision_size)[0] for im in examples[i]["references"]])
-                      for i in augmented]
+            images = [torch.stack([self.reference_pixels(im) for im in examples[i]["references"]]) for i in augmented]
             patches, cls = self._clip_vision(torch.cat([ida.fill_references(im, n, examples[i]["augment_seed"])
                                                         for i, im in zip(augmented, images)]))
             for j, i in enumerate(augmented):
@@ -377,7 +401,8 @@ class IDAdapterTask:
     def loss(self, model, step: int):
         cfg = self.config
         rank, processes = self._rank()
-        examples = dataset.sample_batch(self.identities, cfg.batch_size, cfg.num_images, step, cfg.seed, rank, processes)
+        examples = dataset.sample_batch(self.identities, cfg.batch_size, cfg.num_images, step, cfg.seed, rank, processes,
+                                        include_target=cfg.references_include_target)
         if cfg.log_examples:
             self.log_examples(step, examples)
         gen = self._generator(step, 0)
@@ -461,7 +486,9 @@ class IDAdapterTask:
         for idx, identity in enumerate(identities):
             source = identities[(idx + 1) % len(identities)] if shuffle else identity
             for j, image in enumerate(identity.images):
-                refs = source.images[: self.config.num_images]
+                # the own identity's references leave the image out, as in training
+                others = [im for im in source.images if im.path != image.path] or [image]
+                refs = others[: self.config.num_images]
                 example = {"identity": source, "target": image, "references": refs, "augment_seed": seed + j}
                 e_r, e_c, _ = self.encode_references([example])
                 moments = self.targets([image])[0].to(self.device)

@@ -144,7 +144,7 @@ def cached_codes(photos: list, path: str, encoder_id: str, make_encoder, device,
         with torch.no_grad():
             for start in range(0, len(missing), CODE_BATCH):
                 chunk = missing[start:start + CODE_BATCH]
-                faces = torch.stack([e4e_arch.align_for_e4e(_rgb(photos[i].path), photos[i].landmarks) for i in chunk])
+                faces = torch.stack([e4e_arch.align_for_e4e(dataset.load_rgb_tensor(photos[i].path), photos[i].landmarks) for i in chunk])
                 for i, code in zip(chunk, encoder(faces.to(device)).float().cpu()):
                     entries[keys[i]] = (stamps[i], code)
         del encoder
@@ -155,11 +155,6 @@ def cached_codes(photos: list, path: str, encoder_id: str, make_encoder, device,
                           {"format": CODE_CACHE_FORMAT, "encoder": encoder_id,
                            "index": json.dumps({k: [entries[k][0], row] for row, k in enumerate(names)})})
     return torch.stack([entries[key][1] for key in keys])
-
-
-def _rgb(path: str) -> torch.Tensor:
-    """A photo as [3, H, W] float 0..1."""
-    return torch.from_numpy(dataset.load_rgb(path)).permute(2, 0, 1).float() / 255
 
 
 # ---- the trained module
@@ -307,7 +302,7 @@ class WPlusTask:
         centre square (stage 2)."""
         size = self.config.resolution
         if stage == 1:
-            return align_ffhq(_rgb(photo.path), photo.landmarks, size).clamp(0, 1)
+            return align_ffhq(dataset.load_rgb_tensor(photo.path), photo.landmarks, size).clamp(0, 1)
         return dataset.load_square(photo, size)[0]
 
     def _moments(self, photo, stage: int) -> torch.Tensor:

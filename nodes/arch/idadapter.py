@@ -97,6 +97,9 @@ class IDAdapterConfig:
     textual_hidden: int = 1024
     num_images: int = 4  # N, reference images per identity
     text_dims: dict[str, int] = field(default_factory=dict)
+    # what CLIP vision sees of a reference (reference_crop): a square around the face, the box's longer side plus
+    # this fraction of it on each side; None: the whole photo (files written before face crops)
+    face_crop_margin: float | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -290,6 +293,7 @@ CONFIG_LIMITS = {"clip_vision_dim": 8192, "arcface_dim": 8192, "width": 8192, "m
                   "num_tokens": 1024, "embed_dim": 8192, "textual_hidden": 16384, "num_images": 256}
 _BLOCK_LIMITS = {"channels": 8192, "heads": 256, "context_dim": 8192}
 _MAX_BLOCKS = 1024  # SDXL has 70 transformer blocks
+FACE_CROP_MARGIN_LIMIT = 4.0  # a square 9 face boxes wide: the whole photo, for any face worth a reference
 _BLOCK_NAME = re.compile(r"(input|middle|output)_\d+_\d+")
 
 
@@ -337,6 +341,10 @@ def config_from_metadata(meta: dict[str, str], path: str) -> IDAdapterConfig:
     values = {name: bounded_int(name, raw[name], limit) for name, limit in CONFIG_LIMITS.items() if name in raw}
     divides("mff_heads", values.get("mff_heads", IDAdapterConfig.mff_heads),
             "width", values.get("width", IDAdapterConfig.width))
+    margin = raw.get("face_crop_margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not 0 <= margin <= FACE_CROP_MARGIN_LIMIT):
+        raise refuse("face_crop_margin", f"null or a number from 0 to {FACE_CROP_MARGIN_LIMIT}", margin)
     text_dims = raw.get("text_dims", FAMILIES[family]["text_dims"])
     if text_dims != FAMILIES[family]["text_dims"]:
         raise refuse("text_dims", f"{family}'s text encoder widths {FAMILIES[family]['text_dims']}", text_dims)
@@ -356,7 +364,8 @@ def config_from_metadata(meta: dict[str, str], path: str) -> IDAdapterConfig:
             raise refuse(f"blocks.{name}.context_dim", f"{family}'s cross-attention width "
                          f"{FAMILIES[family]['context_dim']}", dims["context_dim"])
         specs[name] = BlockSpec(**dims)
-    return IDAdapterConfig(family=family, blocks=specs, text_dims=dict(text_dims), **values)
+    return IDAdapterConfig(family=family, blocks=specs, text_dims=dict(text_dims),
+                           face_crop_margin=None if margin is None else float(margin), **values)
 
 
 def _kv_delta_shapes(cfg: IDAdapterConfig, names, path: str) -> dict[str, tuple[int, int]]:
@@ -547,17 +556,46 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def _centre_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """[..., 3, H, W] -> [..., 3, size, size]: the short side resized to ``size`` (bicubic, antialiased), then the
+    centre cut out, as ComfyUI's clip_preprocess(crop=True) does; a size x size input is returned as it is."""
+    h, w = images.shape[-2:]
+    if (h, w) == (size, size):
+        return images
+    scale = size / min(h, w)
+    batch = images.reshape(-1, *images.shape[-3:])
+    batch = F.interpolate(batch, size=(round(h * scale), round(w * scale)), mode="bicubic", antialias=True)
+    top, left = (batch.shape[-2] - size) // 2, (batch.shape[-1] - size) // 2
+    return batch[..., top:top + size, left:left + size].reshape(*images.shape[:-2], size, size)
+
+
+def reference_crop(image: torch.Tensor, box: torch.Tensor | None, margin: float | None, size: int) -> torch.Tensor:
+    """What CLIP vision sees of one reference photo [3, H, W] (RGB 0..1): [3, size, size], before quantisation and
+    normalisation. The node and the trainer both call this, so inference sees what training saw.
+
+    ``margin`` None: the whole photo (short side to ``size``, centre crop: ComfyUI's clip_preprocess). Otherwise a
+    square around the face ``box`` (x1, y1, x2, y2 pixels): side = the box's longer side x (1 + 2 margin), centred
+    on the box, moved inside the photo where it would stick out (and no larger than the photo's short side), so it
+    holds only real pixels; then resized to ``size`` (bicubic, antialiased). Off-centre and half-body photos then
+    give CLIP the face, not clothes and background."""
+    if margin is None:
+        return _centre_square(image, size)
+    h, w = image.shape[-2:]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    side = max(1, min(round(max(x2 - x1, y2 - y1) * (1 + 2 * margin)), h, w))
+    left = round(min(max((x1 + x2) / 2 - side / 2, 0), w - side))
+    top = round(min(max((y1 + y2) / 2 - side / 2, 0), h - side))
+    crop = image[..., top:top + side, left:left + side]
+    if side == size:
+        return crop
+    return F.interpolate(crop[None], size=(size, size), mode="bicubic", antialias=True)[0]
+
+
 def clip_vision_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """[B, 3, H, W] RGB 0..1 -> CLIP vision input, as ComfyUI's clip_preprocess(crop=True) makes it: short side
     resized to ``size`` (bicubic, antialiased), centre crop, 8-bit quantisation, normalisation. The trainer uses
     this so its references look exactly like the node's."""
-    h, w = images.shape[-2:]
-    if (h, w) != (size, size):
-        scale = size / min(h, w)
-        images = F.interpolate(images, size=(round(h * scale), round(w * scale)), mode="bicubic", antialias=True)
-        top, left = (images.shape[-2] - size) // 2, (images.shape[-1] - size) // 2
-        images = images[..., top:top + size, left:left + size]
-    cropped = torch.clip(255.0 * images, 0, 255).round() / 255.0
+    cropped = torch.clip(255.0 * _centre_square(images, size), 0, 255).round() / 255.0
     mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return (cropped - mean_t) / std_t
