@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import folder_paths
 from comfy_api.latest import io
@@ -28,7 +28,7 @@ class LoadedIDAdapter(ida.IDAdapterWeights):
     patcher must live as long as the modules it may have put on the GPU.
     """
 
-    patcher: object
+    patcher: object = field(kw_only=True)  # keyword-only: it follows the base class's defaulted fields
 
 
 _resident = ResidentFile()
@@ -37,7 +37,8 @@ _resident = ResidentFile()
 def load_cached(path: str) -> LoadedIDAdapter:
     def load():
         weights = ida.load_idadapter(path)
-        return LoadedIDAdapter(weights.adapter, weights.kv_deltas, patches.adapter_patcher(weights.adapter))
+        return LoadedIDAdapter(weights.adapter, weights.kv_deltas, weights.recognizer,
+                               patcher=patches.adapter_patcher(weights.adapter))
 
     return _resident.get((path,), load)
 
@@ -99,6 +100,7 @@ class IDAdapterMFFEmbed(io.ComfyNode):
             face_embeds, _ = insightface_backend.embed_faces(insightface, images, "largest", on_no_face="error")
         if not isinstance(face_embeds, FaceEmbedsValue) or len(face_embeds) == 0:
             raise PackError("face_embeds holds no face: the references need a detectable face")
+        ida.check_same_recognizer(idadapter.recognizer, face_embeds.recognizer)
         refs = (images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images[..., :3]).movedim(-1, 1)
         refs = ida.fill_references(refs, num_images or idadapter.config.num_images, seed, augment)
         out = clip_vision.encode_image(refs.movedim(1, -1), crop=True)
