@@ -1,5 +1,6 @@
-"""Which ArcFace recognizer made the identity vectors is recorded (FACE_EMBEDS, idadapter/1 files) and checked (Face
-Embeds Combine, IDAdapter MFF Embed): vectors of two recognizers lie in different 512-d spaces."""
+"""Which ArcFace recognizer made the identity vectors is recorded (FACE_EMBEDS, idadapter/1 files, the trainer's face
+cache) and checked (Face Embeds Combine, IDAdapter MFF Embed, the trainer's --arcface): vectors of two recognizers
+lie in different 512-d spaces."""
 
 import hashlib
 import json
@@ -16,10 +17,10 @@ from safetensors.torch import save_file
 from comfyui_idadapter.nodes.arch import idadapter as ida
 from comfyui_idadapter.nodes.arch.face_embeds import FaceEmbeds, combine, load_face_embeds, save_face_embeds
 from comfyui_idadapter.nodes.arch.files import file_fingerprint, same_weights
-from comfyui_idadapter.nodes.errors import ModelFileError
+from comfyui_idadapter.nodes.errors import ConfigError, ModelFileError
 from comfyui_idadapter.nodes.face import insightface_backend as backend
 from idadapter_helpers import tiny_adapter
-from tiny_face_models import face_image
+from tiny_face_models import face_image, make_pack, make_recognizer, random_iresnet
 
 GLINT = "glintr100.onnx:0123456789abcdef"
 GLINT_RENAMED = "my_arcface.onnx:0123456789abcdef"  # the same bytes under another name
@@ -122,3 +123,40 @@ def test_mff_embed_check_refuses_another_recognizer_and_warns_when_one_is_unknow
     assert "the IDAdapter file does not record it" in messages[0]
     assert "the face_embeds input does not record it" in messages[1]
     assert "the IDAdapter file and the face_embeds input do not record it" in messages[2]
+
+
+def test_face_cache_made_by_another_recognizer_is_not_used(tmp_path):
+    from comfyui_idadapter.training import data, tiny
+
+    dataset = tiny.make_synthetic_dataset(str(tmp_path / "data"), 2, 2, size=64, seed=5)
+    first_pack = make_pack(str(tmp_path / "first"), "pack")
+    other_pack = make_pack(str(tmp_path / "other"), "pack", recognizer=False)
+    make_recognizer(os.path.join(other_pack, "rec.onnx"), seed=1)
+
+    def vectors(pack, cache):
+        identities, _ = data.scan_dataset(dataset, backend.load_analyzer(pack, "CPU"), str(tmp_path / cache),
+                                          log=lambda *a: None)
+        return torch.stack([image.embedding for identity in identities for image in identity.images])
+
+    first = vectors(first_pack, "cache")
+    assert torch.equal(vectors(first_pack, "cache"), first)  # read back from the cache
+    other = vectors(other_pack, "cache")
+    torch.testing.assert_close(other, vectors(other_pack, "fresh_cache"))
+    assert (other - first).abs().max() > 0.1  # embedded again, not the first recognizer's cached vectors
+
+
+def test_trainer_refuses_an_arcface_with_other_weights_than_the_packs(tmp_path):
+    pytest.importorskip("diffusers")
+    from comfyui_idadapter.training.idadapter_task import load_face_models
+
+    pack = make_pack(str(tmp_path / "insightface"), "antelopev2")  # rec.onnx holds random_iresnet(0)
+    same_weights_pth = str(tmp_path / "backbone.pth")
+    torch.save(random_iresnet(0).state_dict(), same_weights_pth)
+    _, arcface = load_face_models(pack, same_weights_pth, provider="CPU")
+    assert not arcface.fused  # the .pth asked for (BatchNorm unfused), not the pack's .onnx
+    _, default = load_face_models(pack, provider="CPU")
+    assert default.fused
+    other = make_recognizer(str(tmp_path / "other.onnx"), seed=1)
+    with pytest.raises(ConfigError, match=re.escape(f"--arcface {other} holds other weights than the insightface "
+                                                    f"pack's recognizer {os.path.join(pack, 'rec.onnx')}")):
+        load_face_models(pack, other, provider="CPU")
