@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import folder_paths
 import torch
@@ -29,7 +29,7 @@ class LoadedIDAdapter(ida.IDAdapterWeights):
     patcher must live as long as the modules it may have put on the GPU.
     """
 
-    patcher: object
+    patcher: object = field(kw_only=True)  # keyword-only: it follows the base class's defaulted fields
 
 
 _resident = ResidentFile()
@@ -38,7 +38,8 @@ _resident = ResidentFile()
 def load_cached(path: str) -> LoadedIDAdapter:
     def load():
         weights = ida.load_idadapter(path)
-        return LoadedIDAdapter(weights.adapter, weights.kv_deltas, patches.adapter_patcher(weights.adapter))
+        return LoadedIDAdapter(weights.adapter, weights.kv_deltas, weights.recognizer,
+                               patcher=patches.adapter_patcher(weights.adapter))
 
     return _resident.get((path,), load)
 
@@ -109,6 +110,7 @@ class IDAdapterMFFEmbed(io.ComfyNode):
             face_embeds = detected
         if not isinstance(face_embeds, FaceEmbedsValue) or len(face_embeds) == 0:
             raise PackError("face_embeds holds no face: the references need a detectable face")
+        ida.check_same_recognizer(idadapter.recognizer, face_embeds.recognizer)
         # per-photo faces describe these photos: keep those of the first N; averaged vectors are used as given
         arcface = face_embeds.embeds[face_embeds.image_index < count] if face_embeds.has_geometry else \
             face_embeds.embeds

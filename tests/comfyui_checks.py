@@ -132,16 +132,21 @@ def _pack_modules():
 
 
 def make_idadapters(work, payload):
-    """IDAdapter files fitted to the tiny checkpoint's UNet: one trained-looking (gamma != 0, K/V deltas), one
-    untrained (gamma = 0, no deltas), and the trained-looking one for face crops (margin 0.5)."""
+    """IDAdapter files fitted to the tiny checkpoint's UNet: one trained-looking (gamma != 0, K/V deltas) on the tiny
+    pack's recognizer, one untrained (gamma = 0, no deltas) that does not record its recognizer, one trained-looking
+    on buffalo_l's recognizer, and the first one trained on face crops (margin 0.5)."""
     pack, patches = _pack_modules()
     ida = pack.ida
     model, _ = _load_checkpoint(work)
     blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
     out = {"blocks": sorted(blocks), "model_class": type(model.model).__name__,
            "model_config": type(model.model.model_config).__name__}
-    for name, gamma, kv, margin in (("tiny.safetensors", 0.8, True, None), ("untrained.safetensors", 0.0, False, None),
-                                    ("face_crops.safetensors", 0.8, True, 0.5)):
+    tiny_recognizer = pack.insightface_backend.file_fingerprint(
+        os.path.join(work, "models", "insightface", "models", "tinypack", "rec.onnx"))
+    for name, gamma, kv, recognizer, margin in (
+            ("tiny.safetensors", 0.8, True, tiny_recognizer, None), ("untrained.safetensors", 0.0, False, "", None),
+            ("buffalo.safetensors", 0.8, True, "w600k_r50.onnx:fedcba9876543210", None),
+            ("face_crops.safetensors", 0.8, True, tiny_recognizer, 0.5)):
         torch.manual_seed(3)
         cfg = ida.IDAdapterConfig(family="sd15", blocks=blocks, clip_vision_dim=1024, width=64, mff_heads=4,
                                   num_tokens=4, embed_dim=64, textual_hidden=64, face_crop_margin=margin)
@@ -151,7 +156,8 @@ def make_idadapters(work, payload):
                 gated.gamma.fill_(gamma)
         deltas = {n: {p: torch.randn(s.channels, s.context_dim) * 0.05 for p in ("to_k", "to_v")}
                   for n, s in blocks.items()} if kv else {}
-        ida.save_idadapter(ida.IDAdapterWeights(adapter, deltas), os.path.join(work, "models", "idadapter", name))
+        ida.save_idadapter(ida.IDAdapterWeights(adapter, deltas, recognizer),
+                           os.path.join(work, "models", "idadapter", name))
     return out
 
 

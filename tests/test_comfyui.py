@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from comfyui_idadapter.nodes.arch.face_embeds import load_face_embeds
+from comfyui_idadapter.nodes.arch.files import file_fingerprint
 from tiny_face_models import expected_box, face_image, make_pack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,10 +114,13 @@ def test_nodes_register_and_face_graph_runs_in_comfyui(tmp_path):
     assert good["outputs"]["5"]["images"]  # the aligned crop was previewed
     saved = load_face_embeds(str(work / "output" / "face_embeds" / "me_00001_.safetensors"))
     assert len(saved) == 1
+    recognizer = work / "models" / "insightface" / "models" / "tinypack" / "rec.onnx"
+    assert saved.recognizer == file_fingerprint(str(recognizer))  # which ArcFace made the vectors
     torch.testing.assert_close(saved.boxes[0], torch.from_numpy(expected_box((1, 2), 256)), atol=1.0, rtol=0)
     assert reloaded["success"] is True, reloaded
     averaged = load_face_embeds(str(work / "output" / "face_embeds" / "avg_00001_.safetensors"))
     torch.testing.assert_close(averaged.embeds, saved.embeds)  # norm-mean of one unit vector is itself
+    assert averaged.recognizer == saved.recognizer  # through Load, Combine and Save
 
 
 @needs_comfyui

@@ -1,6 +1,8 @@
 """IDAdapter inside a real ComfyUI (COMFYUI_PATH): a tiny SD1.5-shaped checkpoint made here, sampled with
 KSampler through the example graph's nodes."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -55,10 +57,15 @@ def latent(work, prefix):
 
 def test_example_graph_samples_with_the_adapter(work):
     runs = [graph(patched=False, prefix="base"), graph(weight=1.0, prefix="w1"), graph(weight=0.0, prefix="w0"),
-            graph(adapter="untrained.safetensors", prefix="gamma0"), graph(patched=False, prefix="base_again")]
+            graph(adapter="untrained.safetensors", prefix="gamma0"), graph(patched=False, prefix="base_again"),
+            graph(adapter="buffalo.safetensors", prefix="other_recognizer")]
     result = run_check(work, "run_prompts", runs)
-    for run in result["runs"]:
+    *sampled, other_recognizer = result["runs"]
+    for run in sampled:
         assert run["valid"] and run["success"], run
+    # an adapter trained on buffalo_l's ArcFace refuses the tiny pack's face embeds, saying which pack to load
+    assert other_recognizer["valid"] and other_recognizer["success"] is False
+    assert "pick the buffalo_l pack (its recognizer is w600k_r50.onnx)" in json.dumps(other_recognizer["errors"])
     base = latent(work, "base")
     assert torch.isfinite(base).all()
     assert (latent(work, "w1") - base).abs().max() > 1e-3  # gamma != 0 and K/V deltas: the image changes

@@ -78,6 +78,7 @@ def test_largest_and_index_selection_order():
     analyzer = _FixedFaces([(100, 0, 140, 40), (0, 50, 60, 110), (60, 60, 80, 80)])
     largest, _ = backend.embed_faces(analyzer, torch.zeros(1, 128, 160, 3), "largest")
     assert largest.boxes.tolist() == [[0, 50, 60, 110]] and largest.embeds[0, 1] == 1
+    assert largest.recognizer == ""  # no recognizer file to say which ArcFace made the vectors: unknown
     for index, x1 in enumerate((0, 60, 100)):  # left to right
         picked, _ = backend.embed_faces(analyzer, torch.zeros(1, 128, 160, 3), "index", index=index)
         assert picked.boxes[0, 0] == x1

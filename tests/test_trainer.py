@@ -15,6 +15,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
 from comfyui_idadapter.nodes.arch import idadapter as ida  # noqa: E402
+from comfyui_idadapter.nodes.arch.files import file_fingerprint  # noqa: E402
+from comfyui_idadapter.nodes.face.insightface_backend import recognizer_file  # noqa: E402
 from comfyui_idadapter.training import data, diffusers_binding, loop, tiny  # noqa: E402
 from comfyui_idadapter.training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
 from comfyui_idadapter.training.idadapter_task import IDAdapterTask, PerImageCache  # noqa: E402
@@ -60,6 +62,9 @@ def test_tiny_run_exports_weights_the_nodes_load_and_only_trainables_change(tmp_
 
     weights = ida.load_idadapter(export)  # the node's loader, no conversion
     assert weights.config.family == "sd15" and weights.config.num_images == 2
+    # the recognizer that made the dataset's identity vectors, which MFF Embed checks the face embeds against
+    assert weights.recognizer.startswith("rec.onnx:")
+    assert weights.recognizer == file_fingerprint(recognizer_file(task.c.analyzer))
     ida.check_unet_compatible(weights.config, diffusers_binding.block_specs(task.c.unet))
     for (name, proj), w in task.kv_params.items():
         torch.testing.assert_close(weights.kv_deltas[name][proj], w.detach() - task.base_kv[(name, proj)])

@@ -11,7 +11,7 @@ with no usable image are skipped, counted and reported, never a crash mid-run; s
 links, unusable metadata.jsonl lines (that caption is left out) and an unreadable class_noun.txt ("person" is
 used). Detections (box, 5 landmarks) and ArcFace embeddings are cached in ``<cache_dir>/faces.safetensors``
 keyed by file path, size and mtime, so later runs (and resumes) skip detection; a cache that cannot be read is
-reported and rebuilt.
+reported and rebuilt, and one made by another ArcFace recognizer (or not saying which) is rebuilt.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..nodes.arch.files import same_weights
 from ..nodes.errors import DatasetError, PackError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -153,23 +154,26 @@ def load_rgb_tensor(path: str) -> torch.Tensor:
 
 
 class FaceCache:
-    """Detections and embeddings per image file, persisted as safetensors + JSON metadata."""
+    """Detections and embeddings per image file, persisted as safetensors + JSON metadata. ``recognizer`` is the
+    fingerprint of the ArcFace that makes the embeddings: a cache made by another one holds vectors of another
+    space, and is not used."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, recognizer: str):
         self.path = path
+        self.recognizer = recognizer
         self.entries: dict[str, dict] = {}
         self.problem = None  # why an existing cache file was discarded (it is rebuilt on save)
         self.dirty = False
         if os.path.lexists(path):
             try:
-                self.entries = self._read(path)
+                self.entries = self._read(path, recognizer)
             except Exception as exc:  # truncated, not safetensors, broken index: detect again
                 self.entries = {}
                 self.problem = f"corrupt face cache, rebuilt ({type(exc).__name__})"
                 self.dirty = True
 
     @staticmethod
-    def _read(path: str) -> dict[str, dict]:
+    def _read(path: str, recognizer: str) -> dict[str, dict]:
         from safetensors import safe_open
 
         entries = {}
@@ -197,6 +201,8 @@ class FaceCache:
             elif not isinstance(entry.get("skip"), str):
                 raise ValueError(f"bad index entry for {key!r}")
             entries[key] = entry
+        if not same_weights(meta.get("recognizer", ""), recognizer):
+            return {}  # another recognizer's vectors: embed again
         return entries
 
     @staticmethod
@@ -231,7 +237,8 @@ class FaceCache:
             "landmarks": torch.stack(landmarks) if landmarks else torch.zeros(0, 5, 2),
             "embeddings": torch.stack(embeddings) if embeddings else torch.zeros(0, 512),
         }
-        write_safetensors(tensors, self.path, {"format": CACHE_FORMAT, "index": json.dumps(index)})
+        write_safetensors(tensors, self.path, {"format": CACHE_FORMAT, "index": json.dumps(index),
+                                               "recognizer": self.recognizer})
         self.dirty = False
 
 
@@ -239,7 +246,7 @@ def scan_dataset(root: str, analyzer, cache_dir: str, log=print,
                  mask_suffix: str = "") -> tuple[list[Identity], DatasetReport]:
     """Validates every image once (readable, one face found) and returns the usable identities. With
     ``mask_suffix``, files whose name ends with it are face masks (``mask_path``), counted and never photos."""
-    from ..nodes.face.insightface_backend import embed_faces
+    from ..nodes.face.insightface_backend import embed_faces, recognizer_fingerprint
 
     if not os.path.isdir(root):
         raise DatasetError(f"dataset folder {root!r} does not exist")
@@ -262,7 +269,7 @@ def scan_dataset(root: str, analyzer, cache_dir: str, log=print,
     if not folders:
         raise DatasetError(f"dataset folder {root!r} has no identity sub-folders (expected <dataset>/<identity>/*.jpg)"
                            + (f":\n{report.summary()}" if report.skipped else ""))
-    cache = FaceCache(os.path.join(cache_dir, "faces.safetensors"))
+    cache = FaceCache(os.path.join(cache_dir, "faces.safetensors"), recognizer_fingerprint(analyzer))
     if cache.problem:
         skip(cache.problem, cache.path)
     identities = []

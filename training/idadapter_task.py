@@ -21,7 +21,8 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..nodes.arch import idadapter as ida
-from ..nodes.arch.iresnet import align_faces, load_arcface
+from ..nodes.arch.iresnet import align_faces, load_arcface, same_features
+from ..nodes.face import insightface_backend
 from . import data as dataset
 from . import diffusers_binding
 from .config import ConfigError, IDAdapterTrainConfig
@@ -113,11 +114,22 @@ def load_base_model(base: str) -> dict:
 
 def load_face_models(pack_folder: str, arcface: str = "", provider: str = "auto"):
     """The insightface detector + recognizer of a pack (any folder holding its .onnx files) and the torch ArcFace
-    of the identity loss (default: the pack's own recognizer, as the nodes use it)."""
-    from ..nodes.face import insightface_backend
-
+    of the identity loss: the pack's own recognizer, as the nodes use it, or ``arcface``, which must hold the same
+    weights (in any file format): the loss compares its features with the dataset's vectors, made by the pack's."""
     analyzer = insightface_backend.load_analyzer(insightface_backend.check_pack_folder(pack_folder), provider, 640)
-    return analyzer, load_arcface(arcface or analyzer.app.models["recognition"].model_file)
+    pack_recognizer = insightface_backend.recognizer_file(analyzer)
+    identity_model = load_arcface(pack_recognizer)
+    if arcface:
+        chosen = load_arcface(arcface)
+        if not same_features(identity_model, chosen):
+            raise ConfigError(
+                f"--arcface {arcface} holds other weights than the insightface pack's recognizer {pack_recognizer}: "
+                "the dataset's identity vectors come from the pack's recognizer, so the identity loss would compare "
+                "features of two different ArcFace models. Leave --arcface out (the pack's recognizer is used) or "
+                "pass that recognizer's own weights (its .onnx, or an arcface_torch .pth of the same model)"
+            )
+        identity_model = chosen
+    return analyzer, identity_model
 
 
 def sd_pipelines():
@@ -303,7 +315,9 @@ class IDAdapterTask:
         deltas = {}
         for (name, proj), w in self.kv_params.items():
             deltas.setdefault(name, {})[proj] = w.detach().float().cpu() - self.base_kv[(name, proj)]
-        ida.save_idadapter(ida.IDAdapterWeights(self.adapter, deltas), path)
+        # the recognizer that made the dataset's f_a vectors: the nodes refuse face embeds of another one
+        recognizer = insightface_backend.recognizer_fingerprint(self.c.analyzer)
+        ida.save_idadapter(ida.IDAdapterWeights(self.adapter, deltas, recognizer), path)
 
     # ---- one step
 

@@ -1,8 +1,9 @@
 """FACE_EMBEDS: ArcFace identity vectors with the face geometry they came from, and their file format.
 
-Files are safetensors (never pickle) with ``__metadata__["format"] = "face_embeds/1"``. The loader checks the
-tensor names and shapes in the header before reading any data, and refuses NaN or infinite values and all-zero
-ArcFace vectors (no identity at all).
+Files are safetensors (never pickle) with ``__metadata__["format"] = "face_embeds/1"`` and ``"recognizer"``, the
+fingerprint of the ArcFace file that made the vectors (absent in files written before it was recorded: unknown).
+The loader checks the tensor names and shapes in the header before reading any data, and refuses NaN or infinite
+values and all-zero ArcFace vectors (no identity at all).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, ModelFileError, NoFaceError
-from .files import check_shapes, first_few, open_safetensors, write_safetensors
+from .files import check_fingerprint, check_shapes, first_few, open_safetensors, same_weights, write_safetensors
 
 FORMAT = "face_embeds/1"
 COMBINE_MODES = ("mean", "norm-mean", "concat")
@@ -26,7 +27,9 @@ class FaceEmbeds:
 
     Geometry is per face and in the source image's pixels: ``boxes`` [F, 4] (x1, y1, x2, y2), ``landmarks``
     [F, 5, 2], ``scores`` [F] detector confidence, ``image_index`` [F] which batch image the face is from.
-    Averaged embeddings describe no single face, so their geometry is None.
+    Averaged embeddings describe no single face, so their geometry is None. ``recognizer`` is the fingerprint
+    (``files.file_fingerprint``) of the ArcFace file that made the vectors, "" when unknown: vectors of two
+    recognizers lie in different spaces and must not be mixed.
     """
 
     embeds: torch.Tensor
@@ -34,6 +37,7 @@ class FaceEmbeds:
     landmarks: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     image_index: torch.Tensor | None = None
+    recognizer: str = ""
 
     def __post_init__(self):
         validate(self, "FACE_EMBEDS")
@@ -60,6 +64,7 @@ def validate(fe: FaceEmbeds, source: str) -> None:
         raise ModelFileError(f"{source}: embeds must be a [faces, dim] tensor, got {shape}")
     if not torch.isfinite(e).all():
         raise ModelFileError(f"{source}: embeds contain NaN or infinite values")
+    check_fingerprint(fe.recognizer, source, "Make the FACE_EMBEDS with Face Embed or Load Face Embeds")
     present = [name for name in _GEOMETRY if getattr(fe, name) is not None]
     if present and len(present) != len(_GEOMETRY):
         raise ModelFileError(f"{source}: face geometry is partial ({present}); expected all of {list(_GEOMETRY)}")
@@ -71,7 +76,10 @@ def validate(fe: FaceEmbeds, source: str) -> None:
 
 
 def combine(items: list[FaceEmbeds], mode: str) -> FaceEmbeds:
-    """mean: the average vector; norm-mean: the average rescaled to unit length; concat: all faces kept."""
+    """mean: the average vector; norm-mean: the average rescaled to unit length; concat: all faces kept.
+
+    Faces of two different recognizers are refused. The result's recognizer is the one every input shares; when
+    some input's is unknown, so is the result's (its vectors may come from any recognizer)."""
     if mode not in COMBINE_MODES:
         raise ConfigError(f"combine mode must be one of {COMBINE_MODES}, got {mode!r}")
     items = [fe for fe in items if fe is not None and len(fe) > 0]
@@ -80,16 +88,23 @@ def combine(items: list[FaceEmbeds], mode: str) -> FaceEmbeds:
     dims = sorted({fe.dim for fe in items})
     if len(dims) > 1:
         raise ModelFileError(f"cannot combine FACE_EMBEDS of different sizes {dims}: use one recognition model")
+    known = [fe.recognizer for fe in items if fe.recognizer]
+    other = next((r for r in known if not same_weights(r, known[0])), None)
+    if other is not None:
+        raise ModelFileError(f"cannot combine FACE_EMBEDS made by two ArcFace recognizers, {known[0]} and {other}: "
+                             "their vectors lie in different spaces. Embed every photo with the same Load "
+                             "InsightFace pack")
+    recognizer = known[0] if len(known) == len(items) else ""
     embeds = torch.cat([fe.embeds for fe in items])
     if mode == "concat":
         if all(fe.has_geometry for fe in items):
             geometry = {name: torch.cat([getattr(fe, name) for fe in items]) for name in _GEOMETRY}
-            return FaceEmbeds(embeds, **geometry)
-        return FaceEmbeds(embeds)
+            return FaceEmbeds(embeds, **geometry, recognizer=recognizer)
+        return FaceEmbeds(embeds, recognizer=recognizer)
     mean = embeds.mean(dim=0, keepdim=True)
     if mode == "norm-mean":
         mean = torch.nn.functional.normalize(mean, dim=-1)
-    return FaceEmbeds(mean)
+    return FaceEmbeds(mean, recognizer=recognizer)
 
 
 def save_face_embeds(fe: FaceEmbeds, path: str) -> None:
@@ -98,7 +113,8 @@ def save_face_embeds(fe: FaceEmbeds, path: str) -> None:
         for name in _GEOMETRY:
             value = getattr(fe, name)
             tensors[name] = (value.long() if name == "image_index" else value.float()).contiguous().cpu()
-    meta = {"format": FORMAT, "faces": str(len(fe)), "dim": str(fe.dim), "geometry": json.dumps(fe.has_geometry)}
+    meta = {"format": FORMAT, "faces": str(len(fe)), "dim": str(fe.dim), "geometry": json.dumps(fe.has_geometry),
+            "recognizer": fe.recognizer}
     write_safetensors(tensors, path, meta)
 
 
@@ -116,12 +132,13 @@ def load_face_embeds(path: str) -> FaceEmbeds:
         expected = {"embeds": embeds_shape}
         expected.update({name: (embeds_shape[0], *_GEOMETRY[name]) for name in present})
         check_shapes(path, f.shapes, expected, "the face embeds layout", _RESAVE)
+        recognizer = check_fingerprint(f.metadata.get("recognizer", ""), path, _RESAVE)
         tensors = f.tensors()
     zero_rows = (tensors["embeds"] == 0).all(dim=1).nonzero().flatten().tolist()
     if zero_rows:
         raise ModelFileError(f"{path}: embeds rows {first_few(zero_rows)} are all zeros, expected ArcFace vectors "
                              f"of non-zero length. {_RESAVE}")
     try:
-        return FaceEmbeds(**tensors)
+        return FaceEmbeds(**tensors, recognizer=recognizer)
     except ModelFileError as exc:
         raise ModelFileError(f"{path}: {exc}") from exc

@@ -1,4 +1,5 @@
-"""Safetensors files of this pack: written atomically, read with the checks every loader needs.
+"""Safetensors files of this pack: written atomically, read with the checks every loader needs; and the
+fingerprints that name the model file a file's values came from.
 
 Reading goes in two steps on one open file: the header (format, metadata, tensor shapes) first, so that a loader
 can refuse a file whose shapes do not fit before anything is allocated, then the tensor data, refusing NaN and
@@ -9,6 +10,7 @@ file whose header passed the loader's check can never take more memory than the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
 from typing import Iterator
@@ -130,3 +132,43 @@ def check_shapes(path: str, shapes: dict[str, tuple], expected: dict[str, tuple]
                ([f"{len(wrong) - 4} more shapes differ"] if len(wrong) > 4 else [])
     if problems:
         raise ModelFileError(f"{path} does not match {against}: {'; '.join(problems)}. {fix}")
+
+
+# (absolute path, size, mtime) -> fingerprint: a file is hashed once per version of it
+_fingerprints: dict[tuple, str] = {}
+MAX_FINGERPRINT = 256
+
+
+def file_fingerprint(path: str) -> str:
+    """``"<file name>:<first 16 hex digits of the sha256 of its bytes>"``: which weights a file holds, wherever it is.
+
+    The name is for people reading messages; the digest decides (:func:`same_weights`), so a renamed copy of a
+    file is the same file."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _fingerprints:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:  # in chunks: a recognizer is 170-250 MB (hashlib.file_digest needs Python 3.11)
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _fingerprints[key] = f"{os.path.basename(path)}:{digest.hexdigest()[:16]}"
+    return _fingerprints[key]
+
+
+def same_weights(fingerprint_a: str, fingerprint_b: str) -> bool:
+    """Whether two fingerprints name the same bytes (their digests are equal, whatever the file names)."""
+    return fingerprint_a.rpartition(":")[2] == fingerprint_b.rpartition(":")[2]
+
+
+def check_fingerprint(value, where: str, fix: str) -> str:
+    """``value`` when it can be a fingerprint ("" = unknown): a string of at most MAX_FINGERPRINT printable
+    characters (it goes into messages). ``where`` names its source, ``fix`` how to get a good one."""
+    if not isinstance(value, str) or len(value) > MAX_FINGERPRINT or not value.isprintable():
+        if not isinstance(value, str):
+            shown = type(value).__name__
+        else:
+            shown = repr(value) if len(value) <= 60 else f"{value[:40]!r}... ({len(value)} characters)"
+        raise ModelFileError(f"{where}: the recognizer must be a file fingerprint such as "
+                             f"'glintr100.onnx:0123456789abcdef' (at most {MAX_FINGERPRINT} printable characters), "
+                             f"got {shown}. {fix}")
+    return value

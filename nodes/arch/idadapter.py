@@ -10,10 +10,11 @@ Text-to-Image Models"): the one definition of its math, used by the ComfyUI node
   ``y = y + beta * tanh(gamma) * S([y, proj(E_r)])[:, :len(y)]`` with gamma initialised to 0.
 - Cross-attention ``to_k``/``to_v`` of every block are fine-tuned; files store them as deltas.
 
-File format ``idadapter/1``: safetensors; ``__metadata__`` holds ``format``, ``family`` and ``config`` (JSON of
-:class:`IDAdapterConfig`). Tensors: ``mff.*``, ``textual.*``, ``adapters.<block>.*`` and
-``kv_delta.<block>.to_k`` / ``.to_v`` ([out, context_dim], trained minus base weight), where ``<block>`` is
-ComfyUI's block key written ``input_4_0`` (block, id, index inside the SpatialTransformer).
+File format ``idadapter/1``: safetensors; ``__metadata__`` holds ``format``, ``family``, ``config`` (JSON of
+:class:`IDAdapterConfig`) and ``recognizer``, the fingerprint of the ArcFace file that made the training set's
+identity vectors (absent in files exported before it was recorded: unknown). Tensors: ``mff.*``, ``textual.*``,
+``adapters.<block>.*`` and ``kv_delta.<block>.to_k`` / ``.to_v`` ([out, context_dim], trained minus base weight),
+where ``<block>`` is ComfyUI's block key written ``input_4_0`` (block, id, index inside the SpatialTransformer).
 K/V deltas are all or nothing: a file holds both ``to_k`` and ``to_v`` of every configured block (what the trainer
 exports), or no ``kv_delta.*`` tensor at all (an adapter trained without K/V fine-tuning). A block with only one of
 the two, or deltas for some blocks but not others, is a malformed file.
@@ -26,6 +27,7 @@ header before any memory is allocated, and NaN or infinite weights are refused.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -36,7 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ModelFileError, NoFaceError
-from .files import check_shapes, first_few, open_safetensors, write_safetensors
+from .files import check_fingerprint, check_shapes, first_few, open_safetensors, same_weights, write_safetensors
+
+log = logging.getLogger(__name__)
 
 FORMAT = "idadapter/1"
 # Each base family's text encoders (ComfyUI's token-dict keys, in the base model's order: text_encoder,
@@ -273,10 +277,12 @@ class IDAdapter(nn.Module):
 
 @dataclass
 class IDAdapterWeights:
-    """What an ``idadapter/1`` file holds: the module and the cross-attention K/V deltas per block."""
+    """What an ``idadapter/1`` file holds: the module, the cross-attention K/V deltas per block and the fingerprint
+    of the ArcFace recognizer its identity vectors came from ("" when unknown)."""
 
     adapter: IDAdapter
     kv_deltas: dict[str, dict[str, torch.Tensor]]  # block name -> {"to_k": delta, "to_v": delta}
+    recognizer: str = ""
 
     @property
     def config(self) -> IDAdapterConfig:
@@ -304,7 +310,8 @@ def save_idadapter(weights: IDAdapterWeights, path: str, dtype: torch.dtype = to
         for proj, delta in deltas.items():
             tensors[f"{KV_PREFIX}{name}.{proj}"] = delta.detach().to("cpu", dtype).contiguous()
     cfg = weights.config
-    write_safetensors(tensors, path, {"format": FORMAT, "family": cfg.family, "config": cfg.to_json()})
+    write_safetensors(tensors, path, {"format": FORMAT, "family": cfg.family, "config": cfg.to_json(),
+                                      "recognizer": weights.recognizer})
 
 
 def config_from_metadata(meta: dict[str, str], path: str) -> IDAdapterConfig:
@@ -400,6 +407,7 @@ def load_idadapter(path: str) -> IDAdapterWeights:
     """Reads ``idadapter/1``; nothing is allocated before the config and every tensor shape fit the file."""
     with open_safetensors(path, FORMAT, "IDAdapter file", _WRITER) as f:
         cfg = config_from_metadata(f.metadata, path)
+        recognizer = check_fingerprint(f.metadata.get("recognizer", ""), path, _REEXPORT)
         with torch.device("meta"):  # shapes only, no memory: the real tensors come from the file
             adapter = IDAdapter(cfg)
         expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
@@ -417,7 +425,7 @@ def load_idadapter(path: str) -> IDAdapterWeights:
     # fresh, aligned storage: tensors read from a file sit at arbitrary offsets, where CPU kernels take other paths
     # and give results that differ in the last bit
     adapter.to_empty(device="cpu").load_state_dict(module_tensors)
-    return IDAdapterWeights(adapter.eval().requires_grad_(False), kv)
+    return IDAdapterWeights(adapter.eval().requires_grad_(False), kv, recognizer)
 
 
 def check_unet_compatible(cfg: IDAdapterConfig, unet_blocks: dict[str, BlockSpec], unet_desc: str = "the MODEL"):
@@ -441,6 +449,35 @@ def check_unet_compatible(cfg: IDAdapterConfig, unet_blocks: dict[str, BlockSpec
             raise ModelFileError(
                 f"block {name}: the adapter has {spec.channels} channels, {unet_desc} has {unet_blocks[name].channels}"
             )
+
+
+# The recognizer of each official insightface pack, to tell users which pack to load.
+PACK_OF_RECOGNIZER = {"glintr100.onnx": "antelopev2", "w600k_r50.onnx": "buffalo_l"}
+
+
+def check_same_recognizer(adapter_recognizer: str, embeds_recognizer: str) -> None:
+    """Refuses face embeds from another ArcFace recognizer than the one the adapter was trained with: another
+    recognizer's vectors lie in another space, and the identity would be lost without an error. When either side is
+    unknown ("", a file from before recognizers were recorded) nothing can be checked: one warning, and on."""
+    if not adapter_recognizer or not embeds_recognizer:
+        unknown = [what for what, value in (("the IDAdapter file", adapter_recognizer),
+                                            ("the face_embeds input", embeds_recognizer)) if not value]
+        log.warning("IDAdapter: cannot check that the face embeds come from the ArcFace recognizer the adapter was "
+                    "trained with: %s %s not record it (made by an older version of this pack)",
+                    " and ".join(unknown), "does" if len(unknown) == 1 else "do")
+        return
+    if same_weights(adapter_recognizer, embeds_recognizer):
+        return
+    name = adapter_recognizer.rpartition(":")[0]
+    pack = PACK_OF_RECOGNIZER.get(name)
+    which = f"the {pack} pack (its recognizer is {name})" if pack else \
+        f"the insightface pack whose recognizer is {name}"
+    raise ModelFileError(
+        f"this IDAdapter was trained on ArcFace vectors from {adapter_recognizer}; the face embeds come from "
+        f"{embeds_recognizer}, another recognizer whose vectors lie in another space, so the identity would be lost. "
+        f"In Load InsightFace pick {which} and run Face Embed again (or connect that INSIGHTFACE to MFF Embed in "
+        "place of face_embeds)"
+    )
 
 
 # ---- The recipe: what the node and the trainer must do alike, so that inference sees what training saw.

@@ -361,6 +361,18 @@ def load_arcface(path: str) -> IResNet:
     return load_arcface_torch(path)
 
 
+def same_features(a: IResNet, b: IResNet, tolerance: float = 1e-3) -> bool:
+    """Whether two ArcFace networks (in eval mode, as load_arcface returns them) compute the same features: their
+    outputs on a fixed input differ by at most ``tolerance`` of their size. The same weights read from an .onnx
+    (BatchNorm folded into the convolutions) and from a .pth differ by rounding only (about 1e-6); another model's
+    differ by about their whole size."""
+    x = torch.rand(2, 3, ARCFACE_INPUT_SIZE, ARCFACE_INPUT_SIZE, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        features_a, features_b = a(x), b(x)
+    return features_a.shape == features_b.shape and \
+        bool((features_a - features_b).norm() <= tolerance * features_a.norm())
+
+
 def similarity_to_template(landmarks: torch.Tensor, size: int = ARCFACE_INPUT_SIZE) -> torch.Tensor:
     """[B, 5, 2] landmarks -> [B, 2, 3] least-squares similarity transforms onto the ArcFace template
     (Umeyama, as insightface's norm_crop estimates it)."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..arch.face_embeds import FaceEmbeds
+from ..arch.files import file_fingerprint
 from ..arch.onnx_files import graph_input_shape, load_onnx_graph
 from ..errors import ConfigError, MissingDependencyError, ModelFileError, ModelFolderError, NoFaceError, PackError
 from .images import bgr_uint8_to_image, to_bgr_uint8
@@ -283,6 +284,18 @@ def load_analyzer(pack_dir: str, provider: str = "auto", det_size: int = 640) ->
     return analyzer
 
 
+def recognizer_file(analyzer) -> str | None:
+    """The path of the analyzer's ArcFace .onnx, None when it has none (a stand-in, another pack's object)."""
+    model = _as_analyzer(analyzer).app.models.get("recognition")
+    return getattr(model, "model_file", None)
+
+
+def recognizer_fingerprint(analyzer) -> str:
+    """Which ArcFace made the analyzer's vectors (``files.file_fingerprint`` of its file); "" when unknown."""
+    path = recognizer_file(analyzer)
+    return file_fingerprint(path) if path and os.path.isfile(path) else ""
+
+
 def _as_analyzer(obj) -> FaceAnalyzer:
     if isinstance(obj, FaceAnalyzer):
         return obj
@@ -322,6 +335,7 @@ def embed_faces(
         raise ConfigError(f"face selection must be one of {FACE_SELECTIONS}, got {selection!r}")
     analyzer = _as_analyzer(analyzer)
     _, face_align = import_insightface()
+    recognizer = recognizer_fingerprint(analyzer)
     bgr_images = to_bgr_uint8(images)
     embeds, boxes, landmarks, scores, image_index, crops = [], [], [], [], [], []
     for i, bgr in enumerate(bgr_images):
@@ -354,6 +368,7 @@ def embed_faces(
             torch.zeros(0, 5, 2),
             torch.zeros(0),
             torch.zeros(0, dtype=torch.long),
+            recognizer=recognizer,
         )
         return empty, torch.zeros(1, CROP_SIZE, CROP_SIZE, 3)
     result = FaceEmbeds(
@@ -362,6 +377,7 @@ def embed_faces(
         torch.from_numpy(np.stack(landmarks)),
         torch.tensor(scores, dtype=torch.float32),
         torch.tensor(image_index, dtype=torch.long),
+        recognizer=recognizer,
     )
     return result, bgr_uint8_to_image(crops)
 
