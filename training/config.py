@@ -1,5 +1,5 @@
-"""Trainer configuration: a dataclass per trainer, presets, a CLI made from the fields, and checks that turn
-a bad configuration into one clear message before anything heavy loads."""
+"""Command-line options of the trainers and of the evaluation: a dataclass per command, presets, a CLI made from the
+fields, and checks that turn a bad configuration into one clear message before anything heavy loads."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..nodes.arch.idadapter import CONFIG_LIMITS, DEFAULT_IDENTIFIER, check_identifier
 from ..nodes.errors import ConfigError, PackError
 
-__all__ = ["ConfigError", "IDAdapterTrainConfig", "TrainConfig", "parse_args"]
+__all__ = ["ConfigError", "IDAdapterEvalConfig", "IDAdapterTrainConfig", "TrainConfig", "parse_args"]
 
 # diffusers.optimization.get_scheduler's names that need no option this trainer lacks ("piecewise_constant" needs
 # step rules); listed here so that checking the options does not import diffusers (a test keeps them in sync)
@@ -29,7 +30,7 @@ RESUME_QUIET = ("resume",)
 
 @dataclass
 class CommandOptions:
-    """What the options of every command share: a preset, the output folder, the seed
+    """What the options of every command (the trainers, the evaluation) share: a preset, the output folder, the seed
     and the precision; the inputs a run without --preset must be given and the path options that must exist when
     given. ``validate()`` turns every problem found into one ConfigError before anything heavy loads."""
 
@@ -667,3 +668,84 @@ class WPlusTrainConfig(TrainConfig):
                             f"{self.synthetic_identities} and {self.synthetic_images}")
         return problems
 
+
+@dataclass
+class IDAdapterEvalConfig(CommandOptions):
+    """training/evaluate_idadapter.py: images of one identity generated with an IDAdapter file for a prompt set, and the
+    paper's metrics measured on them. ``--seed`` seeds the references' augmentation (MFF Embed's seed) and, in the tiny
+    preset, the untrained adapter; ``--seeds`` are the generation seeds, each prompt is drawn once per seed."""
+
+    path_options: ClassVar[tuple[str, ...]] = (
+        "adapter", "base_model", "clip_vision", "insightface_pack", "references", "prompts", "clip_model")
+    required_inputs: ClassVar[tuple[str, ...]] = (
+        "adapter", "base_model", "clip_vision", "insightface_pack", "references", "prompts")
+    presets: ClassVar[dict[str, dict]] = {"tiny": dict(resolution=64, steps=4, seeds=[0, 1])}
+    purpose: ClassVar[str] = "evaluation"
+
+    # inputs (--preset tiny: the tiny trainer's models and held-out photos, an untrained adapter, two prompts)
+    adapter: str = ""  # an idadapter/1 file
+    base_model: str = ""  # the SD1.5/SD2.x/SDXL base it was trained for (diffusers folder or single file)
+    clip_vision: str = ""  # the CLIPVisionModelWithProjection folder it was trained with
+    insightface_pack: str = ""  # detector + ArcFace .onnx: the references' and the generated faces
+    references: str = ""  # a folder of one identity's photos (the paper: one photo, replicated to N)
+    prompts: str = ""  # a UTF-8 text file, one prompt per line ("sks" where the person goes; see README)
+    clip_model: str = ""  # a transformers CLIPModel folder (with its tokenizer) for CLIP-T; without it no CLIP-T
+    output_dir: str = "runs/idadapter_eval"
+    # generation: diffusers' pipeline with DDIM, classifier-free guidance, the adapter on the conditional half
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    steps: int = 30
+    guidance_scale: float = 5.0
+    resolution: int = 512
+    weight: float = 1.0  # Apply IDAdapter's weight: scales the gated attention and the K/V deltas
+    # the references, as IDAdapter MFF Embed uses them: filled up to N (0 = the adapter's N) with augmented copies
+    num_images: int = 0
+    augment: bool = True
+    identifier: str = DEFAULT_IDENTIFIER
+    class_noun: str = "person"  # appended as ", <class noun> is <identifier>", and CLIP-T's word for the person
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:<n>, mps
+
+    def problems(self) -> list[str]:
+        problems = self.shared_problems()
+        if self.steps < 1:
+            problems.append(f"--steps must be at least 1, got {self.steps}")
+        if self.resolution % 8 or self.resolution < 32:
+            problems.append(f"--resolution must be a multiple of 8 and at least 32, got {self.resolution}")
+        if self.guidance_scale < 0:
+            problems.append(f"--guidance_scale must be 0 or more, got {self.guidance_scale}")
+        if not 0 <= self.num_images <= CONFIG_LIMITS["num_images"]:
+            problems.append(f"--num_images must be 0 (the adapter's N) to {CONFIG_LIMITS['num_images']}, got "
+                            f"{self.num_images}")
+        if not self.seeds or any(not 0 <= s < 2**32 for s in self.seeds):
+            problems.append(f"--seeds must be one or more seeds in [0, 2**32), got {self.seeds}")
+        try:
+            check_identifier(self.identifier)
+        except ConfigError as exc:
+            problems.append(f"--identifier: {exc}")
+        if not is_class_noun(self.class_noun):
+            problems.append(f"--class_noun must be a word of letters such as person, woman or man, got "
+                            f"{self.class_noun!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            problems.append(f"--device must be auto, cpu, cuda, cuda:<n> or mps, got {self.device!r}")
+        for name, is_kind, kind in (("adapter", os.path.isfile, "file"), ("prompts", os.path.isfile, "file"),
+                                    ("references", os.path.isdir, "folder"), ("clip_model", os.path.isdir, "folder")):
+            value = getattr(self, name)
+            if value and os.path.exists(value) and not is_kind(value):
+                problems.append(f"--{name} {value!r} is not a {kind}")
+        if self.prompts and os.path.isfile(self.prompts):
+            try:
+                read_prompts(self.prompts)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        return problems
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompt file's non-empty lines, stripped; a ConfigError when it is unreadable, not UTF-8 or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--prompts {path!r} cannot be read as UTF-8 text ({type(exc).__name__})") from exc
+    if not prompts:
+        raise ConfigError(f"--prompts {path!r} has no prompt: write one prompt per line")
+    return prompts
