@@ -1,5 +1,5 @@
-"""Trainer configuration: a dataclass per trainer, presets, a CLI made from the fields, and checks that turn
-a bad configuration into one clear message before anything heavy loads."""
+"""Command-line options of the trainers and of the evaluation: a dataclass per command, presets, a CLI made from the
+fields, and checks that turn a bad configuration into one clear message before anything heavy loads."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..nodes.arch.idadapter import CONFIG_LIMITS, DEFAULT_IDENTIFIER, FACE_CROP_MARGIN_LIMIT, check_identifier
 from ..nodes.errors import ConfigError, PackError
 
-__all__ = ["ConfigError", "IDAdapterTrainConfig", "TrainConfig", "parse_args"]
+__all__ = ["ConfigError", "IDAdapterEvalConfig", "IDAdapterTrainConfig", "TrainConfig", "parse_args"]
 
 # diffusers.optimization.get_scheduler's names that need no option this trainer lacks ("piecewise_constant" needs
 # step rules); listed here so that checking the options does not import diffusers (a test keeps them in sync)
@@ -28,22 +29,80 @@ RESUME_QUIET = ("resume",)
 
 
 @dataclass
-class TrainConfig:
+class CommandOptions:
+    """What the options of every command (the trainers, the evaluation) share: a preset, the output folder, the seed
+    and the precision; the inputs a run without --preset must be given and the path options that must exist when
+    given. ``validate()`` turns every problem found into one ConfigError before anything heavy loads."""
+
+    # class-level: the path options that must exist when given, the presets (values a preset sets unless the command
+    # line sets them too), the options a run without --preset must be given, and what the error calls the options
+    path_options: ClassVar[tuple[str, ...]] = ()
+    presets: ClassVar[dict[str, dict]] = {}
+    required_inputs: ClassVar[tuple[str, ...]] = ()
+    purpose: ClassVar[str] = "training"
+
+    output_dir: str = "runs/train"
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    # --preset tiny: tiny random models and synthetic data, same code path
+    preset: str = ""
+
+    def validate(self) -> None:
+        """Checks every option (fast: no model is loaded); one ConfigError lists every problem found."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(f"invalid {self.purpose} configuration:\n  " + "\n  ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every problem of these options, as messages (a command's own checks after ``shared_problems()``)."""
+        return self.shared_problems()
+
+    def shared_problems(self) -> list[str]:
+        problems = []
+        if self.preset not in ("", *self.presets):
+            problems.append(f"--preset must be {' or '.join(repr(p) for p in self.presets)} or absent, "
+                            f"got {self.preset!r}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            problems.append(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        for name, value in dataclasses.asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"--{name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--seed must be in [0, 2**32), got {self.seed}")
+        if not self.output_dir:
+            problems.append("--output_dir must not be empty")
+        elif os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            problems.append(f"--output_dir {self.output_dir!r} is a file, not a folder")
+        if not self.preset:
+            problems.extend(f"--{name} is required (or use --preset tiny)" for name in self.required_inputs
+                            if not getattr(self, name))
+        for name in self.path_options:
+            value = getattr(self, name)
+            if value and not os.path.exists(value):
+                problems.append(f"--{name} {value!r} does not exist")
+        return problems
+
+    @classmethod
+    def preset_values(cls, given: dict) -> dict:
+        """The values the preset named in ``given`` (the command line's options) sets."""
+        return dict(cls.presets.get(given.get("preset", ""), {}))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+
+@dataclass
+class TrainConfig(CommandOptions):
     """The options every trainer has (optimisation, precision, checkpoints, validation, logging); a trainer's config
     adds its inputs and its method's options, and may give these other defaults."""
 
     # class-level: the options that decide the trained tensors' shapes or the models they were trained against (a
-    # resume must keep the checkpoint's values; every other option may change, the new value applying from there
-    # on), the path options
-    # that must exist when given, and the presets (values a preset sets unless the command line sets them too)
+    # resume must keep the checkpoint's values; every other option may change, the new value applying from there on)
     architecture_options: ClassVar[tuple[str, ...]] = ("preset",)
     path_options: ClassVar[tuple[str, ...]] = ("heldout_dataset",)
-    presets: ClassVar[dict[str, dict]] = {}
-    required_inputs: ClassVar[tuple[str, ...]] = ()  # options a run without --preset must be given
 
     # identities kept out of training (same layout as the dataset) for the held-out check before and after training
     heldout_dataset: str = ""
-    output_dir: str = "runs/train"
     cache_dir: str = ""  # face detections/embeddings cache; default <output_dir>/cache
     batch_size: int = 4
     learning_rate: float = 1e-5
@@ -54,11 +113,9 @@ class TrainConfig:
     adam_weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # no | fp16 | bf16
     gradient_checkpointing: bool = False
     use_ema: bool = False
     ema_decay: float = 0.9999
-    seed: int = 0
     # bookkeeping
     checkpoint_every: int = 1000
     checkpoints_total_limit: int = 3  # 0 keeps every checkpoint
@@ -69,24 +126,13 @@ class TrainConfig:
     log_every: int = 10
     report_to: str = "tensorboard"  # tensorboard | none
     export_name: str = "weights.safetensors"
-    # --preset tiny: tiny random models and synthetic data, same code path
-    preset: str = ""
 
-    def validate(self) -> None:
-        """Checks every option (fast: no model is loaded); one ConfigError lists every problem found."""
-        problems = []
-        if self.preset not in ("", *self.presets):
-            problems.append(f"--preset must be {' or '.join(repr(p) for p in self.presets)} or absent, "
-                            f"got {self.preset!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            problems.append(f"--mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+    def problems(self) -> list[str]:
+        problems = self.shared_problems()
         if self.report_to not in ("tensorboard", "none"):
             problems.append(f"--report_to must be tensorboard or none, got {self.report_to!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             problems.append(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
-        for name, value in dataclasses.asdict(self).items():
-            if isinstance(value, float) and not math.isfinite(value):
-                problems.append(f"--{name} must be a finite number, got {value}")
         for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every", "validation_steps",
                      "log_every"):
             if getattr(self, name) < 1:
@@ -100,12 +146,6 @@ class TrainConfig:
             problems.append(f"--ema_decay must be in (0, 1) (e.g. 0.9999), got {self.ema_decay}")
         if self.learning_rate <= 0:
             problems.append(f"--learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.seed < 2**32:
-            problems.append(f"--seed must be in [0, 2**32), got {self.seed}")
-        if not self.output_dir:
-            problems.append("--output_dir must not be empty")
-        elif os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
-            problems.append(f"--output_dir {self.output_dir!r} is a file, not a folder")
         if self.cache_dir and os.path.exists(self.cache_dir) and not os.path.isdir(self.cache_dir):
             problems.append(f"--cache_dir {self.cache_dir!r} is a file, not a folder")
         if (not self.export_name.endswith(".safetensors") or os.path.basename(self.export_name) != self.export_name
@@ -115,14 +155,7 @@ class TrainConfig:
         if self.validation_every and not (self.validation_prompts and all(p.strip() for p in self.validation_prompts)):
             problems.append("--validation_prompts must be one or more non-empty prompts while --validation_every is "
                             "not 0 (or set --validation_every 0)")
-        if not self.preset:
-            problems.extend(f"--{name} is required (or use --preset tiny)" for name in self.required_inputs
-                            if not getattr(self, name))
         problems.extend(self.method_problems())
-        for name in self.path_options:
-            value = getattr(self, name)
-            if value and not os.path.exists(value):
-                problems.append(f"--{name} {value!r} does not exist")
         if self.resume and not problems:
             from .loop import resolve_resume
 
@@ -132,20 +165,11 @@ class TrainConfig:
                     check_resume_config(self, folder)
             except PackError as exc:  # ConfigError, or a corrupt checkpoint named by --resume
                 problems.append(str(exc))
-        if problems:
-            raise ConfigError("invalid training configuration:\n  " + "\n  ".join(problems))
+        return problems
 
     def method_problems(self) -> list[str]:
         """The trainer's own checks (its inputs and method options), as messages."""
         return []
-
-    @classmethod
-    def preset_values(cls, given: dict) -> dict:
-        """The values the preset named in ``given`` (the command line's options) sets."""
-        return dict(cls.presets.get(given.get("preset", ""), {}))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
 
 
 @dataclass
@@ -316,6 +340,11 @@ def mask_suffix_problems(suffix: str) -> list[str]:
     extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
     return [f"--mask_suffix must end a file name with an image extension ({extensions}), e.g. _mask.png, got "
             f"{suffix!r}"]
+
+
+def is_class_noun(text: str) -> bool:
+    """Whether ``text`` is one or more words of letters ("person", "young woman"): a class noun for prompts."""
+    return bool(text.strip()) and all(part.isalpha() for part in text.split())
 
 
 def _parse_bool(text: str) -> bool:
@@ -512,7 +541,7 @@ class AdaFaceTrainConfig(TrainConfig):
             if not found:
                 problems.append(f"--distill_prompt must contain the placeholder {self.placeholder!r} with --stage "
                                 f"composition (the class prompts put --class_word there), got {self.distill_prompt!r}")
-        if not self.class_word.strip() or not all(part.isalpha() for part in self.class_word.split()):
+        if not is_class_noun(self.class_word):
             problems.append(f"--class_word must be a word of letters such as person, woman or man, got "
                             f"{self.class_word!r}")
         elif self.class_word.strip().lower() == self.placeholder.lower():
@@ -653,3 +682,86 @@ class WPlusTrainConfig(TrainConfig):
             problems.append(f"--synthetic_identities must be at least 2 and --synthetic_images at least 1, got "
                             f"{self.synthetic_identities} and {self.synthetic_images}")
         return problems
+
+
+@dataclass
+class IDAdapterEvalConfig(CommandOptions):
+    """training/evaluate_idadapter.py: images of one identity generated with an IDAdapter file for a prompt set, and the
+    paper's metrics measured on them. ``--seed`` seeds the references' augmentation (MFF Embed's seed) and, in the tiny
+    preset, the untrained adapter; ``--seeds`` are the generation seeds, each prompt is drawn once per seed."""
+
+    path_options: ClassVar[tuple[str, ...]] = (
+        "adapter", "base_model", "clip_vision", "insightface_pack", "references", "prompts", "clip_model")
+    required_inputs: ClassVar[tuple[str, ...]] = (
+        "adapter", "base_model", "clip_vision", "insightface_pack", "references", "prompts")
+    presets: ClassVar[dict[str, dict]] = {"tiny": dict(resolution=64, steps=4, seeds=[0, 1])}
+    purpose: ClassVar[str] = "evaluation"
+
+    # inputs (--preset tiny: the tiny trainer's models and held-out photos, an untrained adapter, two prompts)
+    adapter: str = ""  # an idadapter/1 file
+    base_model: str = ""  # the SD1.5/SD2.x/SDXL base it was trained for (diffusers folder or single file)
+    clip_vision: str = ""  # the CLIPVisionModelWithProjection folder it was trained with
+    insightface_pack: str = ""  # detector + ArcFace .onnx: the references' and the generated faces
+    references: str = ""  # a folder of one identity's photos (the paper: one photo, replicated to N)
+    prompts: str = ""  # a UTF-8 text file, one prompt per line ("sks" where the person goes; see README)
+    clip_model: str = ""  # a transformers CLIPModel folder (with its tokenizer) for CLIP-T; without it no CLIP-T
+    output_dir: str = "runs/idadapter_eval"
+    # generation: diffusers' pipeline with DDIM, classifier-free guidance, the adapter on the conditional half
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    steps: int = 30
+    guidance_scale: float = 5.0
+    resolution: int = 512
+    weight: float = 1.0  # Apply IDAdapter's weight: scales the gated attention and the K/V deltas
+    # the references, as IDAdapter MFF Embed uses them: the first N (0 = the adapter's N), fewer copied up to N
+    # (plain copies, as the paper; true: augmented copies)
+    num_images: int = 0
+    augment: bool = False
+    identifier: str = DEFAULT_IDENTIFIER
+    class_noun: str = "person"  # appended as ", <class noun> is <identifier>", and CLIP-T's word for the person
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:<n>, mps
+
+    def problems(self) -> list[str]:
+        problems = self.shared_problems()
+        if self.steps < 1:
+            problems.append(f"--steps must be at least 1, got {self.steps}")
+        if self.resolution % 8 or self.resolution < 32:
+            problems.append(f"--resolution must be a multiple of 8 and at least 32, got {self.resolution}")
+        if self.guidance_scale < 0:
+            problems.append(f"--guidance_scale must be 0 or more, got {self.guidance_scale}")
+        if not 0 <= self.num_images <= CONFIG_LIMITS["num_images"]:
+            problems.append(f"--num_images must be 0 (the adapter's N) to {CONFIG_LIMITS['num_images']}, got "
+                            f"{self.num_images}")
+        if not self.seeds or any(not 0 <= s < 2**32 for s in self.seeds):
+            problems.append(f"--seeds must be one or more seeds in [0, 2**32), got {self.seeds}")
+        try:
+            check_identifier(self.identifier)
+        except ConfigError as exc:
+            problems.append(f"--identifier: {exc}")
+        if not is_class_noun(self.class_noun):
+            problems.append(f"--class_noun must be a word of letters such as person, woman or man, got "
+                            f"{self.class_noun!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            problems.append(f"--device must be auto, cpu, cuda, cuda:<n> or mps, got {self.device!r}")
+        for name, is_kind, kind in (("adapter", os.path.isfile, "file"), ("prompts", os.path.isfile, "file"),
+                                    ("references", os.path.isdir, "folder"), ("clip_model", os.path.isdir, "folder")):
+            value = getattr(self, name)
+            if value and os.path.exists(value) and not is_kind(value):
+                problems.append(f"--{name} {value!r} is not a {kind}")
+        if self.prompts and os.path.isfile(self.prompts):
+            try:
+                read_prompts(self.prompts)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        return problems
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompt file's non-empty lines, stripped; a ConfigError when it is unreadable, not UTF-8 or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--prompts {path!r} cannot be read as UTF-8 text ({type(exc).__name__})") from exc
+    if not prompts:
+        raise ConfigError(f"--prompts {path!r} has no prompt: write one prompt per line")
+    return prompts

@@ -242,11 +242,30 @@ class FaceCache:
         self.dirty = False
 
 
+def detect_face(path: str, analyzer) -> dict:
+    """The largest face of an image file: {"box", "landmarks", "embedding"}, or {"skip": why} when the file cannot be
+    read, is unusable for detection or shows no face."""
+    from ..nodes.face.insightface_backend import embed_faces
+
+    try:
+        rgb = load_rgb(path)
+    except Exception as exc:  # PIL raises many types for broken files
+        return {"skip": f"unreadable image ({type(exc).__name__})"}
+    image = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None]
+    try:
+        faces, _ = embed_faces(analyzer, image, "largest", on_no_face="skip")
+    except PackError as exc:  # e.g. an image too small to search
+        return {"skip": f"unusable image ({exc})"}
+    if len(faces) == 0:
+        return {"skip": "no face detected"}
+    return {"box": faces.boxes[0], "landmarks": faces.landmarks[0], "embedding": faces.embeds[0]}
+
+
 def scan_dataset(root: str, analyzer, cache_dir: str, log=print,
                  mask_suffix: str = "") -> tuple[list[Identity], DatasetReport]:
     """Validates every image once (readable, one face found) and returns the usable identities. With
     ``mask_suffix``, files whose name ends with it are face masks (``mask_path``), counted and never photos."""
-    from ..nodes.face.insightface_backend import embed_faces, recognizer_fingerprint
+    from ..nodes.face.insightface_backend import recognizer_fingerprint
 
     if not os.path.isdir(root):
         raise DatasetError(f"dataset folder {root!r} does not exist")
@@ -298,21 +317,7 @@ def scan_dataset(root: str, analyzer, cache_dir: str, log=print,
             stamp = FaceCache.stamp(path)
             entry = cache.get(key, stamp)
             if entry is None:
-                entry = {"stamp": stamp}
-                try:
-                    rgb = load_rgb(path)
-                except Exception as exc:  # PIL raises many types for broken files
-                    entry["skip"] = f"unreadable image ({type(exc).__name__})"
-                else:
-                    image = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None]
-                    try:
-                        faces, _ = embed_faces(analyzer, image, "largest", on_no_face="skip")
-                    except PackError as exc:  # e.g. an image too small to search
-                        faces, entry["skip"] = None, f"unusable image ({exc})"
-                    if faces is not None and len(faces) == 0:
-                        entry["skip"] = "no face detected"
-                    elif faces is not None:
-                        entry.update(box=faces.boxes[0], landmarks=faces.landmarks[0], embedding=faces.embeds[0])
+                entry = {"stamp": stamp, **detect_face(path, analyzer)}
                 cache.put(key, entry)
             if "skip" in entry:
                 report.skipped[entry["skip"]].append(key)

@@ -80,13 +80,30 @@ class _PassObjects(nn.Module):
         return objs
 
 
+class _NoAdapter(nn.Module):
+    """The fuser of a block the adapter has no weights for (an idadapter/1 file may cover some blocks only): diffusers
+    calls every block's fuser once the UNet gets the "gligen" argument."""
+
+    def forward(self, hidden_states: torch.Tensor, objs: dict) -> torch.Tensor:
+        return hidden_states
+
+
 def attach(unet, adapter: IDAdapter) -> None:
     """Installs the adapter's gated attention in every transformer block it has weights for."""
     unet.position_net = _PassObjects()
     for name, block in transformer_blocks(unet).items():
-        gated = adapter.adapters[name] if name in adapter.adapters else None
-        if gated is not None:
-            block.fuser = AdapterFuser(gated)
+        block.fuser = AdapterFuser(adapter.adapters[name]) if name in adapter.adapters else _NoAdapter()
+
+
+@torch.no_grad()
+def add_kv_deltas(unet, kv_deltas: dict[str, dict[str, torch.Tensor]], weight: float = 1.0) -> None:
+    """Adds an idadapter/1 file's cross-attention K/V deltas, times ``weight``, to the UNet's attn2 weights in place
+    (what Apply IDAdapter's weight patches add in ComfyUI)."""
+    blocks = transformer_blocks(unet)
+    for name, deltas in kv_deltas.items():
+        for projection, delta in deltas.items():
+            base = getattr(blocks[name].attn2, projection).weight
+            base += weight * delta.to(base)
 
 
 def idadapter_kwargs(tokens: torch.Tensor, active: torch.Tensor | None = None, beta: float = 1.0) -> dict:

@@ -160,6 +160,67 @@ def is_sdxl_checkpoint(path: str) -> bool:
         return False  # an unreadable file gets its clear error from the loader
 
 
+def adapter_config(config: IDAdapterTrainConfig, unet, clip_vision) -> ida.IDAdapterConfig:
+    """The shape of the adapter the trainer's options make for this UNet and CLIP vision encoder."""
+    return ida.IDAdapterConfig(
+        family=base_family(unet), blocks=diffusers_binding.block_specs(unet),
+        clip_vision_dim=clip_vision.config.hidden_size, width=config.mff_width, mff_heads=config.mff_heads,
+        num_tokens=config.num_tokens, embed_dim=config.embed_dim, textual_hidden=config.textual_hidden,
+        num_images=config.num_images,
+        face_crop_margin=config.face_crop_margin if config.reference_crop == "face" else None,
+    )
+
+
+@torch.no_grad()
+def clip_vision_features(clip_vision, images: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate hidden states [n, T, D] and final class tokens [n, D] of [n, 3, H, W] 0..1 images (what MFF Embed
+    takes from ComfyUI's CLIP_VISION)."""
+    pixel = ida.clip_vision_preprocess(images, clip_vision.config.image_size).to(device, dtype)
+    out = clip_vision(pixel_values=pixel, output_hidden_states=True)
+    return out.hidden_states[-2], out.last_hidden_state[:, 0]
+
+
+def make_pipeline(components: Components, unet, family: str):
+    """diffusers' SD or SDXL pipeline over these models with DDIM (no safety checker, no watermark): how validation
+    and the evaluation generate images."""
+    from diffusers import DDIMScheduler
+
+    StableDiffusionPipeline, StableDiffusionXLPipeline = sd_pipelines()
+    c = components
+    scheduler = DDIMScheduler.from_config(c.noise_scheduler.config)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
+                                         tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=unet,
+                                         scheduler=scheduler, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate_image(pipe, prompts: PromptEncoder, e_r: torch.Tensor, e_c: dict[str, torch.Tensor], prompt: str, *,
+                   steps: int, guidance_scale: float, resolution: int, seed: int, dtype, weight: float = 1.0):
+    """One image (PIL) of a finished prompt (the identifier in it), with E_c in the text and E_r in the gated
+    attention at ``weight``; with guidance the adapter runs on the conditional half only, as the node does."""
+    from PIL import Image
+
+    text, added = prompts([prompt], e_c)
+    negative, negative_added = prompts([""], e_c)
+    embeds = dict(prompt_embeds=text.to(dtype), negative_prompt_embeds=negative.to(dtype))
+    if added is not None:
+        embeds.update(pooled_prompt_embeds=added["text_embeds"].to(dtype),
+                      negative_pooled_prompt_embeds=negative_added["text_embeds"].to(dtype))
+    # diffusers batches the unconditional half first, and runs no unconditional half at guidance 1 or less
+    active = torch.tensor([False, True]) if guidance_scale > 1 else None
+    out = pipe(**embeds, num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
+               width=resolution, output_type="np", generator=torch.Generator().manual_seed(seed),
+               cross_attention_kwargs=diffusers_binding.idadapter_kwargs(e_r, active, weight))
+    return Image.fromarray((np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8))
+
+
 def base_family(unet) -> str:
     """sd15, sd21 or sdxl from the UNet's config; any other base is a clear error."""
     return ida.family_of_unet(unet.config.cross_attention_dim, unet.config.addition_embed_type == "text_time")
@@ -229,14 +290,8 @@ class IDAdapterTask:
         if heldout_dir:
             self.heldout, _ = dataset.scan_dataset(heldout_dir, components.analyzer, os.path.join(cache_dir, "heldout"),
                                                    log=lambda text: log(f"held-out {text}"))
-        vision_cfg = components.clip_vision.config
-        self.vision_size = vision_cfg.image_size
-        adapter_cfg = ida.IDAdapterConfig(
-            family=self.family, blocks=diffusers_binding.block_specs(unet), clip_vision_dim=vision_cfg.hidden_size,
-            width=config.mff_width, mff_heads=config.mff_heads, num_tokens=config.num_tokens,
-            embed_dim=config.embed_dim, textual_hidden=config.textual_hidden, num_images=config.num_images,
-            face_crop_margin=config.face_crop_margin if config.reference_crop == "face" else None,
-        )
+        self.vision_size = components.clip_vision.config.image_size
+        adapter_cfg = adapter_config(config, unet, components.clip_vision)
         for key, encoder in zip(self.prompts.keys, components.text_encoders):
             width = encoder.get_input_embeddings().embedding_dim
             if width != adapter_cfg.text_dims[key]:
@@ -350,12 +405,8 @@ class IDAdapterTask:
 
         return self.cache.get(("target", image.path), compute)
 
-    @torch.no_grad()
     def _clip_vision(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Penultimate hidden states [n, T, D] and final class tokens [n, D] of [n, 3, H, W] 0..1 images."""
-        pixel = ida.clip_vision_preprocess(images, self.vision_size).to(self.device, self.weight_dtype)
-        out = self.c.clip_vision(pixel_values=pixel, output_hidden_states=True)
-        return out.hidden_states[-2], out.last_hidden_state[:, 0]
+        return clip_vision_features(self.c.clip_vision, images, self.device, self.weight_dtype)
 
     def reference_pixels(self, image) -> torch.Tensor:
         """What CLIP vision sees of a reference photo, [3, S, S] 0..1: the crop MFF Embed makes of it."""
@@ -527,23 +578,8 @@ class IDAdapterTask:
     def validate(self, model, step: int):
         """Images from the fixed validation prompts for the first identity (a held-out face if you keep one
         identity out of training), with CFG; the adapter runs on the conditional half only."""
-        from diffusers import DDIMScheduler
-        from PIL import Image
-
-        StableDiffusionPipeline, StableDiffusionXLPipeline = sd_pipelines()
-
         unet = self.accelerator.unwrap_model(model).unet
-        scheduler = DDIMScheduler.from_config(self.c.noise_scheduler.config)
-        if self.family == "sdxl":
-            pipe = StableDiffusionXLPipeline(vae=self.c.vae, text_encoder=self.c.text_encoder,
-                                             text_encoder_2=self.c.text_encoder_2, tokenizer=self.c.tokenizer,
-                                             tokenizer_2=self.c.tokenizer_2, unet=unet, scheduler=scheduler,
-                                             add_watermarker=False)
-        else:
-            pipe = StableDiffusionPipeline(vae=self.c.vae, text_encoder=self.c.text_encoder, tokenizer=self.c.tokenizer,
-                                           unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = make_pipeline(self.c, unet, self.family)
         identity = self.identities[0]
         example = {"identity": identity, "target": identity.images[0], "references": identity.images[:self.config.num_images],
                    "augment_seed": 0}
@@ -551,20 +587,9 @@ class IDAdapterTask:
         unet.eval()
         try:
             e_r, e_c, _ = self.encode_references([example])
-            images = []
-            for i, prompt in enumerate(self.config.validation_prompts):
-                text, added = self.prompts([self.prompts.prompt(prompt, identity.class_noun)], e_c)
-                negative, negative_added = self.prompts([""], e_c)
-                embeds = dict(prompt_embeds=text.to(self.weight_dtype), negative_prompt_embeds=negative.to(self.weight_dtype))
-                if added is not None:
-                    embeds.update(pooled_prompt_embeds=added["text_embeds"].to(self.weight_dtype),
-                                  negative_pooled_prompt_embeds=negative_added["text_embeds"].to(self.weight_dtype))
-                out = pipe(**embeds,
-                           num_inference_steps=self.config.validation_steps, guidance_scale=5.0,
-                           height=self.config.resolution, width=self.config.resolution, output_type="np",
-                           generator=torch.Generator().manual_seed(i),
-                           cross_attention_kwargs=diffusers_binding.idadapter_kwargs(e_r, torch.tensor([False, True])))
-                images.append(Image.fromarray((np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8)))
+            return [generate_image(pipe, self.prompts, e_r, e_c, self.prompts.prompt(prompt, identity.class_noun),
+                                   steps=self.config.validation_steps, guidance_scale=5.0,
+                                   resolution=self.config.resolution, seed=i, dtype=self.weight_dtype)
+                    for i, prompt in enumerate(self.config.validation_prompts)]
         finally:
             unet.train(was_training)
-        return images

@@ -268,6 +268,22 @@ def tiny_clip_vision(seed: int = 0):
                                                           projection_dim=32))
 
 
+def tiny_clip_model(folder: str, tokenizer, seed: int = 0) -> str:
+    """A stand-in for a CLIP text-image model (CLIP-T's): a transformers CLIPModel over the tiny tokenizer, random
+    weights, saved with that tokenizer as a model folder is (built once)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        torch.manual_seed(seed)
+        text = _tiny_text_config(len(tokenizer), 32, 1)
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=32, patch_size=8)
+        CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+                  ).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
 def pretrain_base(unet, vae, text_encoder, tokenizer, noise_scheduler, dataset_dir: str, steps: int, seed: int = 0):
     """Makes the random tiny UNet a (poor but real) denoiser of the synthetic images, as a stand-in for a
     pretrained Stable Diffusion: adapters are trained on top of a base model that already denoises.

@@ -1,0 +1,41 @@
+"""Generate images with an IDAdapter file and measure the paper's metrics: ID-Sim, the face-detection rate, Pose-Div
+pitch and yaw, and CLIP-T with --clip_model.
+
+    python training/evaluate_idadapter.py --preset tiny               # tiny random models, an untrained adapter
+    python training/evaluate_idadapter.py --adapter runs/ida/idadapter.safetensors --base_model path/to/sd21 \\
+        --clip_vision path/to/clip-vit-h --insightface_pack ComfyUI/models/insightface/models/antelopev2 \\
+        --references photos/person1 --prompts prompts.txt --clip_model path/to/clip-vit-large-patch14
+
+Writes <output_dir>/metrics.json, metrics.md and the images (images/). Every option: --help; what each metric
+measures: the README ("Evaluating IDAdapter").
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+if not __package__:  # run as a script: import this checkout as `comfyui_idadapter` (ComfyUI owns the name `nodes`)
+    _root = pathlib.Path(__file__).resolve().parents[1]
+    _spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py",
+                                                   submodule_search_locations=[str(_root)])
+    sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_pack)
+
+from comfyui_idadapter.training.config import IDAdapterEvalConfig, parse_args  # noqa: E402
+from comfyui_idadapter.training.loop import exit_code  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    """Checks every option, then evaluates; returns metrics.json's content."""
+    config = parse_args(IDAdapterEvalConfig, argv, description=__doc__)
+    from comfyui_idadapter.training.idadapter_eval import evaluate  # the heavy imports, once the options are good
+
+    return evaluate(config)
+
+
+def cli(argv=None) -> int:
+    return exit_code(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
