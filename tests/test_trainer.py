@@ -219,6 +219,8 @@ def test_dataset_problems_are_reported_not_fatal(tmp_path, tiny_assets):
     (["--resolution", "30"], "--resolution must be a multiple of 8"),
     (["--mixed_precision", "fp8"], "--mixed_precision must be no, fp16 or bf16"),
     (["--image_dropout", "1.5"], r"--image_dropout must be in \[0, 1\)"),
+    (["--id_gate", "retinaface"], "--id_gate must be detector or norm, got 'retinaface'"),
+    (["--id_gate_iou", "1.5"], r"--id_gate_iou must be in \[0, 1\]"),
     (["--dataset", "/nonexistent"], "--base_model is required"),
 ])
 def test_bad_configs_are_clear_errors(args, message):

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 from ..nodes.arch.idadapter import CONFIG_LIMITS, DEFAULT_IDENTIFIER, FACE_CROP_MARGIN_LIMIT, check_identifier
 from ..nodes.errors import ConfigError, PackError
+from .face_gate import GATES
 
 __all__ = ["ConfigError", "IDAdapterEvalConfig", "IDAdapterTrainConfig", "TrainConfig", "parse_args"]
 
@@ -179,11 +180,13 @@ class IDAdapterTrainConfig(TrainConfig):
     path_options: ClassVar[tuple[str, ...]] = (
         "base_model", "clip_vision", "insightface_pack", "arcface", "dataset", "heldout_dataset")
     required_inputs: ClassVar[tuple[str, ...]] = ("base_model", "clip_vision", "insightface_pack", "dataset")
+    # tiny: the identity loss on every row (norm gate at ratio 0), since the random tiny VAE's x0_hat shows a face
+    # the detector finds only by chance (README "Training IDAdapter")
     presets: ClassVar[dict[str, dict]] = {
         "tiny": dict(
             resolution=64, batch_size=2, num_images=2, max_steps=150, learning_rate=3e-3, kv_learning_rate=3e-4,
             num_tokens=4, mff_width=32, mff_heads=2, embed_dim=32, textual_hidden=64, checkpoint_every=50,
-            validation_every=150, validation_steps=4, log_every=5, id_gate_ratio=0.0,
+            validation_every=150, validation_steps=4, log_every=5, id_gate="norm", id_gate_ratio=0.0,
             validation_prompts=["a photo of sks"],
         ),
     }
@@ -220,8 +223,11 @@ class IDAdapterTrainConfig(TrainConfig):
     # conditioning dropout for classifier-free guidance: a dropped image condition switches the adapter off
     text_dropout: float = 0.05
     image_dropout: float = 0.05
-    # identity-loss gate F(x0_hat): on when the ArcFace feature norm of the aligned x0_hat crop is at least this
-    # fraction of the target photo's (the norm is ArcFace's own face-quality signal)
+    # identity-loss gate F(x0_hat), on per example: "detector" (the paper's: the insightface pack's detector finds a
+    # face in x0_hat whose box overlaps the target photo's face box by IoU >= id_gate_iou; 0 = a face anywhere) or
+    # "norm" (the ArcFace feature norm of the aligned x0_hat crop is at least id_gate_ratio of the target photo's)
+    id_gate: str = "detector"
+    id_gate_iou: float = 0.5
     id_gate_ratio: float = 0.5
     # CPU memory for the frozen models' per-photo outputs, each computed once: a target's VAE posterior and gate
     # reference, a reference photo's CLIP-vision features (least recently used out first; 0 = recompute each step)
@@ -263,6 +269,10 @@ class IDAdapterTrainConfig(TrainConfig):
             problems.append(f"--reference_crop must be face or photo, got {self.reference_crop!r}")
         if not 0 <= self.face_crop_margin <= FACE_CROP_MARGIN_LIMIT:
             problems.append(f"--face_crop_margin must be from 0 to {FACE_CROP_MARGIN_LIMIT}, got {self.face_crop_margin}")
+        if self.id_gate not in GATES:
+            problems.append(f"--id_gate must be {' or '.join(GATES)}, got {self.id_gate!r}")
+        if not 0.0 <= self.id_gate_iou <= 1.0:
+            problems.append(f"--id_gate_iou must be in [0, 1] (0: a face anywhere in x0_hat), got {self.id_gate_iou}")
         if self.synthetic_identities < 2:
             problems.append(f"--synthetic_identities must be at least 2 (the held-out check compares identities), "
                             f"got {self.synthetic_identities}")

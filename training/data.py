@@ -351,10 +351,21 @@ def _square_uint8(path: str, size: int) -> tuple[torch.Tensor, float, int, int]:
     return (image * 255).round().to(torch.uint8), size / side, left, top
 
 
+def _into_square(points: torch.Tensor, scale: float, left: int, top: int) -> torch.Tensor:
+    """Points [..., 2] in pixels of the original image moved into its centre square's crop, resized."""
+    return (points - torch.tensor([left, top], dtype=points.dtype)) * scale
+
+
 def load_square(image: "FaceImage", size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A dataset image as [3, size, size] float 0..1 (centre square, resized) and its landmarks moved along."""
     pixels, scale, left, top = _square_uint8(image.path, size)
-    return pixels.float() / 255, (image.landmarks - torch.tensor([left, top], dtype=image.landmarks.dtype)) * scale
+    return pixels.float() / 255, _into_square(image.landmarks, scale, left, top)
+
+
+def square_box(image: "FaceImage", size: int) -> torch.Tensor:
+    """The image's face box [x1, y1, x2, y2] moved into load_square's crop."""
+    _, scale, left, top = _square_uint8(image.path, size)
+    return _into_square(image.box.reshape(2, 2), scale, left, top).flatten()
 
 
 def mask_path(image_path: str, mask_suffix: str) -> str:

@@ -4,7 +4,7 @@ Per example: N reference images of one identity (augmented up to N when fewer), 
 identity with its caption + ", <class noun> is sks". E_c replaces "sks" at the text encoder's input, E_r feeds
 the gated self-attention of every UNet transformer block. Trainable: MFF, P_textual, the gated adapters and
 the cross-attention W_K, W_V; everything else is frozen. Loss: L_SD + lambda * F(x0_hat) * L_id with L_id =
-1 - cos(ArcFace(aligned x0_hat), f_a) and F the ArcFace-norm face gate (see IDAdapterTrainConfig).
+1 - cos(ArcFace(aligned x0_hat), f_a) and F the face gate of --id_gate (``training.face_gate``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..nodes.arch import idadapter as ida
 from ..nodes.arch.iresnet import align_faces, load_arcface, same_features
 from ..nodes.face import insightface_backend
 from . import data as dataset
-from . import diffusers_binding
+from . import diffusers_binding, face_gate
 from .config import ConfigError, IDAdapterTrainConfig
 from .diffusion import predicted_x0, training_target
 from .loop import step_generator
@@ -311,6 +311,8 @@ class IDAdapterTask:
         diffusers_binding.attach(unet, self.adapter)
         unet.train()
         self.trainable = TrainableIDAdapter(unet, self.adapter)
+        self.gate_rates = face_gate.GateOpenRates(components.noise_scheduler.config.num_train_timesteps,
+                                                  window=config.log_every * config.gradient_accumulation_steps)
 
     def enough_photos(self, identities: list, log) -> list:
         """The identities with at least --min_images photos, and a line saying how many have N or fewer."""
@@ -381,11 +383,11 @@ class IDAdapterTask:
 
     # ---- the frozen models' per-image outputs (through the cache)
 
-    def targets(self, images: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per target photo: VAE posterior moments [B, 2C, h, w], landmarks at training size [B, 5, 2] and the
-        ArcFace feature norm of its aligned face [B] (the identity gate's reference)."""
+    def targets(self, images: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per target photo: VAE posterior moments [B, 2C, h, w], landmarks [B, 5, 2] and face box [B, 4] at
+        training size, and the ArcFace feature norm of its aligned face [B] (the norm gate's reference)."""
         found = [self._target(image) for image in images]
-        return tuple(torch.stack([f[i] for f in found]) for i in range(3))
+        return tuple(torch.stack([f[i] for f in found]) for i in range(4))
 
     def fill_cache(self, images: list) -> None:
         """Computes the frozen outputs of ``images`` that are not cached yet, as the first epoch would."""
@@ -393,7 +395,7 @@ class IDAdapterTask:
             self._target(image)
             self._reference_features(image)
 
-    def _target(self, image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _target(self, image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         @torch.no_grad()
         def compute():
             rgb, landmarks = dataset.load_square(image, self.config.resolution)
@@ -401,7 +403,7 @@ class IDAdapterTask:
             moments = self.c.vae.encode(pixels).latent_dist.parameters
             face = align_faces(pixels.float(), landmarks[None].to(self.device))
             norm = self.c.arcface(face.to(self.weight_dtype)).float().norm(dim=-1)
-            return moments[0].cpu(), landmarks, norm[0].cpu()
+            return moments[0].cpu(), landmarks, dataset.square_box(image, self.config.resolution), norm[0].cpu()
 
         return self.cache.get(("target", image.path), compute)
 
@@ -474,7 +476,7 @@ class IDAdapterTask:
         keep_image = torch.rand(len(examples), generator=gen) >= cfg.image_dropout  # stays on the CPU (host-side rows)
         keep_text = torch.rand(len(examples), generator=gen) >= cfg.text_dropout
         with record_function("ida.targets"):
-            moments, landmarks, reference_norms = self.targets([ex["target"] for ex in examples])
+            moments, landmarks, boxes, reference_norms = self.targets([ex["target"] for ex in examples])
         with record_function("ida.references"):
             e_r, e_c, f_a = self.encode_references(examples)
         captions = [self.prompts.prompt(ex["target"].caption, ex["identity"].class_noun) if keep_text[i] else ""
@@ -495,23 +497,29 @@ class IDAdapterTask:
         loss = loss_sd
         if cfg.id_loss_weight > 0 and bool(keep_image.any()):
             with record_function("ida.identity_loss"):
-                loss_id, gate = self.identity_loss(noisy, prediction, timesteps, landmarks, reference_norms, f_a,
-                                                   keep_image)
+                loss_id, gate = self.identity_loss(noisy, prediction, timesteps, landmarks, boxes, reference_norms,
+                                                   f_a, keep_image)
             loss = loss + cfg.id_loss_weight * loss_id
-            logs.update(loss_id=loss_id.detach(), id_gate=gate.float().mean())
+            logs.update(loss_id=loss_id.detach(), id_gate=gate.float().mean(),
+                        **self.gate_rates.add(gate, timesteps[keep_image.to(timesteps.device)]))
         logs["loss"] = loss.detach()
         return loss, logs
 
-    def identity_loss(self, noisy, prediction, timesteps, landmarks, reference_norms, f_a, keep_image):
+    def identity_loss(self, noisy, prediction, timesteps, landmarks, boxes, reference_norms, f_a, keep_image):
+        """The gated identity loss over the rows that keep their image condition, and the gate [rows] bool."""
         rows = keep_image.nonzero().flatten()
         landmarks, reference_norms = landmarks[rows].to(self.device), reference_norms[rows].to(self.device)
+        boxes = boxes[rows]  # stays on the CPU, where the detector runs
         rows = rows.to(noisy.device)
         x0 = predicted_x0(self.c.noise_scheduler, noisy[rows], prediction[rows], timesteps[rows])
         x0 = x0 / self.c.vae.config.scaling_factor
         decoded = self.c.vae.decode(x0.to(self.vae_dtype)).sample  # x0_hat estimates the target image
         crops = align_faces(decoded.float(), landmarks)
         features = self.c.arcface(crops.to(self.weight_dtype)).float()
-        gate = features.detach().norm(dim=-1) >= self.config.id_gate_ratio * reference_norms
+        if self.config.id_gate == "detector":
+            gate = face_gate.detector_gate(self.c.analyzer, decoded, boxes, self.config.id_gate_iou).to(features.device)
+        else:
+            gate = face_gate.norm_gate(features, reference_norms, self.config.id_gate_ratio)
         per_example = 1 - F.cosine_similarity(features, f_a[rows], dim=-1)
         return (per_example * gate).mean(), gate
 

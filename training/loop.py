@@ -317,7 +317,8 @@ def _run(task, config, accelerator) -> str:
             if processes > 1:  # DDP's buckets were sized for the old shapes
                 model = accelerator.prepare_model(task.trainable)
         bar.update(1)
-        bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items()})
+        # grouped keys ("group/name") are TensorBoard detail, kept off the progress bar
+        bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items() if "/" not in k})
         if step % config.log_every == 0 and config.report_to != "none":
             accelerator.log({**{k: float(v) for k, v in logs.items()}, "lr": scheduler.get_last_lr()[0]}, step=step)
         if step % config.checkpoint_every == 0 or step == config.max_steps:

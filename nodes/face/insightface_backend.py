@@ -382,6 +382,14 @@ def embed_faces(
     return result, bgr_uint8_to_image(crops)
 
 
+def detect_boxes(analyzer, images: torch.Tensor) -> list[torch.Tensor]:
+    """The face boxes [n, 4] (x1, y1, x2, y2 in pixels) the pack's detector finds in each image of an IMAGE batch,
+    at its own score threshold. Detection only: no alignment, no embedding."""
+    detector = _as_analyzer(analyzer).app.models["detection"]
+    return [torch.from_numpy(np.ascontiguousarray(detector.detect(bgr, max_num=0)[0][:, :4], dtype=np.float32))
+            for bgr in to_bgr_uint8(images)]
+
+
 def _embedding_dim(analyzer: FaceAnalyzer) -> int:
     shape = getattr(analyzer.app.models.get("recognition"), "output_shape", None)
     return int(shape[-1]) if shape and isinstance(shape[-1], int) else 512
