@@ -119,3 +119,21 @@ def test_augmentation_is_seeded_and_keeps_originals():
     assert a.min() >= 0 and a.max() <= 1
     five = torch.rand(5, 3, 8, 8)
     assert torch.equal(ida.augment_references(five, 4, 0), five[:4])
+
+
+def test_reference_crop_is_a_square_around_the_face_inside_the_photo():
+    image = torch.zeros(3, 100, 160)
+    image[:, 40:60, 100:120] = 1.0  # a 20 x 20 "face"
+    box = torch.tensor([100.0, 40.0, 120.0, 60.0])
+    crop = ida.reference_crop(image, box, 0.5, 40)  # side 20 x (1 + 2 x 0.5) = 40: no resize
+    assert crop.shape == (3, 40, 40) and torch.equal(crop, image[:, 30:70, 90:130])
+    edge = ida.reference_crop(image, torch.tensor([140.0, 0.0, 160.0, 20.0]), 0.5, 40)  # would stick out: moved in
+    assert torch.equal(edge, image[:, 0:40, 120:160])
+    whole = ida.reference_crop(image, box, 4.0, 100)  # 180 px wanted, the photo's short side is 100
+    assert torch.equal(whole, image[:, :, 60:160])  # centred on the face (x 110), inside the photo
+    resized = ida.reference_crop(image, box, 0.5, 224)
+    assert resized.shape == (3, 224, 224) and resized[:, 112, 112].min() > 0.9 and resized[:, 5, 5].abs().max() < 0.05
+    # no margin: the whole photo's centre square, exactly what clip_vision_preprocess shows CLIP
+    photo = torch.rand(3, 100, 160, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ida.clip_vision_preprocess(ida.reference_crop(photo, None, None, 64)[None], 64),
+                               ida.clip_vision_preprocess(photo[None], 64), rtol=0, atol=0)
