@@ -86,11 +86,16 @@ OPTION_ROWS = [
     (["--heldout_dataset", "/nonexistent"], "--heldout_dataset '/nonexistent' does not exist"),
     (["--resume", "/nonexistent"], "--resume '/nonexistent' is not a checkpoint folder"),
     (["--cache_dir", __file__], "--cache_dir " + repr(__file__) + " is a file, not a folder"),
+    (["--min_images", "-1"], "--min_images must be 0 (= --num_images + 1) or more, got -1"),
+    (["--reference_crop", "body"], "--reference_crop must be face or photo, got 'body'"),
+    (["--face_crop_margin", "5"], "--face_crop_margin must be from 0 to 4.0, got 5.0"),
+    (["--id_gate", "arcface"], "--id_gate must be detector or norm, got 'arcface'"),
+    (["--id_gate_iou", "1.5"], "--id_gate_iou must be in [0, 1]"),
 ]
 NOT_PRESET = [  # rows that need the real inputs instead of --preset tiny
     (["--dataset", "x"], "--base_model is required (or use --preset tiny)"),
 ]
-BOOL_OPTIONS = {"gradient_checkpointing", "use_ema", "log_examples"}  # argparse accepts only true/false for these
+BOOL_OPTIONS = {"gradient_checkpointing", "use_ema", "log_examples", "references_include_target"}  # argparse accepts only true/false for these
 
 
 @pytest.mark.parametrize("args,fragment", OPTION_ROWS, ids=[" ".join(a) for a, _ in OPTION_ROWS])
