@@ -142,7 +142,9 @@ def main():
 
     tmp = tempfile.mkdtemp()
     pack = tiny.make_pack(os.path.join(tmp, "insightface"))
-    dataset = tiny.make_synthetic_dataset(os.path.join(tmp, "data"), 4, 4, size=args.resolution)
+    # 4 identities of N + 1 photos: IDAdapter's --min_images (N + 1 by default) leaves a target beside N references
+    dataset = tiny.make_synthetic_dataset(os.path.join(tmp, "data"), 4, IDAdapterTrainConfig.num_images + 1,
+                                          size=args.resolution)
     tokenizer = tiny.tiny_tokenizer(os.path.join(tmp, "tokenizer"))
     accelerator = Accelerator(mixed_precision=args.mixed_precision if args.device == "cuda" else "no",
                               cpu=args.device == "cpu")
