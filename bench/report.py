@@ -21,16 +21,18 @@ def number(value):
 
 
 def comparison_table(title, table):
-    """A comparison's rows, plus a column for each figure a variant carries beyond its timing (e.g. images/s)."""
+    """A comparison's rows, plus a column for each figure a variant carries beyond its timing (e.g. images/s); a
+    comparison of one variant (a step timed alone) has no ratio or overlap columns."""
     unit = table["unit"]
     scale = {"s": 1, "ms": 1000}[unit]
     extra = list(dict.fromkeys(key for v in table["variants"].values() for key in v if key not in TIMING_KEYS))
-    lines = [f"| {title} | median | min–max | × {table['baseline']} | spread overlaps |"
-             + "".join(f" {key} |" for key in extra), "|---" * (5 + len(extra)) + "|"]
+    against = len(table["variants"]) > 1
+    columns = [title, "median", "min–max"] + [f"× {table['baseline']}", "spread overlaps"] * against + extra
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for name, v in table["variants"].items():
-        lines.append(f"| {name} | {v['median'] * scale:.4g} {unit} | {v['min'] * scale:.4g}–{v['max'] * scale:.4g} "
-                     f"| {v['ratio']:.3f}× | {', '.join(v['overlaps']) or '—'} |"
-                     + "".join(f" {number(v.get(key, '—'))} |" for key in extra))
+        cells = [name, f"{v['median'] * scale:.4g} {unit}", f"{v['min'] * scale:.4g}–{v['max'] * scale:.4g}"]
+        cells += [f"{v['ratio']:.3f}×", ", ".join(v["overlaps"]) or "—"] * against
+        lines.append("| " + " | ".join(cells + [number(v.get(key, "—")) for key in extra]) + " |")
     return lines
 
 

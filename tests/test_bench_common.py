@@ -71,3 +71,5 @@ def test_results_file_holds_the_machine_the_command_and_the_figures(tmp_path):
     assert f"`{record['command']}`" in text and record["device"] in text
     assert "| idadapter | 2.5 s | 2.4–2.6 | 1.190× | — |" in text
     assert "resolution 256" in text
+    alone = report.comparison_table("step", common.comparison({"step": [1.0, 3.0, 2.0]}, "step"))
+    assert alone == ["| step | median | min–max |", "|---|---|---|", "| step | 2 s | 1–3 |"]  # no ratio to itself
