@@ -43,9 +43,9 @@ def interleaved(variants, rounds, device):
 
     Round 0 warms up (allocator, kernels, caches) and is not kept; then ``rounds`` rounds, each calling every variant
     once, the order rotated by one each round: drift and warm-up spread over all variants instead of landing on
-    whichever runs first, and no variant always follows the same one. On CUDA each call is timed with CUDA events
-    and the GPU is synchronised once per round (what a variant queues is not waited for inside its own time); on
-    the CPU, with the wall clock.
+    whichever runs first, and no variant always follows the same one. On CUDA each call is timed by CUDA events (its
+    span on the stream) and the GPU is synchronised once per round, not between calls; on the CPU, by the wall
+    clock.
     """
     if device.type == "cuda":
         def mark():
