@@ -42,14 +42,14 @@ def markdown(record):
     versions = f"torch {record['torch']}" + (f", CUDA {record['cuda']}" if record.get("cuda") else "")
     lines = [f"#### `{record['bench']}` — {machine}", "",
              f"{record['date'][:10]}, {versions}: `{record['command']}`", ""]
-    scalars = []
-    for key, value in record["figures"].items():
-        if isinstance(value, dict) and "variants" in value:
+    figures = record["figures"]
+    groups = {key: value for key, value in figures.items() if isinstance(value, dict)}
+    for key, value in sorted(groups.items(), key=lambda item: "variants" not in item[1]):  # timings first
+        if "variants" in value:
             lines += comparison_table(key, value) + [""]
-        elif isinstance(value, dict):
-            lines += [f"| {key} | |", "|---|---|"] + [f"| {k} | {number(v)} |" for k, v in value.items()] + [""]
         else:
-            scalars.append(f"{key} {number(value) if value is not None else '—'}")
+            lines += [f"| {key} | |", "|---|---|"] + [f"| {k} | {number(v)} |" for k, v in value.items()] + [""]
+    scalars = [f"{key} {'—' if value is None else number(value)}" for key, value in figures.items() if key not in groups]
     if scalars:
         lines += ["; ".join(scalars), ""]
     return lines
