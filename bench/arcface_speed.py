@@ -7,9 +7,10 @@ imports it back with ``iresnet_from_onnx`` and times both on the same batch, in 
     python bench/arcface_speed.py --arch r100 --device cuda   # on a GPU machine (onnxruntime stays on CPU
                                                                # unless onnxruntime-gpu is installed)
 
-Interleaves the three over --rounds and prints the median milliseconds per batch (min-max), the ratios of medians to
-onnxruntime's forward and the torch backward cost (the trainers' identity loss needs gradients, which onnxruntime
-cannot give); writes bench/results/arcface_speed-<arch>-b<batch>-<device>.json.
+Interleaves the three over --rounds (onnxruntime given as many threads as torch) and prints the median milliseconds
+per batch (min-max), the ratios of medians to onnxruntime's forward and the torch backward cost (the trainers'
+identity loss needs gradients, which onnxruntime cannot give); writes
+bench/results/arcface_speed-<arch>-b<batch>-<device>.json.
 """
 
 import argparse
@@ -44,7 +45,9 @@ def main():
                               dynamic_axes={"data": {0: "batch"}})
         fused = iresnet_from_onnx(path).to(args.device)
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        session = ort.InferenceSession(path, providers=providers)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch (its default: every core)
+        session = ort.InferenceSession(path, options, providers=providers)
         feed = {"data": x.numpy()}
         xd = x.to(args.device)
 
