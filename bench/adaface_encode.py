@@ -5,27 +5,20 @@
 
 - encode: AdaFace Encode = the Arc2Face ID encoder (CLIP-L, 22 tokens) + the prompt inverter (CLIP-L with K/V
   multipliers, [2]*6 + [4]*6 by default, 77 tokens) + the SD1.5 text encode of the prompt holding the 16 tokens,
-  against one plain SD1.5 text encode (CLIP-L, 77 tokens). Target: at most 3x.
-- step: one CFG step (batch 2) of a full-size SD1.5 UNet with AdaFace's conditioning against a plain prompt's.
-  AdaFace patches nothing in the MODEL and its conditioning has the plain prompt's shape, so this is 1.00x up to
-  timing noise; --unet_repeats 0 skips it.
+  against one plain SD1.5 text encode (CLIP-L, 77 tokens), interleaved over --rounds. Target: at most 3x.
+- step: one CFG step (batch 2) of a full-size SD1.5 UNet with AdaFace's conditioning against a plain prompt's,
+  interleaved over --unet_rounds. AdaFace patches nothing in the MODEL and its conditioning has the plain prompt's
+  shape, so this is 1.00x up to timing noise; --unet_rounds 0 skips it.
+Prints the median (min-max) of each and the ratio of medians; writes bench/results/adaface_encode-<dtype>-<device>.json.
 """
 
 import argparse
-import importlib.util
-import pathlib
-import sys
 
 import torch
 
-# Run as a script: import this checkout as the package `comfyui_idadapter` (ComfyUI owns the top-level name `nodes`).
-_root = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py", submodule_search_locations=[str(_root)])
-sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_pack)
-
-from common import SD15_UNET, timed  # noqa: E402  (bench/, the script's own folder)
-from comfyui_idadapter.nodes.arch import adaface as ada  # noqa: E402
+# bench/common.py (the script's own folder) first: importing it imports the pack as `comfyui_idadapter`
+from common import DTYPES, SD15_UNET, comparison, comparison_lines, device_name, interleaved, write_results
+from comfyui_idadapter.nodes.arch import adaface as ada
 
 
 def random_clip(multipliers, device, dtype):
@@ -39,14 +32,14 @@ def random_clip(multipliers, device, dtype):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds of the encodes, after one warm-up round")
     parser.add_argument("--multipliers", type=int, nargs=12, default=[2] * 6 + [4] * 6)
-    parser.add_argument("--unet_repeats", type=int, default=2)
+    parser.add_argument("--unet_rounds", type=int, default=5)
     parser.add_argument("--resolution", type=int, default=512)
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     torch.manual_seed(0)
 
     text_encoder = random_clip([1] * 12, device, dtype)  # SD1.5's CLIP-L text encoder
@@ -68,29 +61,33 @@ def main():
             token_embs[:, 5:5 + len(tokens)] = tokens  # where "a photo of z" puts them
             return text_encoder(input_token_embs=token_embs)
 
-    plain = timed(plain_encode, device, args.repeats)
-    encode = timed(adaface_encode, device, args.repeats)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"AdaFace, {args.dtype}, {name}; inverter K/V multipliers {args.multipliers}")
-    print(f"  plain text encode   {plain * 1000:8.1f} ms")
-    print(f"  AdaFace Encode      {encode * 1000:8.1f} ms   {encode / plain:.2f}x plain (target <= 3x)")
+    encode = comparison(interleaved({"plain text encode": plain_encode, "AdaFace Encode": adaface_encode},
+                                    args.rounds, device), "plain text encode", "ms")
+    print(f"AdaFace, {args.dtype}, {device_name(device)}, {torch.get_num_threads()} threads; inverter K/V multipliers "
+          f"{args.multipliers}; {args.rounds} rounds (target: AdaFace Encode <= 3x plain)")
+    print("\n".join(comparison_lines(encode)))
+    results = {"dtype": args.dtype, "multipliers": args.multipliers, "rounds": args.rounds, "encode": encode}
 
-    if args.unet_repeats:
+    if args.unet_rounds:
         from diffusers import UNet2DConditionModel
 
         unet = UNet2DConditionModel(**SD15_UNET).to(device, dtype).eval().requires_grad_(False)
         side = args.resolution // 8
         latents = torch.randn(2, 4, side, side, device=device, dtype=dtype)
         t = torch.tensor([500, 500], device=device)
-        conds = {"plain": torch.cat([plain_encode()] * 2), "adaface": torch.cat([plain_encode(), adaface_encode()])}
+        conds = {"plain": torch.cat([plain_encode()] * 2), "AdaFace": torch.cat([plain_encode(), adaface_encode()])}
 
         def step(cond):
             with torch.no_grad():
                 return unet(latents, t, encoder_hidden_states=cond).sample
 
-        seconds = {k: timed(lambda c=c: step(c), device, args.unet_repeats) for k, c in conds.items()}
-        print(f"  UNet step, {args.resolution}x{args.resolution}, batch 2: plain {seconds['plain']:.3f} s, "
-              f"AdaFace {seconds['adaface']:.3f} s   {seconds['adaface'] / seconds['plain']:.2f}x")
+        step_seconds = interleaved({f"UNet step, {name}": lambda c=c: step(c) for name, c in conds.items()},
+                                   args.unet_rounds, device)
+        results.update(resolution=args.resolution, unet_rounds=args.unet_rounds,
+                       step=comparison(step_seconds, "UNet step, plain"))
+        print(f"SD1.5 UNet, {args.resolution}x{args.resolution}, batch 2; {args.unet_rounds} rounds")
+        print("\n".join(comparison_lines(results["step"])))
+    print(f"wrote {write_results(f'adaface_encode-{args.dtype}', device, results)}")
 
 
 if __name__ == "__main__":

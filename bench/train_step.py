@@ -4,7 +4,7 @@
     python bench/train_step.py --gradient_checkpointing false
     python bench/train_step.py --method adaface                  # AdaFace's face distillation, SD1.5/Arc2Face size
     python bench/train_step.py --method wplus --batch 16 --mixed_precision fp16   # W+ stage II, SD1.5 size
-    ./dev python bench/train_step.py --device cpu --resolution 256 --batch 1 --steps 1   # a CPU smoke run
+    ./dev python bench/train_step.py --device cpu --resolution 256 --batch 1 --rounds 1  # a CPU smoke run
 
 AdaFace (--method adaface): random weights at SD1.5's sizes (UNet, CLIP-L text encoder) for the student and
 Arc2Face's (an SD1.5-size UNet, a CLIP-L ID encoder) for the teacher, the inverter a CLIP-L with K/V multipliers
@@ -21,33 +21,28 @@ IResNet-100), the trainer's own step (training/idadapter_task.py: MFF + text tok
 K/V, L_SD + 0.1 * gated ID loss through the VAE decoder) on a synthetic identity set; the tiny insightface
 stand-in does the up-front face detection. FLOPs are counted with torch's FlopCounterMode over one step, in
 all and per top-level module. The per-photo cache is filled first, as after a real run's first epoch, and the
-step is timed again with it off (--cache_mb 0) for the ratio.
+step with it off (--cache_mb 0) is interleaved with the cached one for the ratio.
+
+Steps are timed over --rounds rounds after a warm-up round (CUDA events on a GPU); prints the median step time
+(min-max), peak memory of a cached step, TFLOP per step and TFLOP/s from the median; writes
+bench/results/train_step-<method>-<resolution>px-b<batch>-<mixed precision>-<device>.json.
 """
 
 import argparse
-import importlib.util
+import itertools
 import os
-import pathlib
-import sys
 import tempfile
-import time
 
 import torch
 
-# Run as a script: import this checkout as the package `comfyui_idadapter` (ComfyUI owns the top-level name `nodes`).
-_root = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py", submodule_search_locations=[str(_root)])
-sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_pack)
-
-from common import SD15_UNET  # noqa: E402
-
-from comfyui_idadapter.nodes.arch.iresnet import IRESNET_LAYERS, IResNet  # noqa: E402
-from comfyui_idadapter.training import tiny  # noqa: E402
-from comfyui_idadapter.nodes.arch import adaface as ada  # noqa: E402
-from comfyui_idadapter.training.adaface_task import DEFAULT_LAYER_WEIGHTS, AdaFaceModels, AdaFaceTask  # noqa: E402
-from comfyui_idadapter.training.config import AdaFaceTrainConfig, IDAdapterTrainConfig  # noqa: E402
-from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PerImageCache  # noqa: E402
+# bench/common.py (the script's own folder) first: importing it imports the pack as `comfyui_idadapter`
+from common import SD15_UNET, comparison, comparison_lines, device_name, interleaved, write_results
+from comfyui_idadapter.nodes.arch.iresnet import IRESNET_LAYERS, IResNet
+from comfyui_idadapter.training import tiny
+from comfyui_idadapter.nodes.arch import adaface as ada
+from comfyui_idadapter.training.adaface_task import DEFAULT_LAYER_WEIGHTS, AdaFaceModels, AdaFaceTask
+from comfyui_idadapter.training.config import AdaFaceTrainConfig, IDAdapterTrainConfig
+from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PerImageCache
 
 
 def sd21_components(device, tokenizer, pack):
@@ -133,7 +128,7 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds, after one warm-up round")
     parser.add_argument("--mixed_precision", default="bf16", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient_checkpointing", default="true", choices=["true", "false"])
     parser.add_argument("--profile", action="store_true", help="also print where one step's time goes")
@@ -147,7 +142,9 @@ def main():
 
     tmp = tempfile.mkdtemp()
     pack = tiny.make_pack(os.path.join(tmp, "insightface"))
-    dataset = tiny.make_synthetic_dataset(os.path.join(tmp, "data"), 4, 4, size=args.resolution)
+    # 4 identities of N + 1 photos: IDAdapter's --min_images (N + 1 by default) leaves a target beside N references
+    dataset = tiny.make_synthetic_dataset(os.path.join(tmp, "data"), 4, IDAdapterTrainConfig.num_images + 1,
+                                          size=args.resolution)
     tokenizer = tiny.tiny_tokenizer(os.path.join(tmp, "tokenizer"))
     accelerator = Accelerator(mixed_precision=args.mixed_precision if args.device == "cuda" else "no",
                               cpu=args.device == "cpu")
@@ -174,56 +171,69 @@ def main():
         optimizer.zero_grad(set_to_none=True)
 
     cuda = accelerator.device.type == "cuda"
-
-    def timed(first):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for i in range(first, first + args.steps):
-            step(i)
-        if cuda:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - start) / args.steps
-
+    batches = itertools.count()  # each step its own batch, as in a run
     if args.method == "idadapter":
         task.fill_cache([image for identity in task.identities for image in identity.images])  # as after an epoch
-    elif args.method == "wplus":
-        task.fill_cache()
-    step(0)  # warm-up (allocator, kernels)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    seconds = timed(1)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        # --cache_mb 0: the frozen VAE encoder and CLIP vision run every step
+        caches = {"cached": task.cache, "--cache_mb 0": PerImageCache(0)}
+
+        def with_cache(name):
+            def call():
+                task.cache = caches[name]
+                step(next(batches))
+            return call
+
+        variants = {name: with_cache(name) for name in caches}
+    else:
+        if args.method == "wplus":
+            task.fill_cache()
+        variants = {"step": lambda: step(next(batches))}
+    default = next(iter(variants))
+    timings = comparison(interleaved(variants, args.rounds, accelerator.device), default)
+    seconds = timings["variants"][default]["median"]
     if args.method == "idadapter":
-        cache = task.cache
-        task.cache = PerImageCache(0)  # --cache_mb 0: the frozen VAE encoder and CLIP vision run every step
-        uncached = timed(1)
-        task.cache = cache
+        task.cache = caches["cached"]
+    peak = None
+    if cuda:  # one more step of the default setting, alone, for its peak
+        torch.cuda.reset_peak_memory_stats()
+        step(next(batches))
+        peak = torch.cuda.max_memory_allocated() / 2**30
     with FlopCounterMode(display=False) as counter:
-        step(args.steps + 1)
+        step(next(batches))
     flops = counter.get_total_flops()
     per_module = sorted(((sum(ops.values()), name) for name, ops in counter.get_flop_counts().items()
                          if name != "Global" and "." not in name), reverse=True)
-    name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"{title}, {args.resolution}x{args.resolution}, batch {args.batch}, "
-          f"{accelerator.mixed_precision}, gradient checkpointing {args.gradient_checkpointing}, {name}")
+          f"{accelerator.mixed_precision}, gradient checkpointing {args.gradient_checkpointing}, "
+          f"{device_name(accelerator.device)}, {torch.get_num_threads()} threads; {args.rounds} rounds")
     print(f"  trainable parameters {trainable / 1e6:.1f} M")
+    print("\n".join(comparison_lines(timings)))
     print(f"  step time   {seconds:.3f} s   ({1 / seconds:.2f} steps/s; {config.max_steps // 1000}k steps = "
           f"{config.max_steps * seconds / 3600:.1f} h)")
-    print(f"  peak memory {peak:.1f} GiB")
+    print(f"  peak memory {'-' if peak is None else f'{peak:.1f} GiB'}")
     if args.method == "idadapter":
-        print(f"  without the per-photo cache {uncached:.3f} s/step: the cache makes a step {uncached / seconds:.2f}x "
-              "faster")
+        print(f"  the per-photo cache makes a step {timings['variants']['--cache_mb 0']['ratio']:.2f}x faster")
     print(f"  {flops / 1e12:.1f} TFLOP per step -> {flops / seconds / 1e12:.3g} TFLOP/s achieved")
     for count, name in per_module:  # forward and backward of each top-level module the step calls
         print(f"    {name:<40} {count / 1e12:7.2f} TFLOP  ({count / flops:5.1%})")
+    results = {"method": args.method, "title": title, "resolution": args.resolution, "batch": args.batch,
+               "mixed_precision": accelerator.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+               "rounds": args.rounds, "trainable_m": trainable / 1e6, "s_per_step": seconds, "peak_gib": peak,
+               "tflop_per_step": flops / 1e12, "tflops": flops / seconds / 1e12,
+               "tflop_by_module": {name: count / 1e12 for count, name in per_module}, "step": timings}
+    if args.method == "idadapter":
+        results["cache_speedup"] = timings["variants"]["--cache_mb 0"]["ratio"]
+    method = f"wplus-stage{args.stage}" if args.method == "wplus" else args.method
+    path = write_results(f"train_step-{method}-{args.resolution}px-b{args.batch}-{accelerator.mixed_precision}",
+                         accelerator.device, results)
+    print(f"wrote {path}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile, record_function
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=activities) as prof:
             with record_function("train_step"):
-                step(args.steps + 2)
+                step(next(batches))
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
