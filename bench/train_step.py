@@ -147,7 +147,8 @@ def main():
 
     tmp = tempfile.mkdtemp()
     pack = tiny.make_pack(os.path.join(tmp, "insightface"))
-    dataset = tiny.make_synthetic_dataset(os.path.join(tmp, "data"), 4, 4, size=args.resolution)
+    # N + 1 = 5 photos per identity: IDAdapter leaves out identities with fewer (--min_images)
+    dataset = tiny.make_synthetic_dataset(os.path.join(tmp, "data"), 4, 5, size=args.resolution)
     tokenizer = tiny.tiny_tokenizer(os.path.join(tmp, "tokenizer"))
     accelerator = Accelerator(mixed_precision=args.mixed_precision if args.device == "cuda" else "no",
                               cpu=args.device == "cpu")
