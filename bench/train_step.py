@@ -5,6 +5,7 @@
     python bench/train_step.py --method adaface                  # AdaFace's face distillation, SD1.5/Arc2Face size
     python bench/train_step.py --method wplus --batch 16 --mixed_precision fp16   # W+ stage II, SD1.5 size
     ./dev python bench/train_step.py --device cpu --resolution 256 --batch 1 --rounds 1  # a CPU smoke run
+    python bench/train_step.py --id_decode window                # IDAdapter: decode only the face's latent window
 
 AdaFace (--method adaface): random weights at SD1.5's sizes (UNet, CLIP-L text encoder) for the student and
 Arc2Face's (an SD1.5-size UNet, a CLIP-L ID encoder) for the teacher, the inverter a CLIP-L with K/V multipliers
@@ -42,11 +43,12 @@ from comfyui_idadapter.training import tiny
 from comfyui_idadapter.nodes.arch import adaface as ada
 from comfyui_idadapter.training.adaface_task import DEFAULT_LAYER_WEIGHTS, AdaFaceModels, AdaFaceTask
 from comfyui_idadapter.training.config import AdaFaceTrainConfig, IDAdapterTrainConfig
+from comfyui_idadapter.training.id_decode import DECODES
 from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PerImageCache
 
 
 def sd21_components(device, tokenizer, pack):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from comfyui_idadapter.nodes.face import insightface_backend
@@ -56,8 +58,7 @@ def sd21_components(device, tokenizer, pack):
             sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
             block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
         )
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        vae = tiny.sd_size_vae()
         text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096,
                                             num_hidden_layers=23, num_attention_heads=16, max_position_embeddings=77,
                                             hidden_act="gelu", bos_token_id=len(tokenizer) - 2,
@@ -100,7 +101,7 @@ def adaface_task(device, tokenizer, pack, dataset, args):
 
 
 def wplus_task(device, tokenizer, pack, dataset, args):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from comfyui_idadapter.nodes.face import insightface_backend
@@ -112,8 +113,7 @@ def wplus_task(device, tokenizer, pack, dataset, args):
                                             num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                                             hidden_act="quick_gelu", bos_token_id=len(tokenizer) - 2,
                                             eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1))
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        vae = tiny.sd_size_vae()
         models = WPlusModels(tokenizer, text, vae, UNet2DConditionModel(**SD15_UNET), tiny.tiny_scheduler("epsilon"),
                              tiny.TinyWPlusEncoder, "bench", insightface_backend.load_analyzer(pack, "CPU"))
     config = WPlusTrainConfig(dataset=dataset, output_dir=os.path.dirname(dataset), resolution=args.resolution,
@@ -134,6 +134,8 @@ def main():
     parser.add_argument("--profile", action="store_true", help="also print where one step's time goes")
     parser.add_argument("--method", default="idadapter", choices=["idadapter", "adaface", "wplus"])
     parser.add_argument("--stage", type=int, default=2, choices=[1, 2], help="W+: the stage whose step is timed")
+    parser.add_argument("--id_decode", default="full", choices=list(DECODES),
+                        help="IDAdapter: what the identity loss decodes of x0_hat (the trainer's --id_decode)")
     parser.add_argument("--multipliers", type=int, nargs=12, default=[8, 8, 8] + [4] * 9,
                         help="AdaFace: the inverter's K/V multipliers")
     args = parser.parse_args()
@@ -156,9 +158,10 @@ def main():
         components = sd21_components(accelerator.device, tokenizer, pack)
         config = IDAdapterTrainConfig(dataset=dataset, output_dir=tmp, resolution=args.resolution,
                                       batch_size=args.batch, gradient_checkpointing=args.gradient_checkpointing == "true",
-                                      mixed_precision=args.mixed_precision, report_to="none")
+                                      mixed_precision=args.mixed_precision, report_to="none",
+                                      id_decode=args.id_decode)
         task = IDAdapterTask(config, components, log=lambda *a: None)
-        title = "IDAdapter training step, SD2.1 size"
+        title = f"IDAdapter training step, SD2.1 size, --id_decode {args.id_decode}"
     task.setup(accelerator)
     optimizer = torch.optim.AdamW(task.param_groups(), lr=config.learning_rate, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(task.trainable, optimizer)

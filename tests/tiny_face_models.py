@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from comfyui_idadapter.nodes.arch.iresnet import ARCFACE_TEMPLATE_112
 from comfyui_idadapter.training.tiny import CELL, DET_INPUT, export_onnx, make_detector, make_pack, make_recognizer, random_iresnet  # noqa: F401
+from comfyui_idadapter.training.tiny import cell_landmarks as expected_landmarks  # noqa: F401
 
 
 def face_image(cells: list[tuple[int, int]], size: int = DET_INPUT, seed: int = 0) -> torch.Tensor:
@@ -27,9 +27,3 @@ def expected_box(cell: tuple[int, int], size: int = DET_INPUT) -> np.ndarray:
     r, c = cell
     s = size * CELL / DET_INPUT
     return np.array([c * s, r * s, (c + 1) * s, (r + 1) * s], dtype=np.float32)
-
-
-def expected_landmarks(cell: tuple[int, int], size: int = DET_INPUT) -> np.ndarray:
-    r, c = cell
-    s = size * CELL / DET_INPUT
-    return np.array(ARCFACE_TEMPLATE_112, dtype=np.float32) * (s / 112.0) + np.array([c * s, r * s], np.float32)

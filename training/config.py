@@ -15,6 +15,7 @@ from typing import ClassVar
 from ..nodes.arch.idadapter import CONFIG_LIMITS, DEFAULT_IDENTIFIER, FACE_CROP_MARGIN_LIMIT, check_identifier
 from ..nodes.errors import ConfigError, PackError
 from .face_gate import GATES
+from .id_decode import DECODES
 
 __all__ = ["ConfigError", "IDAdapterEvalConfig", "IDAdapterTrainConfig", "TrainConfig", "parse_args"]
 
@@ -229,6 +230,10 @@ class IDAdapterTrainConfig(TrainConfig):
     id_gate: str = "detector"
     id_gate_iou: float = 0.5
     id_gate_ratio: float = 0.5
+    # what the identity loss decodes of x0_hat: "full" (the paper's way: the whole latent) or "window" (per example the
+    # latent window the aligned face crop reads, plus a margin: less decoder work, but an approximation that measured
+    # loose on random VAEs; README "Training IDAdapter")
+    id_decode: str = "full"
     # CPU memory for the frozen models' per-photo outputs, each computed once: a target's VAE posterior and gate
     # reference, a reference photo's CLIP-vision features (least recently used out first; 0 = recompute each step)
     cache_mb: int = 4096
@@ -271,6 +276,8 @@ class IDAdapterTrainConfig(TrainConfig):
             problems.append(f"--face_crop_margin must be from 0 to {FACE_CROP_MARGIN_LIMIT}, got {self.face_crop_margin}")
         if self.id_gate not in GATES:
             problems.append(f"--id_gate must be {' or '.join(GATES)}, got {self.id_gate!r}")
+        if self.id_decode not in DECODES:
+            problems.append(f"--id_decode must be {' or '.join(DECODES)}, got {self.id_decode!r}")
         if not 0.0 <= self.id_gate_iou <= 1.0:
             problems.append(f"--id_gate_iou must be in [0, 1] (0: a face anywhere in x0_hat), got {self.id_gate_iou}")
         if self.synthetic_identities < 2:

@@ -24,7 +24,7 @@ from ..nodes.arch import idadapter as ida
 from ..nodes.arch.iresnet import align_faces, load_arcface, same_features
 from ..nodes.face import insightface_backend
 from . import data as dataset
-from . import diffusers_binding, face_gate
+from . import diffusers_binding, face_gate, id_decode
 from .config import ConfigError, IDAdapterTrainConfig
 from .diffusion import predicted_x0, training_target
 from .loop import step_generator
@@ -508,16 +508,18 @@ class IDAdapterTask:
     def identity_loss(self, noisy, prediction, timesteps, landmarks, boxes, reference_norms, f_a, keep_image):
         """The gated identity loss over the rows that keep their image condition, and the gate [rows] bool."""
         rows = keep_image.nonzero().flatten()
-        landmarks, reference_norms = landmarks[rows].to(self.device), reference_norms[rows].to(self.device)
-        boxes = boxes[rows]  # stays on the CPU, where the detector runs
+        reference_norms = reference_norms[rows].to(self.device)
+        landmarks, boxes = landmarks[rows], boxes[rows]  # on the CPU, where windows are placed and the detector runs
         rows = rows.to(noisy.device)
         x0 = predicted_x0(self.c.noise_scheduler, noisy[rows], prediction[rows], timesteps[rows])
         x0 = x0 / self.c.vae.config.scaling_factor
-        decoded = self.c.vae.decode(x0.to(self.vae_dtype)).sample  # x0_hat estimates the target image
-        crops = align_faces(decoded.float(), landmarks)
-        features = self.c.arcface(crops.to(self.weight_dtype)).float()
+        # x0_hat estimates the target image: all of it, or the window around the face (--id_decode)
+        faces, decoded, corners = id_decode.decode_faces(self.c.vae, x0.to(self.vae_dtype), landmarks,
+                                                         self.config.id_decode)
+        features = self.c.arcface(faces.to(self.weight_dtype)).float()
         if self.config.id_gate == "detector":
-            gate = face_gate.detector_gate(self.c.analyzer, decoded, boxes, self.config.id_gate_iou).to(features.device)
+            framed = id_decode.in_frame(decoded, corners, self.config.resolution)
+            gate = face_gate.detector_gate(self.c.analyzer, framed, boxes, self.config.id_gate_iou).to(features.device)
         else:
             gate = face_gate.norm_gate(features, reference_norms, self.config.id_gate_ratio)
         per_example = 1 - F.cosine_similarity(features, f_a[rows], dim=-1)

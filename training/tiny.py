@@ -119,6 +119,22 @@ def synthetic_image(identity: int, cell: tuple[int, int], size: int, seed: int) 
     return img
 
 
+def cell_landmarks(cell: tuple[int, int], size: int = DET_INPUT) -> np.ndarray:
+    """[5, 2] landmarks of a face in ``cell`` (row, col) of the 4x4 grid of a size x size image: the ArcFace template
+    scaled into the cell, as the tiny detector reports them and where synthetic_image's face lies."""
+    r, c = cell
+    s = size * CELL / DET_INPUT
+    return np.array(ARCFACE_TEMPLATE_112, dtype=np.float32) * (s / 112.0) + np.array([c * s, r * s], np.float32)
+
+
+def synthetic_faces(cells: list[tuple[int, int]], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Photos of identities 0, 1, ... with their face in the given cells: [B, 3, size, size] in -1..1 (a VAE's input
+    range) and their landmarks [B, 5, 2]."""
+    images = [torch.from_numpy(synthetic_image(i, cell, size, seed=i)).float().permute(2, 0, 1)
+              for i, cell in enumerate(cells)]
+    return torch.stack(images) * 2 - 1, torch.stack([torch.from_numpy(cell_landmarks(cell, size)) for cell in cells])
+
+
 CAPTIONS = ["a photo of a person", "a person outdoors", "a portrait of a person", "a close up photo of a person"]
 
 
@@ -257,6 +273,15 @@ def tiny_vae(seed: int = 0):
         vae.quant_conv.weight[logvar:].zero_()
         vae.quant_conv.bias[logvar:].fill_(-20.0)
     return vae
+
+
+def sd_size_vae(seed: int = 0):
+    """A VAE of SD1.5/2.x's shape with random weights: for benches and tests that need a full-size decoder's work."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
 
 def tiny_clip_vision(seed: int = 0):

@@ -391,17 +391,35 @@ def similarity_to_template(landmarks: torch.Tensor, size: int = ARCFACE_INPUT_SI
     return torch.cat([scale[:, None, None] * rotation, translation], dim=2).to(landmarks.dtype)
 
 
+def crop_to_image(landmarks: torch.Tensor, size: int = ARCFACE_INPUT_SIZE) -> torch.Tensor:
+    """[B, 5, 2] landmarks -> [B, 2, 3] affine maps from aligned-crop pixels to image pixels (the inverse of
+    :func:`similarity_to_template`), in float32."""
+    m = similarity_to_template(landmarks.float(), size)  # image pixels -> crop pixels
+    full = torch.cat([m, torch.tensor([[[0.0, 0.0, 1.0]]], device=m.device).expand(m.shape[0], 1, 3)], dim=1)
+    return torch.linalg.inv(full)[:, :2]
+
+
 def align_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int = ARCFACE_INPUT_SIZE) -> torch.Tensor:
     """Differentiable ArcFace alignment: [B, C, H, W] images and their [B, 5, 2] pixel landmarks ->
     [B, C, size, size] crops warped onto the template (bilinear, zeros outside), like norm_crop."""
     b, _, h, w = images.shape
-    m = similarity_to_template(landmarks.float(), size)  # image pixels -> crop pixels
-    full = torch.cat([m, torch.tensor([[[0.0, 0.0, 1.0]]], device=m.device).expand(b, 1, 3)], dim=1)
-    inverse = torch.linalg.inv(full)[:, :2]  # crop pixels -> image pixels
+    inverse = crop_to_image(landmarks, size)
     # grid_sample works in [-1, 1] with align_corners=False: pixel centres at (i + 0.5) / n * 2 - 1
-    ys, xs = torch.meshgrid(torch.arange(size, device=m.device), torch.arange(size, device=m.device), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(size, device=inverse.device), torch.arange(size, device=inverse.device),
+                            indexing="ij")
     crop = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(1, -1, 3).float()
     src = crop @ inverse.transpose(1, 2)  # [B, size*size, 2] source pixel coordinates
     grid = torch.stack([(src[..., 0] + 0.5) / w * 2 - 1, (src[..., 1] + 0.5) / h * 2 - 1], -1)
     grid = grid.reshape(b, size, size, 2).to(images.dtype)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def aligned_crop_source_box(landmarks: torch.Tensor, size: int = ARCFACE_INPUT_SIZE) -> torch.Tensor:
+    """[B, 5, 2] landmarks -> [B, 4] whole-pixel boxes x1, y1, x2, y2 (x2, y2 exclusive) holding every image pixel
+    :func:`align_faces` reads: its crop's corner pixels mapped back into the image (the map is affine, so the
+    corners bound the rest), grown by the bilinear sample's second neighbour."""
+    last = size - 1
+    corners = torch.tensor([[0.0, 0.0, 1.0], [last, 0.0, 1.0], [0.0, last, 1.0], [last, last, 1.0]],
+                           device=landmarks.device)
+    src = corners @ crop_to_image(landmarks, size).transpose(1, 2)  # [B, 4, 2] image pixel coordinates
+    return torch.cat([src.amin(1).floor(), src.amax(1).floor() + 2], dim=1)

@@ -91,6 +91,7 @@ OPTION_ROWS = [
     (["--face_crop_margin", "5"], "--face_crop_margin must be from 0 to 4.0, got 5.0"),
     (["--id_gate", "arcface"], "--id_gate must be detector or norm, got 'arcface'"),
     (["--id_gate_iou", "1.5"], "--id_gate_iou must be in [0, 1]"),
+    (["--id_decode", "crop"], "--id_decode must be full or window, got 'crop'"),
 ]
 NOT_PRESET = [  # rows that need the real inputs instead of --preset tiny
     (["--dataset", "x"], "--base_model is required (or use --preset tiny)"),
