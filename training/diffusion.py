@@ -27,3 +27,8 @@ def ddim_step(scheduler, noisy: torch.Tensor, prediction: torch.Tensor, timestep
     x0 = predicted_x0(scheduler, noisy, prediction, timesteps)
     noise = (noisy - now.sqrt() * x0) / (1 - now).sqrt()
     return later.sqrt() * x0 + (1 - later).sqrt() * noise
+
+
+def vae_downscale(vae) -> int:
+    """Image pixels per latent pixel: every decoder up block but the last doubles the size."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)

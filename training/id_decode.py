@@ -8,17 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from ..nodes.arch.iresnet import align_faces, aligned_crop_source_box
+from .diffusion import vae_downscale
 
 DECODES = ("full", "window")
 # Latent pixels added around the crop's source region. No margin makes the window exact short of the whole latent
 # (GroupNorm statistics and the mid-block attention span the decoded area; SD's decoder convolutions reach 17
 # latent pixels); 8 is the measured compromise in README "Training IDAdapter", held by tests/test_id_decode.py.
 WINDOW_MARGIN = 8
-
-
-def vae_downscale(vae) -> int:
-    """Image pixels per latent pixel: every decoder up block but the last doubles the size."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def latent_windows(pixel_boxes: torch.Tensor, latent_size: tuple[int, int], downscale: int,

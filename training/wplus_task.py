@@ -41,7 +41,7 @@ from . import data as dataset
 from . import diffusers_binding
 from . import wplus_losses as losses
 from .config import WPlusTrainConfig
-from .diffusion import training_target
+from .diffusion import training_target, vae_downscale
 from .idadapter_task import PerImageCache, base_family, load_base_model, sd_pipelines
 from .loop import step_generator
 
@@ -336,7 +336,7 @@ class WPlusTask:
 
     def fill_cache(self) -> None:
         """Computes every photo's frozen outputs for this stage that are not cached yet, as the first epoch would."""
-        side = self.config.resolution // 2 ** (len(self.m.vae.config.block_out_channels) - 1)
+        side = self.config.resolution // vae_downscale(self.m.vae)
         for photo in self.photos:
             self._moments(photo, self.config.stage)
             if self.config.stage == 2:
