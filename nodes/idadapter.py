@@ -15,6 +15,7 @@ from .errors import NoFaceError, PackError
 from .face import insightface_backend
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
 from .resident import ResidentFile
+from .shared_inputs import block_weight_inputs
 
 IDAdapterType = io.Custom("IDADAPTER")
 IDAdapterEmbedsType = io.Custom("IDADAPTER_EMBEDS")
@@ -162,12 +163,14 @@ class ApplyIDAdapter(io.ComfyNode):
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
                 io.Mask.Input("attn_mask", optional=True, tooltip="where the identity goes (white)"),
+                *block_weight_inputs(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, idadapter, embeds, weight, start_percent, end_percent, attn_mask=None) -> io.NodeOutput:
+    def execute(cls, model, idadapter, embeds, weight, start_percent, end_percent, attn_mask=None,
+                block_preset="paper", block_weights="") -> io.NodeOutput:
         if embeds.family != idadapter.config.family or embeds.tokens.shape[-1] != idadapter.config.embed_dim:
             raise PackError(
                 f"these IDADAPTER_EMBEDS come from a {embeds.family} IDAdapter; the IDADAPTER is "
@@ -175,8 +178,10 @@ class ApplyIDAdapter(io.ComfyNode):
             )
         if start_percent > end_percent:
             raise PackError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
-        blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
-        ida.check_unet_compatible(idadapter.config, blocks)
+        unet = model.get_model_object("diffusion_model")
+        ida.check_unet_compatible(idadapter.config, patches.unet_transformer_blocks(unet))
+        per_block = patches.unet_block_weights(unet, idadapter.config.family, idadapter.adapter.adapters,
+                                               block_preset, block_weights)
         patched = model.clone()
         if weight == 0:
             return io.NodeOutput(patched)
@@ -189,10 +194,12 @@ class ApplyIDAdapter(io.ComfyNode):
             sigma_end=sampling.percent_to_sigma(end_percent),
             mask=attn_mask,
             attention=patches.comfy_attention(),
+            block_weights=per_block,
         )
         patched.set_model_patch(patch, "middle_patch")
-        patched.add_patches(patches.kv_weight_patches(idadapter.kv_deltas), strength_patch=weight)
+        patches.add_kv_patches(patched, idadapter.kv_deltas, weight, per_block)
         return io.NodeOutput(patched)
+
 
 
 class IDAdapterTextEncode(io.ComfyNode):

@@ -2,8 +2,9 @@
 
 - :class:`IDAdapterMiddlePatch`: a ``middle_patch`` ``(x, extra_options) -> x`` running IDAdapter's gated
   self-attention between self- and cross-attention of every transformer block.
-- :func:`kv_weight_patches`: cross-attention K/V deltas as ``ModelPatcher.add_patches`` entries (they stack
+- :func:`add_kv_patches`: cross-attention K/V deltas as ``ModelPatcher.add_patches`` entries (they stack
   with LoRAs).
+- :func:`unet_block_weights`: a node's block preset and block weight text as {block name: weight}.
 - :func:`inject_identity_tokens`, :func:`place_identity_vectors`: put identity vectors where the identifier
   word's tokens are in the output of ``clip.tokenize``.
 - :func:`module_patcher`, :func:`run_loaded`: weights owned and loaded by ComfyUI's memory manager.
@@ -25,6 +26,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .arch import block_weights as block_weights_arch
 from .arch.idadapter import BlockSpec, IDAdapter, add_on_rows, block_name
 from .errors import PackError
 
@@ -174,6 +176,8 @@ class IDAdapterMiddlePatch:
     branch off, so this is the model's own unconditional prediction (and it halves the adapter's cost).
     ``patcher`` is the ComfyUI model patcher of the adapter's gated-attention modules (:func:`adapter_patcher`);
     the patch reads the modules through its ``.model`` at call time, wherever ComfyUI has put them.
+    ``block_weights`` ({block name: weight}, missing = 1) multiply ``weight`` per block; a block at 0 gets ``x``
+    back untouched.
     """
 
     def __init__(
@@ -185,10 +189,12 @@ class IDAdapterMiddlePatch:
         sigma_end: float = 0.0,
         mask: torch.Tensor | None = None,
         attention=None,
+        block_weights: dict[str, float] | None = None,
     ):
         self.patcher = patcher
         self.tokens = tokens.detach()
         self.weight = float(weight)
+        self.block_weights = dict(block_weights or {})
         self.sigma_start = float(sigma_start)
         self.sigma_end = float(sigma_end)
         self.mask = None if mask is None else BlockMask(mask)
@@ -223,7 +229,8 @@ class IDAdapterMiddlePatch:
             return x
         name = block_name((block[0], block[1], extra_options.get("block_index", 0)))
         adapters = self.patcher.model
-        if name not in adapters or not self.active_at(self._current_sigma(extra_options)):
+        weight = self.weight * self.block_weights.get(name, 1.0)
+        if name not in adapters or weight == 0 or not self.active_at(self._current_sigma(extra_options)):
             return x
         rows = conditional_rows(extra_options.get("cond_or_uncond"), x.shape[0])
         adapter = adapters[name]
@@ -232,7 +239,7 @@ class IDAdapterMiddlePatch:
 
         def residual(y, _rows):
             out = adapter.residual(y, tokens[:1].expand(y.shape[0], -1, -1) if tokens.shape[0] != y.shape[0] else tokens,
-                                   **attention) * self.weight
+                                   **attention) * weight
             if self.mask is not None:
                 out = out * self.mask.for_rows(extra_options, y.shape[0], y.shape[1], x)
             return out
@@ -247,17 +254,41 @@ class IDAdapterMiddlePatch:
 
 def unet_transformer_blocks(diffusion_model) -> dict[str, BlockSpec]:
     """Every BasicTransformerBlock of a ComfyUI UNet under its block name (``input_4_0``, ``middle_0_0``...)."""
+    return {name: BlockSpec(channels=tb.attn1.to_q.in_features, heads=tb.attn1.heads,
+                            context_dim=tb.attn2.to_k.in_features)
+            for name, tb, _ in _walk_transformer_blocks(diffusion_model)}
+
+
+def unet_block_downscales(diffusion_model) -> dict[str, int]:
+    """Each transformer block's token-grid downscale relative to the latent (1, 2, 4, ...), from where the UNet's
+    Downsample and Upsample layers sit."""
+    return {name: factor for name, _, factor in _walk_transformer_blocks(diffusion_model)}
+
+
+def unet_block_weights(diffusion_model, family: str, covered, preset: str, text: str) -> dict[str, float]:
+    """{block name: weight} for the blocks a patch ``covered`` in this UNet, from a node's preset and text
+    (:mod:`.arch.block_weights`)."""
+    downscales = unet_block_downscales(diffusion_model)
+    levels = block_weights_arch.block_levels({name: downscales[name] for name in covered if name in downscales},
+                                             family)
+    return block_weights_arch.block_weights(preset, text, levels)
+
+
+def _walk_transformer_blocks(diffusion_model):
+    """(block name, BasicTransformerBlock, downscale) in the UNet's order. An input block's Downsample halves what
+    follows it; an output block's Upsample is its last layer, so it doubles what the next blocks see."""
+    factor = 1
     groups = [("input", diffusion_model.input_blocks), ("middle", [diffusion_model.middle_block]),
               ("output", diffusion_model.output_blocks)]
-    blocks = {}
     for kind, sequence in groups:
         for ident, block in enumerate(sequence):
             for layer in block:
+                if type(layer).__name__ == "Downsample":
+                    factor *= 2
                 for index, tb in enumerate(getattr(layer, "transformer_blocks", [])):
-                    blocks[block_name((kind, ident, index))] = BlockSpec(
-                        channels=tb.attn1.to_q.in_features, heads=tb.attn1.heads, context_dim=tb.attn2.to_k.in_features
-                    )
-    return blocks
+                    yield block_name((kind, ident, index)), tb, factor
+                if type(layer).__name__ == "Upsample":
+                    factor //= 2
 
 
 def attn2_weight_key(name: str, proj: str) -> str:
@@ -270,6 +301,20 @@ def attn2_weight_key(name: str, proj: str) -> str:
 def kv_weight_patches(kv_deltas: dict[str, dict[str, torch.Tensor]]) -> dict[str, tuple]:
     """``add_patches`` entries: a 1-tuple is ComfyUI's "diff" patch, weight += strength * delta."""
     return {attn2_weight_key(name, proj): (delta,) for name, deltas in kv_deltas.items() for proj, delta in deltas.items()}
+
+
+def add_kv_patches(model, kv_deltas: dict[str, dict[str, torch.Tensor]], weight: float,
+                   block_weights: dict[str, float] | None = None) -> None:
+    """Adds the K/V deltas to ``model`` (a clone) with strength ``weight`` x each block's weight (missing = 1);
+    blocks at 0 get no patch, so their weights stay the base model's bit for bit."""
+    block_weights = block_weights or {}
+    by_strength: dict[float, dict] = {}
+    for name, deltas in kv_deltas.items():
+        strength = weight * block_weights.get(name, 1.0)
+        if strength != 0:
+            by_strength.setdefault(strength, {}).update(kv_weight_patches({name: deltas}))
+    for strength, entries in by_strength.items():
+        model.add_patches(entries, strength_patch=strength)
 
 
 def inject_identity_tokens(tokens: dict, identifier_ids: dict[str, int], vectors: dict[str, torch.Tensor]) -> dict:

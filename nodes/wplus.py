@@ -23,6 +23,7 @@ from .errors import ConfigError, ImageInputError, PackError
 from .face import insightface_backend
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
 from .resident import ResidentFile
+from .shared_inputs import block_weight_inputs
 
 E4EType = io.Custom("E4E")
 WPlusType = io.Custom("WPLUS")
@@ -290,23 +291,27 @@ class ApplyWPlusAdapter(io.ComfyNode):
                                tooltip="the official delayed start: off for the first 20 % of the steps"),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
                 io.Mask.Input("attn_mask", optional=True, tooltip="where the face goes (white)"),
+                *block_weight_inputs(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
-    def execute(cls, model, wplus_adapter, wplus, scale, start_percent, end_percent, attn_mask=None) -> io.NodeOutput:
+    def execute(cls, model, wplus_adapter, wplus, scale, start_percent, end_percent, attn_mask=None,
+                block_preset="paper", block_weights="") -> io.NodeOutput:
         if start_percent > end_percent:
             raise PackError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
         codes = wplus_edits.check_wplus(wplus)
         config = wplus_adapter.config
-        blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+        unet = model.get_model_object("diffusion_model")
+        blocks = patches.unet_transformer_blocks(unet)
         missing = sorted(set(config.blocks) - set(blocks))
         if missing or any(blocks[n].channels != s.channels or blocks[n].context_dim != s.context_dim
                           for n, s in config.blocks.items() if n in blocks):
             raise PackError(f"this W+ adapter was made for a {config.family} UNet (blocks {sorted(config.blocks)[:3]}..., "
                             f"context {config.context_dim}); the MODEL's blocks differ"
                             + (f" (it has no {missing[:3]})" if missing else "") + ": use an SD1.5 checkpoint")
+        per_block = patches.unet_block_weights(unet, config.family, config.blocks, block_preset, block_weights)
         patched = model.clone()
         if scale == 0:
             return io.NodeOutput(patched)
@@ -316,9 +321,11 @@ class ApplyWPlusAdapter(io.ComfyNode):
         sampling = model.get_model_object("model_sampling")
         attention = patches.comfy_attention()
         for name in config.blocks:
+            if per_block[name] == 0:  # no patch: the block runs whatever was installed there before
+                continue
             key = patches.block_key(name)
             patch = patches.WPlusAttn2Replace(
-                wplus_adapter.patcher, name, tokens, uncond, scale,
+                wplus_adapter.patcher, name, tokens, uncond, scale * per_block[name],
                 sigma_start=sampling.percent_to_sigma(start_percent), sigma_end=sampling.percent_to_sigma(end_percent),
                 mask=attn_mask, previous=patches.previous_attn2_replace(patched, key), attention=attention)
             patched.set_model_attn2_replace(patch, *key)

@@ -351,12 +351,23 @@ def trainer_parity_sd15(work, payload):
               "text": torch.randn(2, 77, 768, generator=gen), "tokens": torch.randn(1, 4, 64, generator=gen)}
     embeds = pack.ida.IDAdapterEmbeds(inputs["tokens"], {"l": torch.zeros(768)}, "sd15")
     base = {k: v.detach().float().clone() for k, v in model.model.state_dict().items()}  # before the K/V patches land
-    theirs, dtype = _comfyui_unet_with_idadapter(model, pack.load_cached(adapter_path), embeds, inputs)
+    # payload: optionally the node's block_preset / block_weights, which the trainer's side gets as the same
+    # {block: weight} computed from the diffusers UNet's own layout
+    theirs, dtype = _comfyui_unet_with_idadapter(model, pack.load_cached(adapter_path), embeds, inputs, payload)
     unet = _tiny_diffusers_unet()
     mapping = comfy.utils.unet_to_diffusers(TINY_UNET_CONFIG)
     unet.load_state_dict({d: base["diffusion_model." + name] for d, name in mapping.items()
                           if "diffusion_model." + name in base})  # the map also names keys this UNet lacks
-    plain, ours = _trainer_unet_with_idadapter(unet.eval(), adapter_path, inputs)
+    block_weights = None
+    if payload:
+        import pack_import  # noqa: F401
+        from comfyui_idadapter.nodes.arch import block_weights as bw
+        from comfyui_idadapter.training import diffusers_binding
+
+        levels = bw.block_levels(diffusers_binding.block_downscales(unet), "sd15")
+        block_weights = bw.block_weights(payload.get("block_preset", "paper"), payload.get("block_weights", ""),
+                                         levels)
+    plain, ours = _trainer_unet_with_idadapter(unet.eval(), adapter_path, inputs, block_weights)
     return _parity(theirs, ours, plain, dtype)
 
 
@@ -425,12 +436,14 @@ def trainer_parity_sdxl(work, payload):
                 trainer_blocks=sorted(_trainer_blocks(unet)))
 
 
-def _comfyui_unet_with_idadapter(model, weights, embeds, inputs, **unet_kwargs):
-    """Apply IDAdapter (weight 0.7) on ``model``, then its UNet on ``inputs`` with the cond chunk second."""
+def _comfyui_unet_with_idadapter(model, weights, embeds, inputs, node_kwargs=None, **unet_kwargs):
+    """Apply IDAdapter (weight 0.7, and ``node_kwargs``) on ``model``, then its UNet on ``inputs`` with the cond
+    chunk second."""
     import comfy.model_management
     import nodes
 
-    patched = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(model, weights, embeds, 0.7, 0.0, 1.0).result[0]
+    patched = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(model, weights, embeds, 0.7, 0.0, 1.0,
+                                                                      **(node_kwargs or {})).result[0]
     comfy.model_management.load_models_gpu([patched], force_patch_weights=True)
     dm = patched.model.diffusion_model
     options = {"patches": patched.model_options["transformer_options"]["patches"], "cond_or_uncond": [1, 0],
@@ -442,6 +455,86 @@ def _comfyui_unet_with_idadapter(model, weights, embeds, inputs, **unet_kwargs):
     return out.float(), dtype
 
 
+def block_weights_leave_zero_blocks_plain(work, payload):
+    """Apply IDAdapter (weight 0.7) and Apply W+ Adapter (scale 0.8) on the tiny checkpoint with block_preset
+    ``speed`` and block_weights ``middle: 0.5``. Each transformer block's input and output are recorded in the patched
+    forward; then, with the plain MODEL loaded (its weights checked against the checkpoint's), each block is run
+    again on its recorded input without patches. Returns which blocks gave exactly the plain output, which were set to
+    0, whether all weights 1 equals the node without block inputs, and the downscales ComfyUI's UNet and the
+    diffusers binding read."""
+    import comfy.model_management
+    import nodes
+
+    import pack_import  # noqa: F401
+    from comfyui_idadapter.training import diffusers_binding
+
+    pack, patches = _pack_modules()
+    wplus = _wplus_module()
+    model, _ = _load_checkpoint(work)
+    base = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    unet_blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+    gen = torch.Generator().manual_seed(12)
+    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
+    idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
+    embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
+    torch.manual_seed(13)
+    adapter = wplus.wplus_arch.WPlusAdapter(wplus.wplus_arch.WPlusAdapterConfig("sd15", unet_blocks))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.05)
+    loaded_wplus = wplus.LoadedModel(patches.module_patcher(adapter), adapter.config)
+    codes = torch.randn(1, 18, 512, generator=gen)
+    methods = {
+        "idadapter": lambda **kw: nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(
+            model, idadapter, embeds, 0.7, 0.0, 1.0, **kw).result[0],
+        "wplus": lambda **kw: nodes.NODE_CLASS_MAPPINGS["IDA_ApplyWPlusAdapter"].execute(
+            model, loaded_wplus, codes, 0.8, 0.0, 1.0, **kw).result[0],
+    }
+
+    def forward(patcher, records=None):
+        comfy.model_management.load_models_gpu([patcher], force_patch_weights=True)
+        dm = patcher.model.diffusion_model
+        given = patcher.model_options.get("transformer_options", {})
+        options = {"patches": given.get("patches", {}), "patches_replace": given.get("patches_replace", {}),
+                   "cond_or_uncond": [1, 0], "sigmas": torch.tensor([1.0])}
+        hooks = []
+        if records is not None:
+            for name, block, _ in patches._walk_transformer_blocks(dm):
+                def record(module, args, kwargs, output, name=name):
+                    records[name] = (args[0].clone(), kwargs["context"], dict(kwargs["transformer_options"]),
+                                     output.clone())
+                hooks.append(block.register_forward_hook(record, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                return dm(x, timesteps=torch.tensor([500, 500]), context=text, transformer_options=options)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    result = {"downscales_comfyui": patches.unet_block_downscales(model.get_model_object("diffusion_model")),
+              "downscales_binding": diffusers_binding.block_downscales(_tiny_diffusers_unet())}
+    for method, apply in methods.items():
+        records = {}
+        forward(apply(block_preset="speed", block_weights="middle: 0.5"), records)
+        comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+        dm = model.model.diffusion_model
+        restored = all(torch.equal(v, base[k]) for k, v in model.model.state_dict().items())
+        untouched = []
+        with torch.no_grad():
+            for name, block, _ in patches._walk_transformer_blocks(dm):
+                y, context, options, patched_out = records[name]
+                plain_options = {k: v for k, v in options.items() if k not in ("patches", "patches_replace")}
+                if torch.equal(block(y, context=context, transformer_options=plain_options), patched_out):
+                    untouched.append(name)
+        zero = sorted(n for n, w in patches.unet_block_weights(dm, "sd15", unet_blocks, "speed", "middle: 0.5")
+                      .items() if w == 0)
+        default, ones = forward(apply()), forward(apply(block_preset="paper", block_weights="64: 1, 32: 1"))
+        result[method] = {"untouched": sorted(untouched), "zero_weight": zero, "plain_weights_restored": restored,
+                          "ones_diff": float((default - ones).abs().max()),
+                          "adapter_effect": float((default - forward(model)).abs().max())}
+    return result
+
+
 def _trainer_blocks(unet):
     import pack_import  # noqa: F401  (the checkout as `comfyui_idadapter`, beside ComfyUI's `nodes`)
     from comfyui_idadapter.training import diffusers_binding
@@ -449,21 +542,21 @@ def _trainer_blocks(unet):
     return diffusers_binding.transformer_blocks(unet)
 
 
-def _trainer_unet_with_idadapter(unet, adapter_path, inputs, **unet_kwargs):
-    """The trainer's side on a diffusers UNet: (plain output, output with the binding and 0.7 x the K/V deltas)."""
+def _trainer_unet_with_idadapter(unet, adapter_path, inputs, block_weights=None, **unet_kwargs):
+    """The trainer's side on a diffusers UNet: (plain output, output with the binding and 0.7 x the K/V deltas, both
+    times ``block_weights``)."""
     import pack_import  # noqa: F401
     from comfyui_idadapter.nodes.arch.idadapter import load_idadapter
     from comfyui_idadapter.training import diffusers_binding
 
     weights = load_idadapter(adapter_path)
-    blocks = diffusers_binding.transformer_blocks(unet)
     with torch.no_grad():
         plain = unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["text"], **unet_kwargs).sample
-        for name, deltas in weights.kv_deltas.items():  # Apply scales the K/V deltas by its weight too
-            for proj, delta in deltas.items():
-                getattr(blocks[name].attn2, proj).weight += 0.7 * delta.float()
+        # Apply scales the K/V deltas by its weight too
+        diffusers_binding.add_kv_deltas(unet, weights.kv_deltas, 0.7, block_weights)
         diffusers_binding.attach(unet, weights.adapter)
-        kwargs = diffusers_binding.idadapter_kwargs(inputs["tokens"], torch.tensor([False, True]), beta=0.7)
+        kwargs = diffusers_binding.idadapter_kwargs(inputs["tokens"], torch.tensor([False, True]), beta=0.7,
+                                                    block_weights=block_weights)
         ours = unet(inputs["x"], inputs["t"], encoder_hidden_states=inputs["text"], cross_attention_kwargs=kwargs,
                     **unet_kwargs).sample
     return plain, ours

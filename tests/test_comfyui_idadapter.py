@@ -100,12 +100,32 @@ def test_text_token_equals_edited_embedding_table(work):
         assert r["changed_vs_plain"] > 1e-3, (family, r)
 
 
-def test_trainer_forward_equals_comfyui_unet(work):
+@pytest.mark.parametrize("block_inputs", [{}, {"block_preset": "speed", "block_weights": "middle: 0.5, output_1: -1"}],
+                         ids=["all-blocks", "block-weights"])
+def test_trainer_forward_equals_comfyui_unet(work, block_inputs):
     """Issue #5's parity on a real ComfyUI UNet, in one process with ComfyUI's `nodes`: the trainer's diffusers-bound
-    forward (binding + K/V weights) equals ComfyUI's UNet with Apply IDAdapter's patches, same weights, fp32."""
-    result = run_check(work, "trainer_parity_sd15", {})
+    forward (binding + K/V weights) equals ComfyUI's UNet with Apply IDAdapter's patches, same weights, fp32; with
+    block weights, the binding gets them from the diffusers UNet's own layout (what the bench measures)."""
+    result = run_check(work, "trainer_parity_sd15", block_inputs)
     assert result["dtype"] == "torch.float32" and result["adapter_effect"] > 1e-3  # the adapter does something
     assert result["close"], result
+
+
+def test_block_weights_at_zero_leave_their_blocks_plain(work):
+    """Per-block weights in ComfyUI, for Apply IDAdapter and Apply W+ Adapter: each block re-run on the input it got
+    in the patched forward gives exactly the plain block's output where its weight is 0 (the 'speed' preset: the 64
+    level, input_1 and output_2-3 on this UNet), and something else where it is not; weights all 1 are the node
+    without block inputs; ComfyUI's UNet and the diffusers binding read the same levels."""
+    result = run_check(work, "block_weights_leave_zero_blocks_plain", {})
+    assert result["downscales_comfyui"] == result["downscales_binding"] == {
+        "input_1_0": 1, "input_3_0": 2, "middle_0_0": 2, "output_0_0": 2, "output_1_0": 2, "output_2_0": 1,
+        "output_3_0": 1}
+    for method in ("idadapter", "wplus"):
+        r = result[method]
+        assert r["zero_weight"] == ["input_1_0", "output_2_0", "output_3_0"], r
+        assert r["plain_weights_restored"], r
+        assert r["untouched"] == r["zero_weight"], (method, r)
+        assert r["ones_diff"] <= 1e-6 and r["adapter_effect"] > 1e-3, (method, r)
 
 
 def test_trainer_forward_equals_comfyui_sdxl_unet(work):

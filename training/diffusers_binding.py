@@ -26,23 +26,33 @@ from ..nodes.arch.idadapter import BlockSpec, GatedSelfAttention, IDAdapter, add
 
 def transformer_blocks(unet) -> dict[str, nn.Module]:
     """Every BasicTransformerBlock of a diffusers UNet under its ComfyUI block name."""
-    named = {}
+    return {name: block for name, block, _ in _walk_transformer_blocks(unet)}
+
+
+def block_downscales(unet) -> dict[str, int]:
+    """Each transformer block's token-grid downscale relative to the latent (down/up block k of L: 2**k /
+    2**(L-1-k); the middle block: 2**(L-1)), as ``patches.unet_block_downscales`` reads it off a ComfyUI UNet."""
+    return {name: factor for name, _, factor in _walk_transformer_blocks(unet)}
+
+
+def _walk_transformer_blocks(unet):
+    """(ComfyUI block name, BasicTransformerBlock, downscale) in the UNet's order."""
+    levels = len(unet.down_blocks)
     input_id = 1  # input block 0 is conv_in
-    for down in unet.down_blocks:
+    for level, down in enumerate(unet.down_blocks):
         for i, attention in enumerate(getattr(down, "attentions", None) or []):
             for t, block in enumerate(attention.transformer_blocks):
-                named[block_name(("input", input_id + i, t))] = block
+                yield block_name(("input", input_id + i, t)), block, 2**level
         input_id += len(down.resnets) + (1 if getattr(down, "downsamplers", None) else 0)
     for attention in getattr(unet.mid_block, "attentions", None) or []:
         for t, block in enumerate(attention.transformer_blocks):
-            named[block_name(("middle", 0, t))] = block
+            yield block_name(("middle", 0, t)), block, 2 ** (levels - 1)
     output_id = 0
-    for up in unet.up_blocks:
+    for level, up in zip(range(len(unet.up_blocks) - 1, -1, -1), unet.up_blocks):
         for i, attention in enumerate(getattr(up, "attentions", None) or []):
             for t, block in enumerate(attention.transformer_blocks):
-                named[block_name(("output", output_id + i, t))] = block
+                yield block_name(("output", output_id + i, t)), block, 2**level
         output_id += len(up.resnets)
-    return named
 
 
 def block_specs(unet) -> dict[str, BlockSpec]:
@@ -56,16 +66,21 @@ class AdapterFuser(nn.Module):
     """diffusers' ``fuser`` slot running one block's GatedSelfAttention.
 
     ``objs``: {"tokens": E_r [B or 1, M, D], "active": bool [B] on the CPU, or None (rows whose image condition
-    is kept; dropped rows skip the branch, as the node does on the unconditional chunk), "beta": float}.
+    is kept; dropped rows skip the branch, as the node does on the unconditional chunk), "beta": float,
+    "block_weights": {block name: weight} or None (missing = 1; a block at 0 skips the branch)}.
     ``active`` stays on the host so choosing rows never waits for the GPU.
     """
 
-    def __init__(self, gated: GatedSelfAttention):
+    def __init__(self, gated: GatedSelfAttention, name: str):
         super().__init__()
         self.gated = gated
+        self.name = name
 
     def forward(self, hidden_states: torch.Tensor, objs: dict) -> torch.Tensor:
-        tokens, active, beta = objs["tokens"], objs.get("active"), objs.get("beta", 1.0)
+        tokens, active = objs["tokens"], objs.get("active")
+        beta = objs.get("beta", 1.0) * (objs.get("block_weights") or {}).get(self.name, 1.0)
+        if beta == 0:
+            return hidden_states
         if tokens.shape[0] != hidden_states.shape[0]:
             tokens = tokens[:1].expand(hidden_states.shape[0], -1, -1)
         rows = None if active is None else torch.as_tensor(active).nonzero().flatten().tolist()
@@ -92,23 +107,27 @@ def attach(unet, adapter: IDAdapter) -> None:
     """Installs the adapter's gated attention in every transformer block it has weights for."""
     unet.position_net = _PassObjects()
     for name, block in transformer_blocks(unet).items():
-        block.fuser = AdapterFuser(adapter.adapters[name]) if name in adapter.adapters else _NoAdapter()
+        block.fuser = AdapterFuser(adapter.adapters[name], name) if name in adapter.adapters else _NoAdapter()
 
 
 @torch.no_grad()
-def add_kv_deltas(unet, kv_deltas: dict[str, dict[str, torch.Tensor]], weight: float = 1.0) -> None:
-    """Adds an idadapter/1 file's cross-attention K/V deltas, times ``weight``, to the UNet's attn2 weights in place
-    (what Apply IDAdapter's weight patches add in ComfyUI)."""
+def add_kv_deltas(unet, kv_deltas: dict[str, dict[str, torch.Tensor]], weight: float = 1.0,
+                  block_weights: dict[str, float] | None = None) -> None:
+    """Adds an idadapter/1 file's cross-attention K/V deltas, times ``weight`` x each block's weight (missing = 1),
+    to the UNet's attn2 weights in place (what Apply IDAdapter's weight patches add in ComfyUI)."""
     blocks = transformer_blocks(unet)
     for name, deltas in kv_deltas.items():
+        strength = weight * (block_weights or {}).get(name, 1.0)
         for projection, delta in deltas.items():
             base = getattr(blocks[name].attn2, projection).weight
-            base += weight * delta.to(base)
+            base += strength * delta.to(base)
 
 
-def idadapter_kwargs(tokens: torch.Tensor, active: torch.Tensor | None = None, beta: float = 1.0) -> dict:
-    """``cross_attention_kwargs`` for a UNet call with the adapter on (for the ``active`` rows)."""
-    return {"gligen": {"tokens": tokens, "active": active, "beta": beta}}
+def idadapter_kwargs(tokens: torch.Tensor, active: torch.Tensor | None = None, beta: float = 1.0,
+                     block_weights: dict[str, float] | None = None) -> dict:
+    """``cross_attention_kwargs`` for a UNet call with the adapter on (for the ``active`` rows), ``block_weights``
+    multiplying ``beta`` per block as Apply IDAdapter's do."""
+    return {"gligen": {"tokens": tokens, "active": active, "beta": beta, "block_weights": block_weights}}
 
 
 # ---- W+ adapter: an attn2 processor
@@ -131,8 +150,9 @@ class WPlusAttnProcessor:
     ``unet.state_dict()``: freezing or saving the UNet leaves the adapter alone; move and optimize it yourself.
     """
 
-    def __init__(self, layer):
+    def __init__(self, layer, name: str):
         self.layer = layer
+        self.name = name
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -155,8 +175,10 @@ class WPlusAttnProcessor:
             h = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
                                                is_causal=False)
             h = h.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-            if wplus is not None and wplus.get("scale", 1.0) != 0:  # h + scale * Attn(to_q_wplus(h), W+ tokens)
-                h = h + wplus.get("scale", 1.0) * self.layer.residual(h, wplus["tokens"], sdpa_attention, attn.heads)
+            scale = 0 if wplus is None else wplus.get("scale", 1.0) * (wplus.get("block_weights") or {}).get(
+                self.name, 1.0)
+            if scale != 0:  # h + scale * Attn(to_q_wplus(h), W+ tokens)
+                h = h + scale * self.layer.residual(h, wplus["tokens"], sdpa_attention, attn.heads)
             return attn.to_out[1](attn.to_out[0](h))
 
         return around_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb, attend)
@@ -233,12 +255,13 @@ def attach_wplus(unet, adapter) -> list[str]:
             raise ConfigError(f"block {name}: the W+ adapter expects {spec.channels} channels and context "
                               f"{spec.context_dim}, the UNet's cross-attention has {got[0]} and {got[1]}")
     for name in config.blocks:
-        blocks[name].attn2.set_processor(WPlusAttnProcessor(adapter.layers[name]))
+        blocks[name].attn2.set_processor(WPlusAttnProcessor(adapter.layers[name], name))
     _quiet_wplus_warning()
     return sorted(config.blocks)
 
 
-def wplus_kwargs(tokens: torch.Tensor, scale: float = 1.0) -> dict:
+def wplus_kwargs(tokens: torch.Tensor, scale: float = 1.0, block_weights: dict[str, float] | None = None) -> dict:
     """``cross_attention_kwargs`` for a UNet call with the W+ adapter on: ``tokens`` [B or 1, 4, context] (one set
-    per batch row, e.g. ``torch.cat([adapter.uncond_tokens(w), adapter.tokens(w)])`` for both CFG halves)."""
-    return {WPLUS_KWARG: {"tokens": tokens, "scale": float(scale)}}
+    per batch row, e.g. ``torch.cat([adapter.uncond_tokens(w), adapter.tokens(w)])`` for both CFG halves);
+    ``block_weights`` multiply ``scale`` per block as Apply W+ Adapter's do."""
+    return {WPLUS_KWARG: {"tokens": tokens, "scale": float(scale), "block_weights": block_weights}}
