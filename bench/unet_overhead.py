@@ -5,6 +5,7 @@ interleaved in one run.
     python bench/unet_overhead.py --device cuda --dtype fp16  # GPU
     python bench/unet_overhead.py --device cuda --dtype fp16 --batch 8 --resolution 768 --rounds 20
     python bench/unet_overhead.py --device cuda --dtype fp16 --family sdxl --resolution 1024 --rounds 20
+    ./dev python bench/unet_overhead.py --variants base idadapter wplus --presets speed appearance composition
 
 One CFG step = one UNet call on 2 x --batch rows (unconditional + conditional). Variants, all on one UNet (each
 picks its path through the UNet's cross_attention_kwargs, so they interleave without re-patching):
@@ -21,6 +22,8 @@ picks its path through the UNet's cross_attention_kwargs, so they interleave wit
   idadapter floor       base + the adapter modules timed on their own on the same activations, in the same round:
                         what the idadapter variant computes, with no integration overhead
   wplus floor           base + the W+ residual attentions alone, likewise
+  idadapter <preset>,   with --presets: the idadapter / wplus variant under that block preset of the apply nodes
+  wplus <preset>        (nodes/arch/block_weights.py; blocks at weight 0 skip the adapter), e.g. idadapter speed
 Prints per variant the median seconds per step with min-max over --rounds, the ratio of medians to base, which
 spreads overlap, and idadapter / its floor; writes bench/results/unet_overhead-<setting>-<device>.json.
 """
@@ -31,11 +34,13 @@ import torch
 
 # bench/common.py (the script's own folder) first: importing it imports the pack as `comfyui_idadapter`
 from common import DTYPES, SD15_UNET, comparison, comparison_lines, device_name, interleaved, write_results
+from comfyui_idadapter.nodes.arch import block_weights
 from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention
 from comfyui_idadapter.nodes.arch.wplus import W_DIM, W_ROWS, WPlusAdapter, official_sd15_config
 from comfyui_idadapter.training import diffusers_binding
 
 TOKENS = 16
+BASE_VARIANTS = ["base", "idadapter", "idadapter floor", "both-halves", "ip-adapter", "wplus", "wplus floor"]
 
 SDXL_UNET = dict(
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
@@ -86,6 +91,10 @@ def main():
     parser.add_argument("--batch", type=int, default=1, help="images per CFG step (the UNet runs twice as many rows)")
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds, after one warm-up round")
+    parser.add_argument("--variants", nargs="+", choices=BASE_VARIANTS, default=BASE_VARIANTS,
+                        help="which of the fixed variants to run (base always runs)")
+    parser.add_argument("--presets", nargs="+", choices=[p for p in block_weights.PRESETS if p != "paper"],
+                        default=[], help="block presets to time the idadapter and wplus variants under")
     args = parser.parse_args()
     from diffusers import UNet2DConditionModel
 
@@ -132,6 +141,8 @@ def main():
 
     diffusers_binding.attach(unet, adapter)
     image_tokens = torch.randn(1, TOKENS, context, device=device, dtype=dtype)
+    levels = block_weights.block_levels(diffusers_binding.block_downscales(unet), args.family)
+    presets = {preset: block_weights.block_weights(preset, "", levels) for preset in args.presets}
     variants = {
         "base": run,
         "idadapter": lambda: run(diffusers_binding.idadapter_kwargs(e_r, cond_only)),
@@ -139,6 +150,9 @@ def main():
         "ip-adapter": lambda: run({"ip_hidden_states": image_tokens}),
         "idadapter modules": idadapter_modules,
     }
+    for preset, weights in presets.items():
+        variants[f"idadapter {preset}"] = lambda w=weights: run(diffusers_binding.idadapter_kwargs(e_r, cond_only,
+                                                                                                  block_weights=w))
     if not sdxl:  # the W+ adapter exists for SD1.5 only
         wplus = WPlusAdapter(official_sd15_config()).to(device, dtype).eval().requires_grad_(False)
         with torch.no_grad():
@@ -157,26 +171,34 @@ def main():
 
         variants["wplus"] = lambda: run(diffusers_binding.wplus_kwargs(wplus_tokens))
         variants["wplus modules"] = wplus_modules
+        for preset, weights in presets.items():
+            variants[f"wplus {preset}"] = lambda w=weights: run(diffusers_binding.wplus_kwargs(wplus_tokens,
+                                                                                              block_weights=w))
     for block in blocks.values():
         block.attn2.set_processor(Attn2Variants(block.attn2, block.attn2.processor))
 
-    seconds = interleaved(variants, args.rounds, device)
+    wanted = {"base", *args.variants, *(f"{m} {p}" for m in ("idadapter", "wplus") for p in presets)}
+    wanted |= {f"{m} modules" for m in ("idadapter", "wplus") if f"{m} floor" in wanted}
+    seconds = interleaved({name: fn for name, fn in variants.items() if name in wanted}, args.rounds, device)
     for name in ("idadapter", "wplus"):  # floor: base + the modules alone, round by round
         if f"{name} modules" in seconds:
             seconds[f"{name} floor"] = [b + m for b, m in zip(seconds["base"], seconds.pop(f"{name} modules"))]
-    order = ["base", "idadapter", "idadapter floor", "both-halves", "ip-adapter", "wplus", "wplus floor"]
+    order = [*BASE_VARIANTS[:5], *(f"idadapter {p}" for p in presets), "wplus", "wplus floor",
+             *(f"wplus {p}" for p in presets)]
     step = comparison({name: seconds[name] for name in order if name in seconds}, "base")
     medians = {name: v["median"] for name, v in step["variants"].items()}
     over_floor = {f"{name} / {name} floor": medians[name] / medians[f"{name} floor"]
-                  for name in ("idadapter", "wplus") if name in medians}
+                  for name in ("idadapter", "wplus") if name in medians and f"{name} floor" in medians}
     print(f"{args.family} UNet, {args.resolution}x{args.resolution}, {batch} image(s) (UNet batch {2 * batch}, one CFG "
           f"step), {args.dtype}, {device_name(device)}, {torch.get_num_threads()} threads; {args.rounds} rounds")
     print("\n".join(comparison_lines(step)))
     for name, ratio in over_floor.items():
         print(f"  {name}: {ratio:.3f}")
-    path = write_results(f"unet_overhead-{args.family}-{args.resolution}px-b{batch}-{args.dtype}", device, {
+    setting = f"unet_overhead-{args.family}-{args.resolution}px-b{batch}-{args.dtype}"
+    path = write_results(setting + ("-presets" if presets else ""), device, {
         "family": args.family, "resolution": args.resolution, "batch": batch, "dtype": args.dtype,
-        "rounds": args.rounds, "step": step, **over_floor})
+        "rounds": args.rounds, "presets": {p: sorted(n for n, w in ws.items() if w == 0) for p, ws in presets.items()},
+        "step": step, **over_floor})
     print(f"wrote {path}")
 
 
