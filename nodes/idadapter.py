@@ -153,13 +153,16 @@ class ApplyIDAdapter(io.ComfyNode):
             display_name="Apply IDAdapter",
             category=CATEGORY,
             description="Adds IDAdapter's gated self-attention to every transformer block and its cross-attention "
-            "K/V to the MODEL.",
+            "K/V to the MODEL. Chain one per person, each with its attn_mask, for several identities in one image: "
+            "their residuals are computed from the same activations and summed.",
             inputs=[
                 io.Model.Input("model"),
                 IDAdapterType.Input("idadapter"),
                 IDAdapterEmbedsType.Input("embeds"),
                 io.Float.Input("weight", default=1.0, min=-1.0, max=3.0, step=0.05,
-                               tooltip="beta: scales the gated attention and the K/V deltas; 0 = the MODEL unchanged"),
+                               tooltip="beta: scales the gated attention and the K/V deltas; 0 = the MODEL unchanged. "
+                               "With several applies of one adapter file, its K/V deltas are added once, at the first "
+                               "apply's weight (and block weights): they belong to the file, not to an identity"),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
                 io.Mask.Input("attn_mask", optional=True, tooltip="where the identity goes (white)"),
@@ -196,8 +199,7 @@ class ApplyIDAdapter(io.ComfyNode):
             attention=patches.comfy_attention(),
             block_weights=per_block,
         )
-        patched.set_model_patch(patch, "middle_patch")
-        patches.add_kv_patches(patched, idadapter.kv_deltas, weight, per_block)
+        patches.add_idadapter(patched, patch, idadapter.kv_deltas, weight, per_block)
         return io.NodeOutput(patched)
 
 

@@ -19,6 +19,7 @@ of one step on several devices in threads that share the patch.
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import weakref
@@ -169,15 +170,55 @@ class BlockMask:
         self._resized.release_accelerator_values()
 
 
-class IDAdapterMiddlePatch:
-    """``y + beta * tanh(gamma) * S([y, proj(E_r)])[:, :len(y)]`` on conditional chunks inside the sigma window.
+class IdentityResidual:
+    """One Apply IDAdapter's identity: its adapter (through the patcher), tokens E_r, weight beta, sigma window,
+    mask and block weights, and the gated-attention residual it adds in a block."""
 
+    def __init__(self, patcher, tokens: torch.Tensor, weight: float, sigma_start: float, sigma_end: float,
+                 mask: torch.Tensor | None, block_weights: dict[str, float] | None):
+        self.patcher = patcher
+        self.tokens = tokens.detach()
+        self.weight = float(weight)
+        self.block_weights = dict(block_weights or {})
+        self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
+        self.mask = None if mask is None else BlockMask(mask)
+        self.adds_kv = False  # whether this apply added its file's K/V deltas to the MODEL (set by add_idadapter)
+        self._tokens = PerDeviceMemo()
+
+    def weight_at(self, name: str, sigma: float | None) -> float:
+        """beta x the block's weight; 0 where the adapter has no such block or sigma is outside the window."""
+        if name not in self.patcher.model or (sigma is not None and not self.sigma_end <= sigma <= self.sigma_start):
+            return 0.0
+        return self.weight * self.block_weights.get(name, 1.0)
+
+    def residual(self, y: torch.Tensor, name: str, weight: float, extra_options: dict, like: torch.Tensor,
+                 attention) -> torch.Tensor:
+        tokens = self._tokens.get((like.device, like.dtype), lambda: self.tokens.to(like.device, like.dtype))
+        if tokens.shape[0] != y.shape[0]:
+            tokens = tokens[:1].expand(y.shape[0], -1, -1)
+        out = self.patcher.model[name].residual(y, tokens, **({"attention": attention} if attention else {})) * weight
+        if self.mask is not None:
+            out = out * self.mask.for_rows(extra_options, y.shape[0], y.shape[1], like)
+        return out
+
+    def release_accelerator_values(self) -> None:
+        self._tokens.release_accelerator_values()
+        if self.mask is not None:
+            self.mask.release_accelerator_values()
+
+
+class IDAdapterMiddlePatch:
+    """``y + sum_i beta_i * tanh(gamma) * S_i([y, proj(E_r,i)])[:, :len(y)] * mask_i`` on conditional chunks.
+
+    One patch per MODEL holds every identity its Apply IDAdapter nodes added (:meth:`joined`): each identity's
+    residual is computed from the same ``y`` and the residuals are summed, so two identities with disjoint masks do
+    not see each other's change (chained patches would feed the first's output to the second).
     The unconditional chunk runs the plain UNet: training drops the image condition by switching the adapter
     branch off, so this is the model's own unconditional prediction (and it halves the adapter's cost).
     ``patcher`` is the ComfyUI model patcher of the adapter's gated-attention modules (:func:`adapter_patcher`);
     the patch reads the modules through its ``.model`` at call time, wherever ComfyUI has put them.
-    ``block_weights`` ({block name: weight}, missing = 1) multiply ``weight`` per block; a block at 0 gets ``x``
-    back untouched.
+    ``block_weights`` ({block name: weight}, missing = 1) multiply ``weight`` per block; a block where every
+    identity is at 0 gets ``x`` back untouched.
     """
 
     def __init__(
@@ -191,23 +232,23 @@ class IDAdapterMiddlePatch:
         attention=None,
         block_weights: dict[str, float] | None = None,
     ):
-        self.patcher = patcher
-        self.tokens = tokens.detach()
-        self.weight = float(weight)
-        self.block_weights = dict(block_weights or {})
-        self.sigma_start = float(sigma_start)
-        self.sigma_end = float(sigma_end)
-        self.mask = None if mask is None else BlockMask(mask)
+        self.identities = (IdentityResidual(patcher, tokens, weight, sigma_start, sigma_end, mask, block_weights),)
         self.attention = attention
         self._sigma = StepSigma()
-        self._tokens = PerDeviceMemo()
+
+    def joined(self, other: IDAdapterMiddlePatch) -> IDAdapterMiddlePatch:
+        """A new patch with this patch's identities and then ``other``'s (both stay as they are)."""
+        patch = copy.copy(self)
+        patch.identities = self.identities + other.identities
+        patch._sigma = StepSigma()
+        return patch
 
     def __deepcopy__(self, memo):
-        return self  # immutable once attached: clones share it (and its patcher)
+        return self  # immutable once attached: clones share it (and its patchers)
 
     def models(self) -> list:
-        """The patchers ComfyUI's ``load_models_gpu`` loads with the MODEL."""
-        return [self.patcher]
+        """The patchers ComfyUI's ``load_models_gpu`` loads with the MODEL (each adapter file's once)."""
+        return list({id(i.patcher): i.patcher for i in self.identities}.values())
 
     def to(self, device_or_dtype, **kwargs):
         """ComfyUI calls ``.to(load device)`` and ``.to(model dtype)`` before sampling (0.38: ``.to(device)`` in each
@@ -215,41 +256,51 @@ class IDAdapterMiddlePatch:
         :meth:`models` and the per-device tensors are made on first use, so only a move to the CPU has work: it
         lets go of the copies on accelerators. Returns the patch itself, so every thread shares one object."""
         if isinstance(device_or_dtype, (str, torch.device)) and torch.device(device_or_dtype).type == "cpu":
-            self._tokens.release_accelerator_values()
-            if self.mask is not None:
-                self.mask.release_accelerator_values()
+            for identity in self.identities:
+                identity.release_accelerator_values()
         return self
-
-    def active_at(self, sigma: float | None) -> bool:
-        return sigma is None or self.sigma_end <= sigma <= self.sigma_start
 
     def __call__(self, x: torch.Tensor, extra_options: dict, **kwargs) -> torch.Tensor:
         block = extra_options.get("block")
         if block is None:
             return x
         name = block_name((block[0], block[1], extra_options.get("block_index", 0)))
-        adapters = self.patcher.model
-        weight = self.weight * self.block_weights.get(name, 1.0)
-        if name not in adapters or weight == 0 or not self.active_at(self._current_sigma(extra_options)):
+        sigmas = extra_options.get("sigmas")
+        sigma = None if sigmas is None else self._sigma.get(sigmas)
+        active = [(identity, w) for identity in self.identities if (w := identity.weight_at(name, sigma)) != 0]
+        if not active:
             return x
         rows = conditional_rows(extra_options.get("cond_or_uncond"), x.shape[0])
-        adapter = adapters[name]
-        tokens = self._tokens.get((x.device, x.dtype), lambda: self.tokens.to(x.device, x.dtype))
-        attention = {"attention": self.attention} if self.attention else {}
 
         def residual(y, _rows):
-            out = adapter.residual(y, tokens[:1].expand(y.shape[0], -1, -1) if tokens.shape[0] != y.shape[0] else tokens,
-                                   **attention) * weight
-            if self.mask is not None:
-                out = out * self.mask.for_rows(extra_options, y.shape[0], y.shape[1], x)
-            return out
+            total = None
+            for identity, weight in active:
+                out = identity.residual(y, name, weight, extra_options, x, self.attention)
+                total = out if total is None else total + out
+            return total
 
         return add_on_rows(x, rows, residual)
 
-    def _current_sigma(self, extra_options: dict) -> float | None:
-        sigmas = extra_options.get("sigmas")
-        return None if sigmas is None else self._sigma.get(sigmas)
 
+def add_idadapter(model, patch: IDAdapterMiddlePatch, kv_deltas: dict[str, dict[str, torch.Tensor]], weight: float,
+                  block_weights: dict[str, float] | None = None) -> None:
+    """Adds an identity to ``model`` (a clone): joined to the IDAdapter patch the MODEL already has, if any (in its
+    place among other packs' middle patches), else appended. The adapter file's K/V deltas are added only if no
+    identity before this one added them: they belong to the file, not to an identity, so the first apply's weight
+    sets them."""
+    options = model.model_options.setdefault("transformer_options", {})
+    middle = options.get("patches", {}).get("middle_patch", [])
+    earlier = next((p for p in middle if isinstance(p, IDAdapterMiddlePatch)), None)
+    (identity,) = patch.identities
+    identity.adds_kv = earlier is None or not any(i.adds_kv and i.patcher is identity.patcher
+                                                  for i in earlier.identities)
+    if identity.adds_kv:
+        add_kv_patches(model, kv_deltas, weight, block_weights)
+    if earlier is None:
+        model.set_model_patch(patch, "middle_patch")
+    else:
+        options["patches"] = {**options["patches"], "middle_patch": [earlier.joined(patch) if p is earlier else p
+                                                                    for p in middle]}
 
 
 def unet_transformer_blocks(diffusion_model) -> dict[str, BlockSpec]:
@@ -375,60 +426,31 @@ def previous_attn2_replace(model, key: tuple[str, int, int]):
     return replaces.get(key, replaces.get(key[:2]))
 
 
-class WPlusAttn2Replace:
-    """An attn2 replace patch adding the W+ adapter's residual cross-attention to one block's text attention.
+class WPlusIdentity:
+    """One Apply W+ Adapter's code: the adapter (through the patcher), the code's tokens and the zero code's, the
+    scale for this block, the sigma window and the mask, and the residual it adds to one block's text attention."""
 
-    ``h`` (before to_out) comes from the replace patch that was installed at this block before (so this stacks on
-    IPAdapter-style packs) or, without one, ComfyUI's attention kernel; inside the sigma window the result is
-    ``h + scale * Attn(to_q_wplus(h), to_k_wplus(w), to_v_wplus(w))`` (times the mask, if any), the conditional
-    CFG chunks with the W+ code's tokens and the unconditional ones with a zero W+'s, as the official pipeline.
-    ``patcher`` owns the adapter's modules (memory manager); they are read through ``patcher.model`` per call.
-    """
-
-    def __init__(self, patcher, block: str, tokens: torch.Tensor, uncond_tokens: torch.Tensor, scale: float,
-                 sigma_start: float = float("inf"), sigma_end: float = 0.0, mask: torch.Tensor | None = None,
-                 previous=None, attention=None):
-        self.patcher, self.block = patcher, block
+    def __init__(self, patcher, tokens: torch.Tensor, uncond_tokens: torch.Tensor, scale: float, sigma_start: float,
+                 sigma_end: float, mask: torch.Tensor | None):
+        self.patcher = patcher
         self.tokens, self.uncond_tokens = tokens.detach(), uncond_tokens.detach()
         self.scale = float(scale)
         self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
         self.mask = None if mask is None else BlockMask(mask)
-        self.previous = previous
-        self.attention = attention or comfy_attention()
-        self._sigma = StepSigma()
         self._tokens = PerDeviceMemo()
 
-    def __deepcopy__(self, memo):
-        return self  # immutable once attached: clones share it
+    def active_at(self, sigma: float | None) -> bool:
+        return self.scale != 0 and (sigma is None or self.sigma_end <= sigma <= self.sigma_start)
 
-    def models(self) -> list:
-        earlier = self.previous.models() if hasattr(self.previous, "models") else []
-        return [self.patcher, *earlier]
-
-    def to(self, device_or_dtype, **kwargs):
-        if hasattr(self.previous, "to"):
-            self.previous = self.previous.to(device_or_dtype, **kwargs)
-        if isinstance(device_or_dtype, (str, torch.device)) and torch.device(device_or_dtype).type == "cpu":
-            self._tokens.release_accelerator_values()
-            if self.mask is not None:
-                self.mask.release_accelerator_values()
-        return self
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        heads = extra_options["n_heads"]
-        h = self.previous(q, k, v, extra_options) if self.previous is not None else self.attention(q, k, v, heads)
-        sigmas = extra_options.get("sigmas")
-        sigma = None if sigmas is None else self._sigma.get(sigmas)
-        if self.scale == 0 or (sigma is not None and not self.sigma_end <= sigma <= self.sigma_start):
-            return h
+    def residual(self, block: str, h: torch.Tensor, extra_options: dict, attention, heads: int) -> torch.Tensor:
         chunks = extra_options.get("cond_or_uncond") or [0]
         per_chunk = h.shape[0] // len(chunks)
         tokens = self._tokens.get((h.device, h.dtype, tuple(chunks), per_chunk),
                                   lambda: self._batch_tokens(chunks, per_chunk, h))
-        residual = self.patcher.model.layers[self.block].residual(h, tokens, self.attention, heads)
+        out = self.scale * self.patcher.model.layers[block].residual(h, tokens, attention, heads)
         if self.mask is not None:
-            residual = residual * self.mask.for_rows(extra_options, h.shape[0], h.shape[1], h)
-        return h + self.scale * residual
+            out = out * self.mask.for_rows(extra_options, h.shape[0], h.shape[1], h)
+        return out
 
     def _batch_tokens(self, chunks, per_chunk: int, like: torch.Tensor) -> torch.Tensor:
         """The tokens of every batch row: per CFG chunk the W+ codes' (one per image, or one for all) or a zero
@@ -441,3 +463,78 @@ class WPlusAttn2Replace:
 
         return torch.cat([rows(self.uncond_tokens if c == 1 else self.tokens) for c in chunks]).to(like.device,
                                                                                                   like.dtype)
+
+    def release_accelerator_values(self) -> None:
+        self._tokens.release_accelerator_values()
+        if self.mask is not None:
+            self.mask.release_accelerator_values()
+
+
+class WPlusAttn2Replace:
+    """An attn2 replace patch adding the W+ adapter's residual cross-attention to one block's text attention.
+
+    ``h`` (before to_out) comes from the replace patch that was installed at this block before (so this stacks on
+    IPAdapter-style packs) or, without one, ComfyUI's attention kernel; inside the sigma window the result is
+    ``h + scale * Attn(to_q_wplus(h), to_k_wplus(w), to_v_wplus(w))`` (times the mask, if any), the conditional
+    CFG chunks with the W+ code's tokens and the unconditional ones with a zero W+'s, as the official pipeline.
+    Several Apply W+ Adapter nodes (one code and mask each) share one patch per block (:meth:`joined`): every
+    code's residual is computed from the same ``h`` and the residuals are summed.
+    ``patcher`` owns the adapter's modules (memory manager); they are read through ``patcher.model`` per call.
+    """
+
+    def __init__(self, patcher, block: str, tokens: torch.Tensor, uncond_tokens: torch.Tensor, scale: float,
+                 sigma_start: float = float("inf"), sigma_end: float = 0.0, mask: torch.Tensor | None = None,
+                 previous=None, attention=None):
+        self.block = block
+        self.identities = (WPlusIdentity(patcher, tokens, uncond_tokens, scale, sigma_start, sigma_end, mask),)
+        self.previous = previous
+        self.attention = attention or comfy_attention()
+        self._sigma = StepSigma()
+
+    def joined(self, other: WPlusAttn2Replace) -> WPlusAttn2Replace:
+        """A new patch for this block with this patch's codes and then ``other``'s, on this patch's ``previous``."""
+        patch = copy.copy(self)
+        patch.identities = self.identities + other.identities
+        patch._sigma = StepSigma()
+        return patch
+
+    def __deepcopy__(self, memo):
+        return self  # immutable once attached: clones share it
+
+    def models(self) -> list:
+        earlier = self.previous.models() if hasattr(self.previous, "models") else []
+        return [*{id(i.patcher): i.patcher for i in self.identities}.values(), *earlier]
+
+    def to(self, device_or_dtype, **kwargs):
+        if hasattr(self.previous, "to"):
+            self.previous = self.previous.to(device_or_dtype, **kwargs)
+        if isinstance(device_or_dtype, (str, torch.device)) and torch.device(device_or_dtype).type == "cpu":
+            for identity in self.identities:
+                identity.release_accelerator_values()
+        return self
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        heads = extra_options["n_heads"]
+        h = self.previous(q, k, v, extra_options) if self.previous is not None else self.attention(q, k, v, heads)
+        sigmas = extra_options.get("sigmas")
+        sigma = None if sigmas is None else self._sigma.get(sigmas)
+        active = [identity for identity in self.identities if identity.active_at(sigma)]
+        if not active:
+            return h
+        total = None
+        for identity in active:
+            out = identity.residual(self.block, h, extra_options, self.attention, heads)
+            total = out if total is None else total + out
+        return h + total
+
+
+def add_wplus(model, patch: WPlusAttn2Replace) -> None:
+    """Installs ``patch`` at its block of ``model`` (a clone): joined to the W+ patch already there, if any, else on
+    top of whatever patch was there before (``patch.previous``)."""
+    key = block_key(patch.block)
+    earlier = previous_attn2_replace(model, key)
+    if isinstance(earlier, WPlusAttn2Replace):
+        patch = earlier.joined(patch)
+    else:
+        patch.previous = earlier
+    model.set_model_attn2_replace(patch, *key)

@@ -281,7 +281,9 @@ class ApplyWPlusAdapter(io.ComfyNode):
             category=CATEGORY,
             description="Adds the W+ adapter's residual cross-attention to every cross-attention layer: the text "
             "attention (or another pack's patch installed there before) plus scale x attention over the W+ tokens; "
-            "the unconditional CFG half gets a zero W+'s tokens, as the official pipeline.",
+            "the unconditional CFG half gets a zero W+'s tokens, as the official pipeline. Chain one per face, each "
+            "with its attn_mask, for several people in one image: their residuals are computed from the same text "
+            "attention and summed.",
             inputs=[
                 io.Model.Input("model"),
                 WPlusAdapterType.Input("wplus_adapter"),
@@ -323,12 +325,10 @@ class ApplyWPlusAdapter(io.ComfyNode):
         for name in config.blocks:
             if per_block[name] == 0:  # no patch: the block runs whatever was installed there before
                 continue
-            key = patches.block_key(name)
-            patch = patches.WPlusAttn2Replace(
+            patches.add_wplus(patched, patches.WPlusAttn2Replace(
                 wplus_adapter.patcher, name, tokens, uncond, scale * per_block[name],
                 sigma_start=sampling.percent_to_sigma(start_percent), sigma_end=sampling.percent_to_sigma(end_percent),
-                mask=attn_mask, previous=patches.previous_attn2_replace(patched, key), attention=attention)
-            patched.set_model_attn2_replace(patch, *key)
+                mask=attn_mask, attention=attention))
         return io.NodeOutput(patched)
 
 

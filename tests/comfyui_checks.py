@@ -939,3 +939,114 @@ def wplus_trainer_parity_sd15(work, payload):
             "uncond_effect": float((ours["cfg"][:1] - plain[:1]).abs().max()),
             "max_diff": {k: float((ours[k] - theirs[k]).abs().max()) for k in ours},
             "close": {k: bool(torch.allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-5)) for k in ours}}
+
+
+def two_identities_add_up(work, payload):
+    """Two Apply IDAdapter (weights 0.7 and 0.5, tokens A and B, left and right masks) chained on the tiny checkpoint,
+    and likewise two Apply W+ Adapter (codes A and B): at every transformer block, on the activations a probe recorded
+    in a plain forward, the residual the chained MODEL's patch adds against the sum of the two single applies'
+    residuals, and each single residual outside its mask; the K/V weights of the chained MODEL against base + 0.7 x
+    the deltas; the input MODELs keep their own patches."""
+    import comfy.model_management
+    import nodes
+
+    pack, patches = _pack_modules()
+    wplus = _wplus_module()
+    model, _ = _load_checkpoint(work)
+    base = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    unet_blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+    gen = torch.Generator().manual_seed(21)
+    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
+    left = torch.zeros(1, 64, 64)
+    left[..., :32] = 1
+    right = 1 - left
+    idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
+    embeds = [pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
+              for _ in range(2)]
+    torch.manual_seed(22)
+    adapter = wplus.wplus_arch.WPlusAdapter(wplus.wplus_arch.WPlusAdapterConfig("sd15", unet_blocks))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.05)
+    loaded_wplus = wplus.LoadedModel(patches.module_patcher(adapter), adapter.config)
+    codes = [torch.randn(1, 18, 512, generator=gen) for _ in range(2)]
+    apply_ida = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute
+    apply_wplus = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyWPlusAdapter"].execute
+
+    # a plain forward with probes: each block's middle-patch input and each attn2's q, k, v, with their options
+    seen_middle, seen_attn2 = {}, {}
+    probed = model.clone()
+
+    def middle_probe(h, extra_options):
+        seen_middle[patches.block_name((*extra_options["block"], extra_options["block_index"]))] = (
+            h.clone(), dict(extra_options))
+        return h
+
+    def attn2_probe(q, k, v, extra_options):
+        seen_attn2[patches.block_name((*extra_options["block"], extra_options["block_index"]))] = (
+            q.clone(), k.clone(), v.clone(), dict(extra_options))
+        return patches.comfy_attention()(q, k, v, extra_options["n_heads"])
+
+    probed.set_model_patch(middle_probe, "middle_patch")
+    for name in unet_blocks:
+        probed.set_model_attn2_replace(attn2_probe, *patches.block_key(name))
+    comfy.model_management.load_models_gpu([probed], force_patch_weights=True)
+    given = probed.model_options["transformer_options"]
+    with torch.no_grad():
+        probed.model.diffusion_model(x, timesteps=torch.tensor([500, 500]), context=text, transformer_options={
+            "patches": given["patches"], "patches_replace": given["patches_replace"], "cond_or_uncond": [1, 0],
+            "sigmas": torch.tensor([1.0])})
+
+    def middle_residual(patcher, name):
+        h, extra_options = seen_middle[name]
+        (patch,) = [p for p in patcher.model_options["transformer_options"]["patches"]["middle_patch"]
+                    if isinstance(p, patches.IDAdapterMiddlePatch)]
+        with torch.no_grad():
+            return patch(h, extra_options) - h
+
+    def attn2_residual(patcher, name):
+        q, k, v, extra_options = seen_attn2[name]
+        patch = patcher.model_options["transformer_options"]["patches_replace"]["attn2"][patches.block_key(name)]
+        with torch.no_grad():
+            return patch(q, k, v, extra_options) - patches.comfy_attention()(q, k, v, extra_options["n_heads"])
+
+    def outside(mask, residual, name, seen):
+        extra_options = seen[name][-1]
+        h = seen[name][0]
+        block_mask = patches.BlockMask(mask).for_rows(extra_options, h.shape[0], h.shape[1], h)
+        return float((residual * (1 - block_mask)).abs().max())
+
+    result = {}
+    for method, apply, inputs, residual, seen in (
+            ("idadapter", lambda m, i, w, mask: apply_ida(m, idadapter, embeds[i], w, 0.0, 1.0, mask).result[0],
+             embeds, middle_residual, seen_middle),
+            ("wplus", lambda m, i, w, mask: apply_wplus(m, loaded_wplus, codes[i], w, 0.0, 1.0, mask).result[0],
+             codes, attn2_residual, seen_attn2)):
+        first = apply(model, 0, 0.7, left)
+        both = apply(first, 1, 0.5, right)
+        second = apply(model, 1, 0.5, right)
+        blocks = {}
+        for name in unet_blocks:
+            r1, r2, r12 = residual(first, name), residual(second, name), residual(both, name)
+            blocks[name] = {"sum_diff": float((r12 - r1 - r2).abs().max()), "r1": float(r1.abs().max()),
+                            "r2": float(r2.abs().max()), "r1_outside": outside(left, r1, name, seen),
+                            "r2_outside": outside(right, r2, name, seen)}
+        comfy.model_management.load_models_gpu([both], force_patch_weights=True)
+        state = both.model.state_dict()
+        kv_diff = 0.0
+        for name, deltas in idadapter.kv_deltas.items():
+            for proj, delta in deltas.items():
+                key = patches.attn2_weight_key(name, proj)
+                expected = base[key] + (0.7 * delta.float() if method == "idadapter" else 0)
+                kv_diff = max(kv_diff, float((state[key].float() - expected).abs().max()))
+        first_options = first.model_options["transformer_options"]
+        result[method] = {
+            "blocks": blocks, "kv_diff": kv_diff,
+            "input_model_plain": not model.model_options.get("transformer_options", {}).get("patches")
+                                 and not model.model_options.get("transformer_options", {}).get("patches_replace"),
+            "first_keeps_one_identity": all(
+                len(p.identities) == 1 for p in [*first_options.get("patches", {}).get("middle_patch", []),
+                                                 *first_options.get("patches_replace", {}).get("attn2", {}).values()]),
+        }
+    comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+    return result

@@ -97,20 +97,26 @@ def make_patch(block_weights=None, weight=1.0):
                                         attention=sdpa_attention, block_weights=block_weights), weights
 
 
+def identity_of(patch):
+    """(patcher, tokens) of a one-identity patch, to build another patch on the same adapter and tokens."""
+    (identity,) = patch.identities
+    return identity.patcher, identity.tokens
+
+
 def test_a_block_at_zero_gets_its_input_back_and_all_ones_is_todays_output():
     plain, weights = make_patch()
     channels = {name: spec.channels for name, spec in weights.adapter.config.blocks.items()}
     for block, name in ((("input", 1), "input_1_0"), (("middle", 0), "middle_0_0")):
         x = torch.randn(2, 64, channels[name])
-        zero = patches.IDAdapterMiddlePatch(plain.patcher, plain.tokens, 1.0, attention=sdpa_attention,
+        zero = patches.IDAdapterMiddlePatch(*identity_of(plain), 1.0, attention=sdpa_attention,
                                             block_weights={name: 0.0})
         assert zero(x, options(block=block)) is x
-        ones = patches.IDAdapterMiddlePatch(plain.patcher, plain.tokens, 1.0, attention=sdpa_attention,
+        ones = patches.IDAdapterMiddlePatch(*identity_of(plain), 1.0, attention=sdpa_attention,
                                             block_weights={name: 1.0})
         assert torch.equal(ones(x, options(block=block)), plain(x, options(block=block)))
         assert not torch.equal(plain(x, options(block=block)), x)
     # the zero weight is per block: another block still runs
-    zero_input = patches.IDAdapterMiddlePatch(plain.patcher, plain.tokens, 1.0, attention=sdpa_attention,
+    zero_input = patches.IDAdapterMiddlePatch(*identity_of(plain), 1.0, attention=sdpa_attention,
                                               block_weights={"input_1_0": 0.0})
     x = torch.randn(2, 64, channels["middle_0_0"])
     assert torch.equal(zero_input(x, options(block=("middle", 0))), plain(x, options(block=("middle", 0))))
@@ -119,7 +125,7 @@ def test_a_block_at_zero_gets_its_input_back_and_all_ones_is_todays_output():
 @pytest.mark.parametrize("block_weight", [0.5, -1.0, 2.5])
 def test_block_weights_scale_the_residual_linearly(block_weight):
     plain, _ = make_patch(weight=0.8)
-    scaled = patches.IDAdapterMiddlePatch(plain.patcher, plain.tokens, 0.8, attention=sdpa_attention,
+    scaled = patches.IDAdapterMiddlePatch(*identity_of(plain), 0.8, attention=sdpa_attention,
                                           block_weights={"input_1_0": block_weight})
     x = torch.randn(2, 64, 32)
     torch.testing.assert_close(scaled(x, options()) - x, block_weight * (plain(x, options()) - x), rtol=1e-5,

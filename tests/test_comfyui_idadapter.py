@@ -111,6 +111,52 @@ def test_trainer_forward_equals_comfyui_unet(work, block_inputs):
     assert result["close"], result
 
 
+def two_identity_graph(second_weight, prefix):
+    """The example graph with a second Apply IDAdapter chained after the first: the first on the left half (SolidMask
+    + MaskComposite), the second on the right half at ``second_weight``."""
+    prompt = graph(prefix=prefix)
+    prompt.update({
+        "20": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
+        "21": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 32, "height": 64}},
+        "22": {"class_type": "MaskComposite", "inputs": {"destination": ["20", 0], "source": ["21", 0], "x": 0, "y": 0,
+                                                         "operation": "add"}},
+        "23": {"class_type": "MaskComposite", "inputs": {"destination": ["20", 0], "source": ["21", 0], "x": 32,
+                                                         "y": 0, "operation": "add"}},
+        "24": {"class_type": "IDA_ApplyIDAdapter", "inputs": {"model": ["8", 0], "idadapter": ["6", 0],
+               "embeds": ["7", 0], "weight": second_weight, "start_percent": 0.0, "end_percent": 1.0,
+               "attn_mask": ["23", 0]}},
+    })
+    prompt["8"]["inputs"]["attn_mask"] = ["22", 0]
+    prompt["12"]["inputs"]["model"] = ["24", 0]
+    return prompt
+
+
+def test_changing_a_weight_and_back_gives_the_first_output_bit_for_bit(work):
+    """Run -> change the second identity's weight -> run -> change it back -> run: the last output equals the first
+    bit for bit (the patch objects stay as they were; ComfyUI caches the incoming MODEL)."""
+    runs = [two_identity_graph(0.5, "a"), two_identity_graph(0.9, "b"), two_identity_graph(0.5, "c")]
+    result = run_check(work, "run_prompts", runs)
+    assert all(run["success"] for run in result["runs"]), result
+    first, changed, back = latent(work, "a"), latent(work, "b"), latent(work, "c")
+    assert torch.equal(first, back)
+    assert (first - changed).abs().max() > 1e-4
+
+
+def test_two_identities_with_disjoint_masks_add_up_at_every_block(work):
+    """Issue 18's proof, for Apply IDAdapter and Apply W+ Adapter chained twice (left and right masks): at every
+    transformer block the chained MODEL's residual is the sum of the two single applies' (1e-6), each zero outside
+    its mask; the K/V weights are base + one delta at the first apply's weight; the input MODELs keep theirs."""
+    result = run_check(work, "two_identities_add_up", {})
+    for method in ("idadapter", "wplus"):
+        r = result[method]
+        assert len(r["blocks"]) == 7 and r["input_model_plain"] and r["first_keeps_one_identity"], (method, r)
+        for name, block in r["blocks"].items():
+            assert block["sum_diff"] <= 1e-6, (method, name, block)
+            assert block["r1"] > 1e-4 and block["r2"] > 1e-4, (method, name, block)
+            assert block["r1_outside"] == 0 and block["r2_outside"] == 0, (method, name, block)
+        assert r["kv_diff"] <= 1e-6, (method, r["kv_diff"])
+
+
 def test_block_weights_at_zero_leave_their_blocks_plain(work):
     """Per-block weights in ComfyUI, for Apply IDAdapter and Apply W+ Adapter: each block re-run on the input it got
     in the patched forward gives exactly the plain block's output where its weight is 0 (the 'speed' preset: the 64

@@ -52,7 +52,7 @@ def test_only_conditional_chunks_change_and_match_cond_alone():
 
 def test_weight_scales_the_residual():
     one, _ = make_patch(weight=1.0)
-    two = patches.IDAdapterMiddlePatch(one.patcher, one.tokens, 2.5, attention=sdpa_attention)
+    two = patches.IDAdapterMiddlePatch(one.identities[0].patcher, one.identities[0].tokens, 2.5, attention=sdpa_attention)
     x = torch.randn(2, 64, 32)
     torch.testing.assert_close(two(x, options()) - x, 2.5 * (one(x, options()) - x), rtol=1e-5, atol=1e-6)
 
@@ -91,7 +91,8 @@ def test_clone_shares_patch_and_weights():
     model_options = {"transformer_options": {"patches": {"middle_patch": [patch]}}}
     cloned = copy.deepcopy(model_options)  # what ModelPatcher.clone() does in ComfyUI 0.3.x
     assert cloned["transformer_options"]["patches"]["middle_patch"][0] is patch
-    assert patch.models() == [patch.patcher] and patch.patcher.model is weights.adapter.adapters
+    (identity,) = patch.identities
+    assert patch.models() == [identity.patcher] and identity.patcher.model is weights.adapter.adapters
     assert patch.to(torch.device("cpu")) is patch and patch.to(torch.float16) is patch
 
 
@@ -189,9 +190,9 @@ def test_moving_the_patch_to_the_cpu_lets_go_of_other_devices_tensors():
     accelerator (here the meta device stands in for one) go with it."""
     patch, _ = make_patch(mask=torch.ones(1, 64, 64))
     patch(torch.randn(2, 64, 32, device="meta"), options())
-    assert _meta_tensors(patch.tokens.shape) == 1
+    assert _meta_tensors(patch.identities[0].tokens.shape) == 1
     assert patch.to(torch.device("cpu")) is patch
-    assert _meta_tensors(patch.tokens.shape) == 0
+    assert _meta_tensors(patch.identities[0].tokens.shape) == 0
 
 
 def _meta_tensors(shape) -> int:
@@ -275,3 +276,83 @@ def test_non_contiguous_conditional_rows():
     assert torch.equal(out[1], x[1])
     for row in (0, 2):
         torch.testing.assert_close(out[row:row + 1], patch(x[row:row + 1], options(cond_or_uncond=(0,))))
+
+
+# ---- several identities in one MODEL
+
+
+def halves():
+    left = torch.zeros(1, 64, 64)
+    left[:, :, :32] = 1.0
+    return left, 1.0 - left
+
+
+def two_identities(**kwargs):
+    """Two one-identity patches on one adapter (other tokens, left and right masks) and their join."""
+    left, right = halves()
+    first, weights = make_patch(mask=left, **kwargs)
+    (identity,) = first.identities
+    second = patches.IDAdapterMiddlePatch(identity.patcher, torch.randn(1, 4, 24), 0.6, attention=sdpa_attention,
+                                          mask=right)
+    return first, second, first.joined(second), weights
+
+
+def test_joined_identities_add_their_own_residuals_each_inside_its_mask():
+    first, second, both, _ = two_identities()
+    x = torch.randn(2, 64, 32)
+    r1, r2, r12 = first(x, options()) - x, second(x, options()) - x, both(x, options()) - x
+    torch.testing.assert_close(r12, r1 + r2, rtol=0, atol=1e-6)
+    grid = lambda r: r[1].abs().sum(-1).reshape(8, 8)  # noqa: E731  (the conditional row on the 8x8 grid)
+    assert grid(r1)[:, 4:].max() == 0 and grid(r1)[:, :4].min() > 1e-4
+    assert grid(r2)[:, :4].max() == 0 and grid(r2)[:, 4:].min() > 1e-4
+    assert torch.equal(r12[0], torch.zeros_like(r12[0]))  # the unconditional row stays plain
+    # chaining the two patches instead would feed the first's output to the second: not the same
+    chained = second(first(x, options()), options()) - x
+    assert (chained - (r1 + r2)).abs().max() > 1e-4
+
+
+def test_joining_leaves_both_patches_as_they_were():
+    first, second, both, _ = two_identities()
+    assert len(first.identities) == 1 and len(second.identities) == 1 and len(both.identities) == 2
+    assert both.identities == first.identities + second.identities
+    assert both.models() == [first.identities[0].patcher]  # one adapter file: one patcher for the manager
+
+
+class StandInModel:
+    """What add_idadapter uses of a ModelPatcher: model_options, set_model_patch, add_patches, clone."""
+
+    def __init__(self, model_options=None, calls=()):
+        self.model_options = model_options or {"transformer_options": {}}
+        self.kv_calls = list(calls)
+
+    def clone(self):
+        return StandInModel(copy.deepcopy(self.model_options), self.kv_calls)  # as ModelPatcher.clone in 0.3.x
+
+    def set_model_patch(self, patch, name):
+        to = self.model_options["transformer_options"].setdefault("patches", {})
+        to[name] = to.get(name, []) + [patch]
+
+    def add_patches(self, entries, strength_patch=1.0):
+        self.kv_calls.append((sorted(entries), strength_patch))
+
+
+def test_an_adapter_files_kv_deltas_are_added_once_at_the_first_applys_weight():
+    first, second, _, weights = two_identities()
+    other_file, _ = make_patch()  # another adapter file (its own patcher)
+    base = StandInModel()
+    base.set_model_patch("another pack's patch", "middle_patch")
+    one = base.clone()
+    patches.add_idadapter(one, first, weights.kv_deltas, 0.9)
+    two = one.clone()
+    patches.add_idadapter(two, second, weights.kv_deltas, 0.6)
+    three = two.clone()
+    patches.add_idadapter(three, other_file, weights.kv_deltas, 0.3)
+    assert [strength for _, strength in three.kv_calls] == [0.9, 0.3]  # the second apply of the file adds none
+    assert first.identities[0].adds_kv and not second.identities[0].adds_kv and other_file.identities[0].adds_kv
+    # one IDAdapter patch per MODEL, in its place after the other pack's; the earlier MODELs keep theirs
+    middle = lambda m: m.model_options["transformer_options"]["patches"]["middle_patch"]  # noqa: E731
+    assert middle(base) == ["another pack's patch"]
+    assert middle(one) == ["another pack's patch", first]
+    assert middle(two)[0] == "another pack's patch" and middle(two)[1].identities == first.identities + second.identities
+    assert middle(three)[1].identities == middle(two)[1].identities + other_file.identities
+    assert len(middle(one)[1].identities) == 1

@@ -103,3 +103,54 @@ def test_codes_and_latents_must_pair_up(adapter):
 
 def test_block_keys_round_trip():
     assert patches.block_key("input_1_0") == ("input", 1, 0) and patches.block_key("middle_0_0") == ("middle", 0, 0)
+
+
+def test_several_codes_add_their_own_residuals_on_the_same_text_attention(adapter):
+    q, k, v = qkv(tokens=16)
+    left = torch.zeros(4, 4)
+    left[:, :2] = 1
+    options = {**OPTIONS, "activations_shape": [2, CHANNELS, 4, 4]}
+
+    def other_pack(q, k, v, extra_options):
+        return sdpa_attention(q, k, v, extra_options["n_heads"]) + 1
+
+    first = patch_for(adapter, 0.9, torch.randn(1, 18, 512), mask=left, previous=other_pack)
+    second = patch_for(adapter, 0.5, torch.randn(1, 18, 512), mask=1 - left)
+    both = first.joined(second)
+    h = other_pack(q, k, v, options)
+    r1 = first(q, k, v, options) - h
+    r2 = patches.WPlusAttn2Replace(second.identities[0].patcher, BLOCK, second.identities[0].tokens,
+                                   second.identities[0].uncond_tokens, 0.5, mask=1 - left, previous=other_pack,
+                                   attention=sdpa_attention)(q, k, v, options) - h
+    torch.testing.assert_close(both(q, k, v, options) - h, r1 + r2, rtol=0, atol=1e-6)
+    columns = lambda r: r.abs().amax(dim=(0, 2)).reshape(4, 4)  # noqa: E731
+    assert (columns(r1)[:, 2:] == 0).all() and (columns(r1)[:, :2] > 0).all()
+    assert (columns(r2)[:, :2] == 0).all() and (columns(r2)[:, 2:] > 0).all()
+    assert both.previous is other_pack and len(first.identities) == len(second.identities) == 1
+
+
+class StandInModel:
+    """What add_wplus uses of a ModelPatcher: model_options and set_model_attn2_replace."""
+
+    def __init__(self):
+        self.model_options = {"transformer_options": {}}
+
+    def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
+        to = self.model_options["transformer_options"].setdefault("patches_replace", {}).setdefault("attn2", {})
+        to[(block_name, number, transformer_index)] = patch
+
+
+def test_a_second_apply_joins_the_first_ones_patch_and_keeps_the_other_packs(adapter):
+    model = StandInModel()
+
+    def other_pack(q, k, v, extra_options):
+        return q
+
+    model.set_model_attn2_replace(other_pack, "input", 1, 0)
+    first, second = patch_for(adapter, 1.0), patch_for(adapter, 0.5)
+    patches.add_wplus(model, first)
+    assert first.previous is other_pack
+    patches.add_wplus(model, second)
+    installed = model.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    assert installed.identities == first.identities + second.identities and installed.previous is other_pack
+    assert installed.models() == [first.identities[0].patcher, second.identities[0].patcher]
