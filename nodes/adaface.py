@@ -21,6 +21,7 @@ from .arch.files import write_safetensors
 from .errors import ConfigError, ModelFolderError, PackError
 from .face_nodes import CATEGORY, FaceEmbeds
 from .resident import ResidentFile
+from .shared_inputs import IdentityWordsType, chained_words, identity_words_input
 
 AdaFaceType = io.Custom("ADAFACE")
 BUNDLED_ENCODER = "(bundled in the inverter file)"
@@ -149,7 +150,7 @@ class AdaFaceEncode(io.ComfyNode):
             display_name="AdaFace Encode",
             category=CATEGORY,
             description="Encodes a prompt with the face's 16 AdaFace tokens where the placeholder word is (any "
-            "SD1.5 checkpoint; no MODEL patch).",
+            "SD1.5 checkpoint; no MODEL patch). More people: identity_words.",
             inputs=[
                 io.Clip.Input("clip"),
                 AdaFaceType.Input("adaface"),
@@ -161,29 +162,58 @@ class AdaFaceEncode(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=0.0, max=3.0, step=0.05,
                                tooltip="the official out_id_embs_cfg_scale: below 1 mixes the tokens towards the "
                                "padding prompt's, above 1 away from it"),
+                identity_words_input(),
             ],
             outputs=[io.Conditioning.Output()],
         )
 
     @classmethod
-    def execute(cls, clip, adaface, face_embeds, text, placeholder, strength) -> io.NodeOutput:
-        family = _family_of(clip)
-        if family != adaface.family:
-            raise PackError(f"this AdaFace writes {adaface.family} prompt tokens (CLIP-L, "
-                            f"{adaface.config.inverter.hidden_size} wide); the CLIP belongs to {family}: use an "
-                            f"{adaface.family} checkpoint's CLIP")
-        placeholder = ada.check_placeholder(placeholder.strip())
-        word = [e[0] for e in clip.tokenize(placeholder, return_word_ids=True)[SD15_ENCODER][0] if e[2] == 1]
-        if len(word) != 1:
-            raise ConfigError(f"the placeholder {placeholder!r} is {len(word)} CLIP tokens; use a word that is one "
-                              "token, such as 'z'")
-        vectors = identity_vectors(adaface, face_embeds, strength)
-        expanded, found = ada.expand_placeholder(text, placeholder, len(vectors))
-        tokens, placed = patches.place_identity_vectors(clip.tokenize(expanded), SD15_ENCODER, word[0], vectors)
-        if placed != len(vectors) * max(found, 1):
-            raise PackError(f"the placeholder {placeholder!r} was found {found} times in the text but tokenized "
-                            f"{placed / len(vectors):g} times: write it as a separate word, or choose another")
+    def execute(cls, clip, adaface, face_embeds, text, placeholder, strength, identity_words=None) -> io.NodeOutput:
+        check_clip_family(clip, adaface)
+        own = adaface_word(adaface, face_embeds, placeholder, strength, append_if_missing=True)
+        tokens = patches.tokenize_with_identities(clip, text, [own, *(identity_words or [])])
         return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))
+
+
+def check_clip_family(clip, adaface: LoadedAdaFace) -> None:
+    family = _family_of(clip)
+    if family != adaface.family:
+        raise PackError(f"this AdaFace writes {adaface.family} prompt tokens (CLIP-L, "
+                        f"{adaface.config.inverter.hidden_size} wide); the CLIP belongs to {family}: use an "
+                        f"{adaface.family} checkpoint's CLIP")
+
+
+def adaface_word(adaface: LoadedAdaFace, face_embeds, placeholder: str, strength: float,
+                 append_if_missing: bool = False) -> patches.IdentityWord:
+    """The face's 16 AdaFace tokens on ``placeholder`` (SD1.5's CLIP-L)."""
+    return patches.IdentityWord(ada.check_placeholder(placeholder.strip()),
+                                {SD15_ENCODER: identity_vectors(adaface, face_embeds, strength)}, "AdaFace",
+                                append_if_missing=append_if_missing)
+
+
+class AdaFaceIdentityWord(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_AdaFaceIdentityWord",
+            display_name="AdaFace Identity Word",
+            category=CATEGORY,
+            description="One more person for AdaFace Encode (or IDAdapter Text Encode): this face's 16 AdaFace tokens on "
+            "its own placeholder, e.g. 'y' in 'z and y at a cafe'. For one person per region, use a masked "
+            "conditioning (Conditioning (Set Mask)) per person instead.",
+            inputs=[
+                AdaFaceType.Input("adaface"),
+                FaceEmbeds.Input("face_embeds", tooltip="this person's faces: several photos are averaged"),
+                io.String.Input("placeholder", default="y", tooltip="one letter word, other than the others'"),
+                io.Float.Input("strength", default=1.0, min=0.0, max=3.0, step=0.05),
+                identity_words_input(),
+            ],
+            outputs=[IdentityWordsType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, adaface, face_embeds, placeholder, strength, identity_words=None) -> io.NodeOutput:
+        return io.NodeOutput(chained_words(identity_words, adaface_word(adaface, face_embeds, placeholder, strength)))
 
 
 EMBEDDING_KEYS = ("clip_l", "emb_params")  # ComfyUI reads clip_l for SD1.5; A1111-style front-ends emb_params
@@ -226,4 +256,4 @@ class SaveAdaFaceEmbedding(io.ComfyNode):
         return io.NodeOutput(f"embedding:{name}")
 
 
-ADAFACE_NODES = [LoadAdaFace, AdaFaceEncode, SaveAdaFaceEmbedding]
+ADAFACE_NODES = [LoadAdaFace, AdaFaceEncode, AdaFaceIdentityWord, SaveAdaFaceEmbedding]

@@ -15,7 +15,7 @@ from .errors import NoFaceError, PackError
 from .face import insightface_backend
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
 from .resident import ResidentFile
-from .shared_inputs import block_weight_inputs
+from .shared_inputs import IdentityWordsType, block_weight_inputs, chained_words, identity_words_input
 
 IDAdapterType = io.Custom("IDADAPTER")
 IDAdapterEmbedsType = io.Custom("IDADAPTER_EMBEDS")
@@ -212,7 +212,7 @@ class IDAdapterTextEncode(io.ComfyNode):
             display_name="IDAdapter Text Encode",
             category=CATEGORY,
             description="Encodes a prompt whose identifier word (default 'sks') becomes the identity text token; "
-            "'<class noun> is <identifier>' is appended as in training.",
+            "'<class noun> is <identifier>' is appended as in training. More people: identity_words.",
             inputs=[
                 io.Clip.Input("clip"),
                 IDAdapterEmbedsType.Input("embeds"),
@@ -220,26 +220,53 @@ class IDAdapterTextEncode(io.ComfyNode):
                 io.String.Input("identifier", default=ida.DEFAULT_IDENTIFIER),
                 io.String.Input("class_noun", default="person", tooltip="woman, man, person, ..."),
                 io.Boolean.Input("append_class_phrase", default=True,
-                                 tooltip="append ', <class noun> is <identifier>' as the paper's training prompts do"),
+                                 tooltip="append ', <class noun> is <identifier>' as the paper's training prompts do "
+                                 "(for every IDAdapter identity word too)"),
+                identity_words_input(),
             ],
             outputs=[io.Conditioning.Output()],
         )
 
     @classmethod
-    def execute(cls, clip, embeds, text, identifier, class_noun, append_class_phrase) -> io.NodeOutput:
-        identifier = ida.check_identifier(identifier.strip())
+    def execute(cls, clip, embeds, text, identifier, class_noun, append_class_phrase,
+                identity_words=None) -> io.NodeOutput:
+        words = [identity_word(embeds, identifier, class_noun), *(identity_words or [])]
         if append_class_phrase:
-            text = ida.identity_prompt(text, class_noun, identifier)
-        ids = {}
-        for key, rows in clip.tokenize(identifier, return_word_ids=True).items():
-            word = [entry[0] for entry in rows[0] if len(entry) > 2 and entry[2] == 1]
-            ids[key] = ida.identifier_token(identifier, word, key)
-        tokens = clip.tokenize(text)
-        if not any(entry[0] == ids[key] for key, rows in tokens.items() for row in rows for entry in row):
-            raise PackError(f"the text does not contain the identifier {identifier!r}: write it where the person "
-                            "goes (e.g. 'a photo of sks') or turn on append_class_phrase")
-        injected = patches.inject_identity_tokens(tokens, ids, embeds.text)
-        return io.NodeOutput(clip.encode_from_tokens_scheduled(injected))
+            for word in words:
+                if word.class_noun:
+                    text = ida.identity_prompt(text, word.class_noun, word.word)
+        return io.NodeOutput(clip.encode_from_tokens_scheduled(patches.tokenize_with_identities(clip, text, words)))
 
 
-IDADAPTER_NODES = [LoadIDAdapter, IDAdapterMFFEmbed, ApplyIDAdapter, IDAdapterTextEncode]
+def identity_word(embeds, identifier: str, class_noun: str) -> patches.IdentityWord:
+    """The identity text token E_c of ``embeds`` (one vector per text encoder) on ``identifier``."""
+    return patches.IdentityWord(ida.check_identifier(identifier.strip()),
+                                {key: vector.detach().float().reshape(1, -1) for key, vector in embeds.text.items()},
+                                "IDAdapter", class_noun=class_noun.strip())
+
+
+class IDAdapterIdentityWord(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IDA_IDAdapterIdentityWord",
+            display_name="IDAdapter Identity Word",
+            category=CATEGORY,
+            description="One more person for IDAdapter Text Encode (or AdaFace Encode): this identity's text token on "
+            "its own word, e.g. 'ohwx' in 'sks and ohwx at a cafe'. Give the same embeds to a second Apply IDAdapter "
+            "with that person's attn_mask.",
+            inputs=[
+                IDAdapterEmbedsType.Input("embeds"),
+                io.String.Input("identifier", default="ohwx", tooltip="a one-token rare word, other than the others'"),
+                io.String.Input("class_noun", default="person", tooltip="woman, man, person, ..."),
+                identity_words_input(),
+            ],
+            outputs=[IdentityWordsType.Output()],
+        )
+
+    @classmethod
+    def execute(cls, embeds, identifier, class_noun, identity_words=None) -> io.NodeOutput:
+        return io.NodeOutput(chained_words(identity_words, identity_word(embeds, identifier, class_noun)))
+
+
+IDADAPTER_NODES = [LoadIDAdapter, IDAdapterMFFEmbed, ApplyIDAdapter, IDAdapterTextEncode, IDAdapterIdentityWord]

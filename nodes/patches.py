@@ -5,8 +5,8 @@
 - :func:`add_kv_patches`: cross-attention K/V deltas as ``ModelPatcher.add_patches`` entries (they stack
   with LoRAs).
 - :func:`unet_block_weights`: a node's block preset and block weight text as {block name: weight}.
-- :func:`inject_identity_tokens`, :func:`place_identity_vectors`: put identity vectors where the identifier
-  word's tokens are in the output of ``clip.tokenize``.
+- :func:`tokenize_with_identities`, :func:`place_identity_vectors`: put identity vectors where their words' tokens
+  are in the output of ``clip.tokenize``.
 - :func:`module_patcher`, :func:`run_loaded`: weights owned and loaded by ComfyUI's memory manager.
 
 Patch objects are immutable once attached and shared by every ``model.clone()``. The gated-attention weights
@@ -24,12 +24,15 @@ import math
 import threading
 import weakref
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .arch import block_weights as block_weights_arch
+from .arch.adaface import expand_placeholder
 from .arch.idadapter import BlockSpec, IDAdapter, add_on_rows, block_name
-from .errors import PackError
+from .errors import ConfigError, PackError
 
 
 def module_patcher(module: torch.nn.Module):
@@ -368,24 +371,70 @@ def add_kv_patches(model, kv_deltas: dict[str, dict[str, torch.Tensor]], weight:
         model.add_patches(entries, strength_patch=strength)
 
 
-def inject_identity_tokens(tokens: dict, identifier_ids: dict[str, int], vectors: dict[str, torch.Tensor]) -> dict:
-    """Replaces every identifier token of each encoder's rows by that encoder's identity vector.
+@dataclass(frozen=True)
+class IdentityWord:
+    """One identity's word in a prompt and what replaces it: per text encoder key, K vectors [K, D]. The prompt
+    carries the word once per place; it is written out K times there before tokenizing, and the K copies become the
+    K vectors in order."""
 
-    ``tokens`` is what ``clip.tokenize`` returns: {encoder key: rows of (token, weight[, word id])}. Rows keep
-    their length (ComfyUI adds position embeddings to all 77 places) and weights.
+    word: str
+    vectors: dict[str, torch.Tensor]
+    source: str  # the node that made it, for messages ("IDAdapter", "AdaFace")
+    class_noun: str = ""  # IDAdapter: "<class noun> is <word>" is appended when the encode node appends phrases
+    append_if_missing: bool = False  # AdaFace Encode's own placeholder: appended when the text lacks it (official)
+
+    @property
+    def count(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+
+def word_token_ids(clip, word: str) -> dict[str, int]:
+    """The single token id ``word`` is for each of the CLIP's text encoders."""
+    ids = {}
+    for key, rows in clip.tokenize(word, return_word_ids=True).items():
+        found = [entry[0] for entry in rows[0] if len(entry) > 2 and entry[2] == 1]
+        if len(found) != 1:
+            raise ConfigError(f"the word {word!r} is {len(found)} tokens for the {key!r} text encoder; use a word "
+                              "that is one token (a rare word such as 'sks', or a letter such as 'z')")
+        ids[key] = int(found[0])
+    return ids
+
+
+def tokenize_with_identities(clip, text: str, words: list[IdentityWord]) -> dict:
+    """``clip.tokenize(text)`` with each identity word's tokens replaced by its vectors, for every text encoder.
+
+    Each word must be its own (one-token) word, written where its person goes; several words are several people in
+    one prompt ("sks and ohwx at a cafe"). Rows keep their length (ComfyUI adds position embeddings to all 77
+    places), weights and word ids.
     """
-    missing = sorted(set(tokens) - set(vectors))
-    if missing:
-        raise PackError(
-            f"the CLIP has text encoders {sorted(tokens)}, the IDAdapter embeds give vectors for {sorted(vectors)}: "
-            "the IDAdapter was trained for another base model"
-        )
-    out = {}
-    for key, rows in tokens.items():
-        vector = vectors[key].detach().float().reshape(-1)
-        ident = identifier_ids[key]
-        out[key] = [[(vector, *entry[1:]) if _is_token(entry, ident) else entry for entry in row] for row in rows]
-    return out
+    names = [w.word.lower() for w in words]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"several identities use the word {repeated[0]!r}: give each person its own word")
+    found = {}
+    for word in words:
+        if word.count > 1 or word.append_if_missing:
+            text, found[word.word] = expand_placeholder(text, word.word, word.count)
+            if not found[word.word] and not word.append_if_missing:
+                raise PackError(f"the text does not contain {word.word!r} (an {word.source} identity's word): write "
+                                "it where that person goes")
+    tokens = clip.tokenize(text)
+    for word in words:
+        lacking = sorted(set(tokens) - set(word.vectors))
+        if lacking:
+            raise PackError(f"the CLIP has text encoders {sorted(tokens)}; the {word.source} identity {word.word!r} "
+                            f"gives vectors for {sorted(word.vectors)}: it was made for another base model")
+        for key, token_id in word_token_ids(clip, word.word).items():
+            tokens, placed = place_identity_vectors(tokens, key, token_id, word.vectors[key])
+            if placed == 0:
+                raise PackError(f"the text does not contain {word.word!r} (an {word.source} identity's word): write "
+                                "it where that person goes, as a separate word")
+            expected = word.count * max(found.get(word.word, 1), 1)
+            if (word.word in found and placed != expected) or placed % word.count:
+                raise PackError(f"the {word.source} identity's word {word.word!r} was found "
+                                f"{placed / word.count:g} times among the text's tokens: write it as a separate "
+                                "word where that person goes (or choose another word)")
+    return tokens
 
 
 def _is_token(entry: tuple, token_id: int) -> bool:

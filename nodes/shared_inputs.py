@@ -1,10 +1,25 @@
-"""Node inputs that several methods' nodes share."""
+"""Node inputs and types that several methods' nodes share."""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
 from .arch import block_weights as block_weights_arch
+
+# a list of patches.IdentityWord: more people's words for one prompt (IDAdapter / AdaFace Identity Word nodes)
+IdentityWordsType = io.Custom("IDENTITY_WORDS")
+
+
+def identity_words_input():
+    return IdentityWordsType.Input(
+        "identity_words", optional=True,
+        tooltip="more people in this prompt: chain IDAdapter / AdaFace Identity Word nodes, each with its own word "
+        "(e.g. 'sks and ohwx at a cafe'); pair each person with a masked Apply node (or a masked conditioning)")
+
+
+def chained_words(identity_words, word) -> list:
+    """``identity_words`` (or none) and then ``word``, as a new list."""
+    return [*(identity_words or []), word]
 
 
 def block_weight_inputs() -> list:

@@ -306,35 +306,45 @@ def _token_embeddings(clip):
 
 def text_injection_matches_edited_embedding_table(work, payload):
     """IDAdapter Text Encode equals encoding the same prompt with the identifier's row of each encoder's token
-    embedding table replaced by E_c."""
+    embedding table replaced by E_c; with a second person (IDAdapter Identity Word on 'ohwx'), both rows replaced."""
     import nodes
 
     encode = nodes.NODE_CLASS_MAPPINGS["IDA_IDAdapterTextEncode"]
+    second_word = nodes.NODE_CLASS_MAPPINGS["IDA_IDAdapterIdentityWord"]
+    ida = __import__("sys").modules[encode.__module__].ida
     results = {}
     for family in payload["families"]:
-        clip = _load_checkpoint(work)[1] if family == "sd15" else _random_clip(family)
-        tables = _token_embeddings(clip)
-        gen = torch.Generator().manual_seed(5)
-        # rounded to the table's dtype so that writing them into the table loses nothing
-        vectors = {k: (torch.randn(t.weight.shape[1], generator=gen) * 0.02).to(t.weight.dtype).float()
-                   for k, t in tables.items()}
-        embeds = __import__("sys").modules[encode.__module__].ida.IDAdapterEmbeds(torch.zeros(1, 4, 8), vectors, family)
-        prompt = "a photo of sks in the snow, woman is sks"  # what the node encodes with the class phrase on
-        ours = encode.execute(clip, embeds, "a photo of sks in the snow", "sks", "woman", True).result[0]
-        plain = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        sks = clip.tokenize("sks")
-        for key, table in tables.items():  # edits this CLIP's table in place: it is not used afterwards
-            with torch.no_grad():
-                table.weight[sks[key][0][1][0]] = vectors[key].to(table.weight)
-        reference = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        results[family] = {
-            "keys": sorted(tables),
-            "cond_shape": list(ours[0][0].shape),
-            "max_diff": float((ours[0][0] - reference[0][0]).abs().max()),
-            "pooled_diff": float((ours[0][1]["pooled_output"] - reference[0][1]["pooled_output"]).abs().max())
-            if ours[0][1].get("pooled_output") is not None else 0.0,
-            "changed_vs_plain": float((ours[0][0] - plain[0][0]).abs().max()),
-        }
+        for people in (1, 2):
+            clip = _load_checkpoint(work)[1] if family == "sd15" else _random_clip(family)
+            tables = _token_embeddings(clip)
+            gen = torch.Generator().manual_seed(5)
+            # rounded to the table's dtype so that writing them into the table loses nothing
+            vectors = [{k: (torch.randn(t.weight.shape[1], generator=gen) * 0.02).to(t.weight.dtype).float()
+                        for k, t in tables.items()} for _ in range(people)]
+            embeds = [ida.IDAdapterEmbeds(torch.zeros(1, 4, 8), v, family) for v in vectors]
+            if people == 1:
+                prompt = "a photo of sks in the snow, woman is sks"  # what the node encodes with the class phrase on
+                ours = encode.execute(clip, embeds[0], "a photo of sks in the snow", "sks", "woman", True).result[0]
+            else:
+                prompt = "a photo of sks and ohwx in the snow, woman is sks, man is ohwx"
+                words = second_word.execute(embeds[1], "ohwx", "man").result[0]
+                ours = encode.execute(clip, embeds[0], "a photo of sks and ohwx in the snow", "sks", "woman", True,
+                                      identity_words=words).result[0]
+            plain = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+            for word, vector in zip(("sks", "ohwx"), vectors):
+                ids = clip.tokenize(word)
+                for key, table in tables.items():  # edits this CLIP's table in place: it is not used afterwards
+                    with torch.no_grad():
+                        table.weight[ids[key][0][1][0]] = vector[key].to(table.weight)
+            reference = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+            results[f"{family}-{people}"] = {
+                "keys": sorted(tables),
+                "cond_shape": list(ours[0][0].shape),
+                "max_diff": float((ours[0][0] - reference[0][0]).abs().max()),
+                "pooled_diff": float((ours[0][1]["pooled_output"] - reference[0][1]["pooled_output"]).abs().max())
+                if ours[0][1].get("pooled_output") is not None else 0.0,
+                "changed_vs_plain": float((ours[0][0] - plain[0][0]).abs().max()),
+            }
     return results
 
 
@@ -591,7 +601,8 @@ def node_and_trainer_prompts(work, payload):
 
         def tokenize(self, text, **kwargs):
             tokens = clip.tokenize(text, **kwargs)
-            seen.append(tokens)
+            if not kwargs.get("return_word_ids"):  # the prompt (the node also tokenizes the word alone)
+                seen.append(tokens)
             return tokens
 
         def encode_from_tokens_scheduled(self, tokens):
@@ -758,8 +769,16 @@ def saved_embedding_matches_encode(work, payload):
         second = f"{type(exc).__name__}: {exc}"
     mode = os.stat(os.path.join(folder[0], "tiny_person.safetensors")).st_mode & 0o777
     plain = nodes.CLIPTextEncode().encode(clip, "a photo of person in the snow")[0]
+    # two people in one prompt: AdaFace Encode's z plus an AdaFace Identity Word's y, against two saved embeddings
+    other_faces = _face_embeds(module, seed=12)
+    other = save.execute(adaface, other_faces, 1.0, "tiny_other", False).result[0]
+    y = nodes.NODE_CLASS_MAPPINGS["IDA_AdaFaceIdentityWord"].execute(adaface, other_faces, "y", 1.0).result[0]
+    both = nodes.NODE_CLASS_MAPPINGS["IDA_AdaFaceEncode"].execute(clip, adaface, faces, "z and y in the snow", "z", 1.0,
+                                                                  identity_words=y).result[0]
+    both_theirs = nodes.CLIPTextEncode().encode(clip, f"{word} and {other} in the snow")[0]
     return {"word": word, "loaded_shape": list(loaded.shape), "loaded_diff": float((loaded - vectors).abs().max()),
             "cond_diff": float((ours[0][0] - theirs[0][0]).abs().max()),
+            "two_people_diff": float((both[0][0] - both_theirs[0][0]).abs().max()),
             "changed_vs_plain": float((ours[0][0] - plain[0][0]).abs().max()),
             "second_save": second, "mode": oct(mode)}
 

@@ -35,6 +35,7 @@ def test_saved_embedding_works_through_comfyuis_embedding_syntax(work):
     assert result["word"] == "embedding:tiny_person"
     assert result["loaded_shape"] == [16, 768] and result["loaded_diff"] == 0.0
     assert result["cond_diff"] < 1e-5 and result["changed_vs_plain"] > 1e-3
+    assert result["two_people_diff"] < 1e-5  # z and y: each face's 16 tokens where its word is
     assert "exists: choose another name or turn on overwrite" in result["second_save"]
     umask = os.umask(0)
     os.umask(umask)

@@ -92,9 +92,13 @@ def test_adapter_weights_are_loaded_and_unloaded_with_the_model(work):
 
 
 def test_text_token_equals_edited_embedding_table(work):
+    """One person, and two (IDAdapter Identity Word 'ohwx' chained into IDAdapter Text Encode 'sks'): each word's
+    E_c where its token is, for every family's text encoders."""
     result = run_check(work, "text_injection_matches_edited_embedding_table", {"families": ["sd15", "sd21", "sdxl"]})
-    assert result["sd15"]["keys"] == ["l"] and result["sd21"]["keys"] == ["h"] and result["sdxl"]["keys"] == ["g", "l"]
-    assert result["sdxl"]["cond_shape"] == [1, 77, 2048]
+    assert result["sd15-1"]["keys"] == ["l"] and result["sd21-1"]["keys"] == ["h"]
+    assert result["sdxl-1"]["keys"] == ["g", "l"]
+    assert result["sdxl-1"]["cond_shape"] == result["sdxl-2"]["cond_shape"] == [1, 77, 2048]
+    assert len(result) == 6
     for family, r in result.items():
         assert r["max_diff"] < 1e-4 and r["pooled_diff"] < 1e-4, (family, r)
         assert r["changed_vs_plain"] > 1e-3, (family, r)

@@ -11,7 +11,7 @@ import torch
 from idadapter_helpers import StandInPatcher, tiny_adapter
 from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch.idadapter import sdpa_attention
-from comfyui_idadapter.nodes.errors import PackError
+from comfyui_idadapter.nodes.errors import ConfigError, PackError
 
 
 def options(block=("input", 1), sigma=5.0, cond_or_uncond=(1, 0), latent=(8, 8), batch=1):
@@ -247,26 +247,65 @@ def test_kv_weight_patch_keys():
     assert len(entry) == 1 and entry[0] is weights.kv_deltas["middle_0_0"]["to_v"]
 
 
-SKS = 48136
+class WordClip:
+    """What tokenize_with_identities uses of a ComfyUI CLIP: ``tokenize`` per text encoder key, one token per
+    space-separated word (a word in VOCAB; "xyzw" is two tokens), rows of 77 with (token, weight[, word id])."""
+
+    VOCAB = {"a": 320, "photo": 1125, "of": 539, "sks": 48136, "and": 537, "xyz": 23147, "z": 329, "y": 344,
+             "at": 536, "cafe": 4979, "person": 2533, "is": 533, ",": 267}
+
+    def __init__(self, keys):
+        self.keys = keys
+
+    def tokenize(self, text, return_word_ids=False):
+        ids = []
+        for number, word in enumerate(text.replace(",", " , ").split(), start=1):
+            pieces = [self.VOCAB[word]] if word in self.VOCAB else [1, 2] if word == "xyzw" else [999]
+            ids += [(t, 1.0, number) if return_word_ids else (t, 1.0) for t in pieces]
+        start, end = ((49406, 1.0, 0), (49407, 1.0, 0)) if return_word_ids else ((49406, 1.0), (49407, 1.0))
+        row = [start, *ids, end]
+        return {key: [row + [end] * (77 - len(row))] for key in self.keys}
 
 
 @pytest.mark.parametrize("layout", [{"l": 768}, {"h": 1024}, {"g": 1280, "l": 768}], ids=["sd15", "sd21", "sdxl"])
-def test_identity_tokens_replace_every_identifier(layout):
-    pad = {"l": 49407, "h": 0, "g": 0}
-    row = [49406, 320, 1125, 539, SKS, 2533, 1, 2533, 533, SKS, 49407]
-    tokens = {k: [[(t, 1.0 if i != 3 else 1.2, 0) for i, t in enumerate(row + [pad[k]] * (77 - len(row)))]]
-              for k in layout}
-    vectors = {k: torch.randn(1, d) for k, d in layout.items()}
-    out = patches.inject_identity_tokens(tokens, {k: SKS for k in layout}, vectors)
-    for k, d in layout.items():
-        assert len(out[k][0]) == 77
-        for i, (before, after) in enumerate(zip(tokens[k][0], out[k][0])):
-            if before[0] == SKS:
-                assert torch.equal(after[0], vectors[k][0]) and after[1:] == before[1:]
-            else:
-                assert after == before
-    with pytest.raises(PackError, match=r"CLIP has text encoders .* vectors for \['l'\]"):
-        patches.inject_identity_tokens({"g": tokens.get("g", tokens[next(iter(tokens))])}, {"g": SKS}, {"l": torch.zeros(768)})
+def test_several_identity_words_in_one_prompt(layout):
+    clip = WordClip(list(layout))
+    sks = patches.IdentityWord("sks", {k: torch.randn(1, d) for k, d in layout.items()}, "IDAdapter")
+    z = patches.IdentityWord("z", {k: torch.randn(3, d) for k, d in layout.items()}, "AdaFace")
+    tokens = patches.tokenize_with_identities(clip, "a photo of sks and z at a cafe , sks", [sks, z])
+    plain = clip.tokenize("a photo of sks and z z z at a cafe , sks")  # z written out 3 times
+    for key in layout:
+        row, before = tokens[key][0], plain[key][0]
+        assert len(row) == 77
+        vectors = [entry[0] for entry in row if isinstance(entry[0], torch.Tensor)]
+        assert len(vectors) == 5
+        assert torch.equal(vectors[0], sks.vectors[key][0]) and torch.equal(vectors[4], sks.vectors[key][0])
+        for i in range(3):
+            assert torch.equal(vectors[1 + i], z.vectors[key][i])
+        assert [e[1:] for e in row] == [e[1:] for e in before]  # weights (and word ids) kept
+        assert [e for e in row if not isinstance(e[0], torch.Tensor)] == [e for e in before if e[0] not in (48136, 329)]
+
+
+def test_identity_word_refusals():
+    clip = WordClip(["l"])
+    sks = patches.IdentityWord("sks", {"l": torch.zeros(1, 768)}, "IDAdapter")
+    with pytest.raises(PackError, match="does not contain 'sks'"):
+        patches.tokenize_with_identities(clip, "a photo of z", [sks])
+    with pytest.raises(ConfigError, match="several identities use the word 'sks'"):
+        patches.tokenize_with_identities(clip, "sks and sks", [sks, sks])
+    with pytest.raises(ConfigError, match="'xyzw' is 2 tokens"):
+        patches.tokenize_with_identities(clip, "a photo of xyzw", [patches.IdentityWord("xyzw", sks.vectors, "IDAdapter")])
+    with pytest.raises(PackError, match=r"CLIP has text encoders \['g', 'l'\].*vectors for \['l'\]"):
+        patches.tokenize_with_identities(WordClip(["g", "l"]), "a photo of sks", [sks])
+    y = patches.IdentityWord("y", {"l": torch.zeros(16, 768)}, "AdaFace")
+    with pytest.raises(PackError, match="does not contain 'y'"):
+        patches.tokenize_with_identities(clip, "a photo of sks", [sks, y])
+    # AdaFace Encode's own placeholder is appended when the text lacks it, as the official wrapper does
+    own = patches.IdentityWord("z", {"l": torch.ones(16, 768)}, "AdaFace", append_if_missing=True)
+    tokens = patches.tokenize_with_identities(clip, "a photo of sks", [own, sks])
+    row = tokens["l"][0]
+    assert sum(isinstance(e[0], torch.Tensor) and e[0].eq(1).all() for e in row) == 16
+    assert isinstance(row[20][0], torch.Tensor) and row[21][0] == 49407  # the 16 come last, before the end token
 
 
 def test_non_contiguous_conditional_rows():
