@@ -65,7 +65,9 @@ class FaceEmbed(io.ComfyNode):
                     "face_selection",
                     options=list(backend.FACE_SELECTIONS),
                     default="largest",
-                    tooltip="per image: the largest face, the face at face_index (left to right), or every face",
+                    tooltip="per image: the largest face, the face at face_index (left to right), the face under "
+                    "face_mask (at least half of its box), or every face. Photos with several people: pick one here "
+                    "and feed these face_embeds to any method's encode node, which then uses only that face",
                 ),
                 io.Int.Input("face_index", default=0, min=0, max=64, tooltip="used when face_selection is index"),
                 io.Combo.Input(
@@ -74,12 +76,14 @@ class FaceEmbed(io.ComfyNode):
                     default="error",
                     tooltip="error: stop the run; skip: leave that image out (embeds may be empty)",
                 ),
+                io.Mask.Input("face_mask", optional=True,
+                              tooltip="used when face_selection is 'in mask': white where the person is"),
             ],
             outputs=[FaceEmbeds.Output(), io.Image.Output("aligned_faces", tooltip="112x112 aligned crops")],
         )
 
     @classmethod
-    def execute(cls, insightface, image, face_selection, face_index, on_no_face) -> io.NodeOutput:
+    def execute(cls, insightface, image, face_selection, face_index, on_no_face, face_mask=None) -> io.NodeOutput:
         bar = ProgressBar(int(image.shape[0]) if image.ndim == 4 else 1)
         embeds, crops = backend.embed_faces(
             insightface,
@@ -88,6 +92,7 @@ class FaceEmbed(io.ComfyNode):
             face_index,
             on_no_face,
             progress=lambda done, total: bar.update_absolute(done, total),
+            mask=face_mask,
         )
         return io.NodeOutput(embeds, crops)
 

@@ -11,7 +11,8 @@ from comfy_api.latest import io
 from . import patches
 from .arch import idadapter as ida
 from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
-from .errors import NoFaceError, PackError
+from .arch.face_embeds import largest_face_of_each_image
+from .errors import PackError
 from .face import insightface_backend
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
 from .resident import ResidentFile
@@ -118,7 +119,10 @@ class IDAdapterMFFEmbed(io.ComfyNode):
         margin = idadapter.config.face_crop_margin
         boxes = [None] * len(refs)
         if margin is not None:  # the adapter was trained on face crops: find each photo's face
-            boxes = largest_face_boxes(detected if detected is not None else face_embeds, len(refs))
+            faces = detected if detected is not None else face_embeds
+            boxes = faces.boxes[largest_face_of_each_image(faces, len(refs), "this IDAdapter shows CLIP a crop "
+                                                           "around each reference's face (connect insightface to "
+                                                           "MFF Embed, or use photos with a detectable face)")]
         crops = torch.stack([ida.reference_crop(ref.movedim(-1, 0), box, margin, clip_vision.image_size)
                              for ref, box in zip(refs, boxes)])
         crops = ida.fill_references(crops, count, seed, augment)
@@ -127,22 +131,6 @@ class IDAdapterMFFEmbed(io.ComfyNode):
             idadapter.adapter, out["penultimate_hidden_states"], out["last_hidden_state"][:, 0], arcface
         )
         return io.NodeOutput(embeds)
-
-
-def largest_face_boxes(faces: FaceEmbedsValue, count: int) -> list[torch.Tensor]:
-    """The largest face's box in each of the first ``count`` photos, from per-photo FACE_EMBEDS."""
-    if not faces.has_geometry:
-        raise PackError("this IDAdapter shows CLIP a crop around each reference's face, and face_embeds has no face "
-                        "boxes (averaged vectors describe no single photo): connect insightface (Load InsightFace) "
-                        "to MFF Embed as well")
-    boxes = []
-    for index in range(count):
-        mine = faces.boxes[faces.image_index == index]
-        if len(mine) == 0:
-            raise NoFaceError(f"reference photo {index} has no face in face_embeds: MFF Embed crops each reference "
-                              "around its face (use photos with a detectable face)")
-        boxes.append(mine[((mine[:, 2] - mine[:, 0]) * (mine[:, 3] - mine[:, 1])).argmax()])
-    return boxes
 
 
 class ApplyIDAdapter(io.ComfyNode):

@@ -19,7 +19,8 @@ from .arch import e4e as e4e_arch
 from .arch import wplus as wplus_arch
 from .arch import wplus_edits
 from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
-from .errors import ConfigError, ImageInputError, PackError
+from .arch.face_embeds import largest_face_of_each_image
+from .errors import ConfigError, PackError
 from .face import insightface_backend
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
 from .resident import ResidentFile
@@ -113,20 +114,13 @@ class WPlusEncode(io.ComfyNode):
                             "alignment needs each face's landmarks")
         if face_embeds is None:
             face_embeds, _ = insightface_backend.embed_faces(insightface, image, "largest", on_no_face="error")
-        if not isinstance(face_embeds, FaceEmbedsValue) or not face_embeds.has_geometry:
-            raise PackError("face_embeds has no landmarks (averaged embeddings describe no single face): connect "
-                            "Face Embed's output for these images, or insightface")
+        if not isinstance(face_embeds, FaceEmbedsValue):
+            raise PackError("face_embeds must come from Face Embed (or Load Face Embeds)")
         images = image[..., :3] if image.shape[-1] >= 3 else image.expand(-1, -1, -1, 3)
-        crops = []
-        for index in range(images.shape[0]):
-            faces = (face_embeds.image_index == index).nonzero().flatten()
-            if len(faces) == 0:
-                raise ImageInputError(f"image {index} of the batch has no face in face_embeds: W+ Encode needs one "
-                                      "face per image")
-            boxes = face_embeds.boxes[faces]
-            largest = faces[((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).argmax()]
-            crops.append(e4e_arch.align_for_e4e(images[index].movedim(-1, 0).float(), face_embeds.landmarks[largest]))
-        aligned = torch.stack(crops)
+        faces = largest_face_of_each_image(face_embeds, images.shape[0], "W+ Encode aligns each image's face by its "
+                                           "landmarks")
+        aligned = torch.stack([e4e_arch.align_for_e4e(images[index].movedim(-1, 0).float(), face_embeds.landmarks[face])
+                               for index, face in enumerate(faces)])
         codes = patches.run_loaded(e4e.patcher, aligned).float().cpu()
         return io.NodeOutput(codes, aligned.movedim(1, -1))
 

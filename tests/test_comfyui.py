@@ -54,13 +54,14 @@ def test_pack_modules_import_without_comfyui_or_insightface():
 
 
 def make_work_dir(work):
-    """A ComfyUI base folder: the pack linked into custom_nodes/, a tiny insightface pack, two input photos."""
+    """A ComfyUI base folder: the pack linked into custom_nodes/, a tiny insightface pack, input photos (one face,
+    none, two people)."""
     (work / "custom_nodes").mkdir(parents=True)
     (work / "input").mkdir()
     (work / "output").mkdir()
     os.symlink(REPO, work / "custom_nodes" / "comfyui-idadapter")
     make_pack(str(work / "models" / "insightface"), "tinypack")
-    for name, cells in (("face.png", [(1, 2)]), ("empty.png", [])):
+    for name, cells in (("face.png", [(1, 2)]), ("empty.png", []), ("two_people.png", [(1, 0), (2, 3)])):
         pixels = (face_image(cells, size=256)[0].numpy() * 255).round().astype("uint8")
         Image.fromarray(pixels).save(work / "input" / name)
     return work

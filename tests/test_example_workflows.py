@@ -10,7 +10,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
 CORE_NODES = {"LoadImage", "PreviewImage", "SaveImage", "CheckpointLoaderSimple", "CLIPTextEncode", "KSampler",
-              "EmptyLatentImage", "VAEDecode", "CLIPVisionLoader", "ConditioningConcat"}
+              "EmptyLatentImage", "VAEDecode", "CLIPVisionLoader", "ConditioningConcat", "SolidMask", "MaskComposite",
+              "ConditioningSetMask", "ConditioningCombine"}
 
 
 def pack_node_ids():

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from comfyui_idadapter.nodes.arch import face_embeds as fe
 from comfyui_idadapter.nodes.arch.iresnet import ARCFACE_TEMPLATE_112, load_arcface, to_arcface_input
-from comfyui_idadapter.nodes.errors import NoFaceError
+from comfyui_idadapter.nodes.errors import ConfigError, ImageInputError, NoFaceError
 from comfyui_idadapter.nodes.face import insightface_backend as backend
 from tiny_face_models import expected_box, expected_landmarks, face_image
 
@@ -82,6 +83,47 @@ def test_largest_and_index_selection_order():
     for index, x1 in enumerate((0, 60, 100)):  # left to right
         picked, _ = backend.embed_faces(analyzer, torch.zeros(1, 128, 160, 3), "index", index=index)
         assert picked.boxes[0, 0] == x1
+
+
+def test_selection_under_a_mask():
+    """"in mask": the face with the largest share of its box under the mask, at least half of it; the mask is
+    resized to each image (here given at half size), one for all images or one per image."""
+    analyzer = _FixedFaces([(100, 0, 140, 40), (0, 50, 60, 110), (60, 60, 80, 80)])
+    images = torch.zeros(2, 128, 160, 3)
+    right = torch.zeros(1, 64, 80)
+    right[..., 40:] = 1  # the image's right half (x >= 80)
+    picked, _ = backend.embed_faces(analyzer, images, "in mask", mask=right)
+    assert picked.boxes.tolist() == [[100, 0, 140, 40]] * 2 and picked.image_index.tolist() == [0, 1]
+    per_image = torch.cat([right, 1 - right])
+    picked, _ = backend.embed_faces(analyzer, images, "in mask", mask=per_image)
+    assert picked.boxes[:, 0].tolist() == [100, 0]  # the left mask: the large face wholly under it wins
+    sliver = torch.zeros(1, 128, 160)
+    sliver[:, :, 70:80] = 1  # half of the small face's box (60..80), none of the others'
+    picked, _ = backend.embed_faces(analyzer, images[:1], "in mask", mask=sliver)
+    assert picked.boxes.tolist() == [[60, 60, 80, 80]]
+    sliver[:, :, 70:71] = 0  # now under half
+    with pytest.raises(NoFaceError, match="3 face\\(s\\), none under the mask"):
+        backend.embed_faces(analyzer, images[:1], "in mask", mask=sliver)
+    with pytest.raises(ConfigError, match="needs a mask: connect face_mask"):
+        backend.embed_faces(analyzer, images, "in mask")
+    with pytest.raises(ImageInputError, match="3 masks for 2 images"):
+        backend.embed_faces(analyzer, images, "in mask", mask=torch.ones(3, 8, 8))
+
+
+def test_every_encode_node_takes_the_largest_of_the_faces_it_is_given():
+    """W+ Encode and MFF Embed use largest_face_of_each_image: the largest of each image's faces, or the one face
+    per image that Face Embed's rule kept."""
+    everything, _ = backend.embed_faces(_FixedFaces([(100, 0, 140, 40), (0, 50, 60, 110)]), torch.zeros(2, 128, 160, 3),
+                                        "all")
+    assert fe.largest_face_of_each_image(everything, 2, "x") == [0, 2]  # left to right: (0, 50..) comes first
+    kept, _ = backend.embed_faces(_FixedFaces([(100, 0, 140, 40), (0, 50, 60, 110)]), torch.zeros(1, 128, 160, 3),
+                                  "index", index=1)
+    assert kept.boxes[fe.largest_face_of_each_image(kept, 1, "x")].tolist() == [[100, 0, 140, 40]]
+    with pytest.raises(NoFaceError, match="image 1 has no face in face_embeds, and W"):
+        fe.largest_face_of_each_image(kept, 2, "W+ Encode aligns it")
+    averaged = fe.FaceEmbeds(torch.ones(1, 512))
+    with pytest.raises(NoFaceError, match="no face boxes"):
+        fe.largest_face_of_each_image(averaged, 1, "x")
 
 
 def test_batch_images_keep_their_index(analyzer):

@@ -21,6 +21,64 @@ COMBINE_MODES = ("mean", "norm-mean", "concat")
 _RESAVE = "Save the faces again with Save Face Embeds"
 
 
+FACE_SELECTIONS = ("largest", "index", "in mask", "all")
+MIN_MASK_SHARE = 0.5  # "in mask": at least half of the face's box must be under the mask
+
+
+def select_faces(boxes: torch.Tensor, selection: str, index: int = 0, mask: torch.Tensor | None = None) -> list[int]:
+    """Which of one image's faces (boxes [F, 4], x1 y1 x2 y2 in pixels) a rule picks, the one rule of every node
+    that takes faces from a photo with several people:
+
+    - ``largest``: the face with the largest box;
+    - ``index``: the ``index``-th face from the left (none if there are fewer);
+    - ``in mask``: the face with the largest share of its box under ``mask`` ([H, W] in 0..1 at the image's size),
+      if that share is at least half (none otherwise);
+    - ``all``: every face, left to right.
+    """
+    if selection not in FACE_SELECTIONS:
+        raise ConfigError(f"face selection must be one of {FACE_SELECTIONS}, got {selection!r}")
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    left_to_right = sorted(range(len(boxes)), key=lambda i: float(boxes[i, 0]))
+    if len(boxes) == 0 or selection == "all":
+        return left_to_right
+    if selection == "largest":
+        return [int(((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).argmax())]
+    if selection == "index":
+        return [left_to_right[index]] if 0 <= index < len(boxes) else []
+    if mask is None:
+        raise ConfigError("face selection 'in mask' needs a mask: connect face_mask (white where the person is)")
+    shares = [_share_under(mask, box) for box in boxes]
+    best = max(range(len(boxes)), key=lambda i: shares[i])
+    return [best] if shares[best] >= MIN_MASK_SHARE else []
+
+
+def largest_face_of_each_image(faces: "FaceEmbeds", count: int, needs: str) -> list[int]:
+    """For images 0..count-1, the index (into ``faces``) of the image's largest face (:func:`select_faces`'s
+    "largest"; Face Embed may already have picked one face per image by another rule). ``needs`` completes the
+    errors: what the calling node does with each face."""
+    if not faces.has_geometry:
+        raise NoFaceError(f"face_embeds has no face boxes (averaged vectors describe no single photo), and {needs}: "
+                          "connect Face Embed's output for these images")
+    chosen = []
+    for image in range(count):
+        mine = (faces.image_index == image).nonzero().flatten()
+        if len(mine) == 0:
+            raise NoFaceError(f"image {image} has no face in face_embeds, and {needs} (use photos with a detectable "
+                              "face, or Face Embed with on_no_face 'error' to see which)")
+        chosen.append(int(mine[select_faces(faces.boxes[mine], "largest")[0]]))
+    return chosen
+
+
+def _share_under(mask: torch.Tensor, box: torch.Tensor) -> float:
+    """The mean of ``mask`` over the box (clipped to the image); 0 for a box outside it."""
+    height, width = mask.shape[-2:]
+    x1, y1 = max(int(box[0]), 0), max(int(box[1]), 0)
+    x2, y2 = min(int(torch.ceil(box[2])), width), min(int(torch.ceil(box[3])), height)
+    if x2 <= x1 or y2 <= y1:
+        return 0.0
+    return float(mask[y1:y2, x1:x2].float().mean())
+
+
 @dataclass(frozen=True)
 class FaceEmbeds:
     """F faces. ``embeds`` [F, D] float32 (unit norm when they come from Face Embed).

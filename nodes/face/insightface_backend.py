@@ -17,10 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..arch.face_embeds import FaceEmbeds
+from ..arch import face_embeds as fe
+from ..arch.face_embeds import FACE_SELECTIONS, FaceEmbeds
 from ..arch.files import file_fingerprint
 from ..arch.onnx_files import graph_input_shape, load_onnx_graph
-from ..errors import ConfigError, MissingDependencyError, ModelFileError, ModelFolderError, NoFaceError, PackError
+from ..errors import (ConfigError, ImageInputError, MissingDependencyError, ModelFileError, ModelFolderError,
+                      NoFaceError, PackError)
 from .images import bgr_uint8_to_image, to_bgr_uint8
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ PROVIDERS = {
     "CPU": "CPUExecutionProvider",
 }
 PROVIDER_CHOICES = ("auto", *PROVIDERS)
-FACE_SELECTIONS = ("largest", "index", "all")
 NO_FACE_POLICIES = ("error", "skip")
 CROP_SIZE = 112
 
@@ -304,15 +305,21 @@ def _as_analyzer(obj) -> FaceAnalyzer:
     raise PackError(f"expected an INSIGHTFACE model from Load InsightFace, got {type(obj).__name__}")
 
 
-def _select(faces: list, selection: str, index: int) -> list:
-    if selection == "all":
-        return sorted(faces, key=lambda f: float(f.bbox[0]))
-    if selection == "largest":
-        return [max(faces, key=lambda f: float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])))]
-    if selection == "index":
-        ordered = sorted(faces, key=lambda f: float(f.bbox[0]))  # left to right
-        return [ordered[index]] if 0 <= index < len(ordered) else []
-    raise ConfigError(f"face selection must be one of {FACE_SELECTIONS}, got {selection!r}")
+def _masks_for(mask: torch.Tensor, count: int, size: tuple[int, int]) -> torch.Tensor:
+    """A MASK as [count, H, W] at the images' size (one mask for every image, or one per image)."""
+    mask = torch.as_tensor(mask).float()
+    mask = mask.reshape(-1, *mask.shape[-2:])
+    if mask.shape[0] not in (1, count):
+        raise ImageInputError(f"face_mask has {mask.shape[0]} masks for {count} images: give one mask, or one per "
+                              "image")
+    resized = torch.nn.functional.interpolate(mask[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return resized.expand(count, -1, -1)
+
+
+def _select(faces: list, selection: str, index: int, mask: torch.Tensor | None) -> list:
+    chosen = fe.select_faces(torch.tensor(np.stack([f.bbox[:4] for f in faces]), dtype=torch.float32), selection,
+                             index, mask)
+    return [faces[i] for i in chosen]
 
 
 def embed_faces(
@@ -322,12 +329,14 @@ def embed_faces(
     index: int = 0,
     on_no_face: str = "error",
     progress=None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[FaceEmbeds, torch.Tensor]:
-    """Detects, selects, aligns and embeds faces in an IMAGE batch.
+    """Detects, selects (:func:`face_embeds.select_faces`), aligns and embeds faces in an IMAGE batch.
 
     Returns the FACE_EMBEDS (faces in image order; left to right within an image for "all"/"index") and the
     aligned 112x112 crops as an IMAGE. With ``on_no_face="skip"`` images without a (selected) face are left
-    out; if no image has one the embeds are empty and the crops are one black image.
+    out; if no image has one the embeds are empty and the crops are one black image. ``mask`` (MASK [H, W] or
+    [1 or B, H, W], any size: it is resized to each image) is what selection "in mask" looks under.
     """
     if on_no_face not in NO_FACE_POLICIES:
         raise ConfigError(f"on_no_face must be one of {NO_FACE_POLICIES}, got {on_no_face!r}")
@@ -337,12 +346,14 @@ def embed_faces(
     _, face_align = import_insightface()
     recognizer = recognizer_fingerprint(analyzer)
     bgr_images = to_bgr_uint8(images)
+    masks = None if mask is None else _masks_for(mask, len(bgr_images), bgr_images[0].shape[:2])
     embeds, boxes, landmarks, scores, image_index, crops = [], [], [], [], [], []
     for i, bgr in enumerate(bgr_images):
         faces = analyzer.get(bgr)
-        chosen = _select(faces, selection, index) if faces else []
+        chosen = _select(faces, selection, index, None if masks is None else masks[i]) if faces else []
         if not chosen:
-            found = f"{len(faces)} face(s), none at index {index}" if faces else "no face"
+            found = (f"{len(faces)} face(s), none {'under the mask' if selection == 'in mask' else f'at index {index}'}"
+                     if faces else "no face")
             if on_no_face == "error":
                 raise NoFaceError(
                     f"image {i} of the batch: {found}. Use a clearer, larger or less tightly cropped photo, "
