@@ -191,7 +191,6 @@ class ApplyIDAdapter(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
-
 class IDAdapterTextEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:

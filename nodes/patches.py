@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .arch import block_weights as block_weights_arch
 from .arch.adaface import expand_placeholder
-from .arch.idadapter import BlockSpec, IDAdapter, add_on_rows, block_name
+from .arch.idadapter import BlockSpec, IDAdapter, add_on_rows, block_name, identifier_token
 from .errors import ConfigError, PackError
 
 
@@ -392,11 +392,7 @@ def word_token_ids(clip, word: str) -> dict[str, int]:
     """The single token id ``word`` is for each of the CLIP's text encoders."""
     ids = {}
     for key, rows in clip.tokenize(word, return_word_ids=True).items():
-        found = [entry[0] for entry in rows[0] if len(entry) > 2 and entry[2] == 1]
-        if len(found) != 1:
-            raise ConfigError(f"the word {word!r} is {len(found)} tokens for the {key!r} text encoder; use a word "
-                              "that is one token (a rare word such as 'sks', or a letter such as 'z')")
-        ids[key] = int(found[0])
+        ids[key] = identifier_token(word, [entry[0] for entry in rows[0] if len(entry) > 2 and entry[2] == 1], key)
     return ids
 
 

@@ -22,8 +22,9 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 needs_comfyui = pytest.mark.skipif(
     not COMFYUI_PATH, reason="COMFYUI_PATH is not set (point it at a ComfyUI checkout to run this test)"
 )
-NODE_IDS = ["IDA_AdaFaceEncode", "IDA_ApplyIDAdapter", "IDA_ApplyWPlusAdapter", "IDA_FaceEmbed",
-            "IDA_FaceEmbedsCombine", "IDA_IDAdapterMFFEmbed", "IDA_IDAdapterTextEncode", "IDA_LoadAdaFace",
+NODE_IDS = ["IDA_AdaFaceEncode", "IDA_AdaFaceIdentityWord", "IDA_ApplyIDAdapter", "IDA_ApplyWPlusAdapter",
+            "IDA_FaceEmbed", "IDA_FaceEmbedsCombine", "IDA_IDAdapterIdentityWord", "IDA_IDAdapterMFFEmbed",
+            "IDA_IDAdapterTextEncode", "IDA_LoadAdaFace",
             "IDA_LoadE4EEncoder", "IDA_LoadFaceEmbeds", "IDA_LoadIDAdapter", "IDA_LoadInsightFace", "IDA_LoadWPlus",
             "IDA_LoadWPlusAdapter", "IDA_SaveAdaFaceEmbedding", "IDA_SaveFaceEmbeds", "IDA_SaveWPlus",
             "IDA_WPlusEdit", "IDA_WPlusEncode", "IDA_WPlusInterpolate"]
