@@ -6,6 +6,8 @@
     python bench/train_step.py --method wplus --batch 16 --mixed_precision fp16   # W+ stage II, SD1.5 size
     ./dev python bench/train_step.py --device cpu --resolution 256 --batch 1 --rounds 1  # a CPU smoke run
     python bench/train_step.py --id_decode window                # IDAdapter: decode only the face's latent window
+    python bench/train_step.py --compile unet                    # IDAdapter: torch.compile the UNet (warm-up round
+                                                                 # excluded, as always)
 
 AdaFace (--method adaface): random weights at SD1.5's sizes (UNet, CLIP-L text encoder) for the student and
 Arc2Face's (an SD1.5-size UNet, a CLIP-L ID encoder) for the teacher, the inverter a CLIP-L with K/V multipliers
@@ -42,7 +44,7 @@ from comfyui_idadapter.nodes.arch.iresnet import IRESNET_LAYERS, IResNet
 from comfyui_idadapter.training import tiny
 from comfyui_idadapter.nodes.arch import adaface as ada
 from comfyui_idadapter.training.adaface_task import DEFAULT_LAYER_WEIGHTS, AdaFaceModels, AdaFaceTask
-from comfyui_idadapter.training.config import AdaFaceTrainConfig, IDAdapterTrainConfig
+from comfyui_idadapter.training.config import COMPILE_TARGETS, AdaFaceTrainConfig, IDAdapterTrainConfig
 from comfyui_idadapter.training.id_decode import DECODES
 from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PerImageCache
 
@@ -136,6 +138,9 @@ def main():
     parser.add_argument("--stage", type=int, default=2, choices=[1, 2], help="W+: the stage whose step is timed")
     parser.add_argument("--id_decode", default="full", choices=list(DECODES),
                         help="IDAdapter: what the identity loss decodes of x0_hat (the trainer's --id_decode)")
+    parser.add_argument("--compile", default="none", choices=list(COMPILE_TARGETS),
+                        help="IDAdapter: the trainer's --compile (torch.compile the UNet)")
+    parser.add_argument("--compile_backend", default="inductor", help="the trainer's --compile_backend")
     parser.add_argument("--multipliers", type=int, nargs=12, default=[8, 8, 8] + [4] * 9,
                         help="AdaFace: the inverter's K/V multipliers")
     args = parser.parse_args()
@@ -159,9 +164,10 @@ def main():
         config = IDAdapterTrainConfig(dataset=dataset, output_dir=tmp, resolution=args.resolution,
                                       batch_size=args.batch, gradient_checkpointing=args.gradient_checkpointing == "true",
                                       mixed_precision=args.mixed_precision, report_to="none",
-                                      id_decode=args.id_decode)
+                                      id_decode=args.id_decode, compile=args.compile,
+                                      compile_backend=args.compile_backend)
         task = IDAdapterTask(config, components, log=lambda *a: None)
-        title = f"IDAdapter training step, SD2.1 size, --id_decode {args.id_decode}"
+        title = f"IDAdapter training step, SD2.1 size, --id_decode {args.id_decode}, --compile {args.compile}"
     task.setup(accelerator)
     optimizer = torch.optim.AdamW(task.param_groups(), lr=config.learning_rate, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(task.trainable, optimizer)
@@ -227,6 +233,9 @@ def main():
     if args.method == "idadapter":
         results["cache_speedup"] = timings["variants"]["--cache_mb 0"]["ratio"]
     method = f"wplus-stage{args.stage}" if args.method == "wplus" else args.method
+    if args.method == "idadapter":  # a setting other than the defaults gets its own file
+        method += (f"-{args.id_decode}" if args.id_decode != "full" else "") + (
+            f"-compile-{args.compile}-{args.compile_backend}" if args.compile != "none" else "")
     path = write_results(f"train_step-{method}-{args.resolution}px-b{args.batch}-{accelerator.mixed_precision}",
                          accelerator.device, results)
     print(f"wrote {path}")

@@ -109,6 +109,64 @@ def test_killed_process_loses_only_steps_since_the_checkpoint(tmp_path, tiny_ass
     assert all(torch.equal(v, b.adapter.state_dict()[k]) for k, v in a.adapter.state_dict().items())
 
 
+def test_a_compiled_unet_gives_the_eager_step(tmp_path, tiny_assets):
+    """--compile unet (here with torch.compile's aot_eager backend, which traces the UNet and the adapter inside it
+    as inductor does, without generating code) gives the eager step's loss and gradients within fp32 tolerance, and
+    leaves the parameter names, and so checkpoints and the export, as they are."""
+    from accelerate import Accelerator
+
+    steps = {}
+    for mode in ("none", "unet"):
+        out = run_dir(tmp_path, tiny_assets, mode)
+        config = parse_args(IDAdapterTrainConfig, ["--preset", "tiny", "--output_dir", str(out), "--compile", mode,
+                                                   "--compile_backend", "aot_eager", "--image_dropout", "0"])
+        task = IDAdapterTask(config, log=lambda *a: None)
+        task.setup(Accelerator(cpu=True))
+        loss, logs = task.loss(task.trainable, 2)
+        loss.backward()
+        steps[mode] = (float(loss.detach()), {k: float(v) for k, v in logs.items()},
+                       {n: p.grad.clone() for n, p in task.trainable.named_parameters() if p.grad is not None},
+                       task.trainable.unet)
+    (eager_loss, eager_logs, eager_grads, eager_unet), (loss, logs, grads, unet) = steps["none"], steps["unet"]
+    assert getattr(unet, "_compiled_call_impl", None) is not None and eager_unet._compiled_call_impl is None
+    assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss) and logs.keys() == eager_logs.keys()
+    assert grads.keys() == eager_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+class CountedReads:
+    """A logged value that counts how often the loop reads it back to the host (float())."""
+
+    reads = 0
+
+    def __init__(self, value):
+        self.value = value
+
+    def __float__(self):
+        CountedReads.reads += 1
+        return float(self.value)
+
+
+def test_the_loop_reads_the_loss_back_only_on_steps_that_log_or_save(tmp_path, tiny_assets, monkeypatch):
+    """A step that neither logs nor checkpoints reads nothing back to the host (on a GPU: no wait for the step to
+    finish), so the CPU queues the next step meanwhile."""
+    reads_at = {}
+    original = IDAdapterTask.loss
+
+    def loss(self, model, step):
+        value, logs = original(self, model, step)
+        reads_at[step] = CountedReads.reads
+        return value, {k: CountedReads(v) for k, v in logs.items()}
+
+    monkeypatch.setattr(IDAdapterTask, "loss", loss)
+    train(run_dir(tmp_path, tiny_assets, "reads"), "--max_steps", "6", "--log_every", "3", "--checkpoint_every", "6",
+          "--validation_every", "0")
+    # the value of step s is read (if at all) before step s + 1 asks for its loss: steps 3 and 6 are logged
+    read = {step: reads_at[step + 1] - reads_at[step] for step in range(5)}
+    assert read == {0: 0, 1: 0, 2: read[2], 3: 0, 4: 0} and read[2] > 0, read
+
+
 def test_learning_is_real(tmp_path, tiny_assets):
     """Held-out images of the training identities: after a short run the denoising loss with the right identity is
     lower than with another identity's references, and lower than before training."""
@@ -222,6 +280,8 @@ def test_dataset_problems_are_reported_not_fatal(tmp_path, tiny_assets):
     (["--id_gate", "retinaface"], "--id_gate must be detector or norm, got 'retinaface'"),
     (["--id_gate_iou", "1.5"], r"--id_gate_iou must be in \[0, 1\]"),
     (["--id_decode", "tiles"], "--id_decode must be full or window, got 'tiles'"),
+    (["--compile", "vae"], "--compile must be none or unet, got 'vae'"),
+    (["--compile", "unet", "--compile_backend", "jax"], "--compile_backend must be one of torch.compile's backends"),
     (["--dataset", "/nonexistent"], "--base_model is required"),
 ])
 def test_bad_configs_are_clear_errors(args, message):

@@ -174,6 +174,15 @@ class TrainConfig(CommandOptions):
         return []
 
 
+COMPILE_TARGETS = ("none", "unet")
+
+
+def _compile_backends() -> list[str]:
+    import torch._dynamo
+
+    return torch._dynamo.list_backends(exclude_tags=())
+
+
 @dataclass
 class IDAdapterTrainConfig(TrainConfig):
     architecture_options: ClassVar[tuple[str, ...]] = (
@@ -234,6 +243,11 @@ class IDAdapterTrainConfig(TrainConfig):
     # latent window the aligned face crop reads, plus a margin: less decoder work, but an approximation that measured
     # loose on random VAEs; README "Training IDAdapter")
     id_decode: str = "full"
+    # torch.compile: "unet" compiles the UNet's forward (the adapter's gated attention inside it) in place, so the
+    # checkpoints' and the export's keys stay as they are; "none" runs eagerly. compile_backend is torch.compile's
+    # backend ("aot_eager" traces without generating code, to check a setup quickly)
+    compile: str = "none"
+    compile_backend: str = "inductor"
     # CPU memory for the frozen models' per-photo outputs, each computed once: a target's VAE posterior and gate
     # reference, a reference photo's CLIP-vision features (least recently used out first; 0 = recompute each step)
     cache_mb: int = 4096
@@ -278,6 +292,11 @@ class IDAdapterTrainConfig(TrainConfig):
             problems.append(f"--id_gate must be {' or '.join(GATES)}, got {self.id_gate!r}")
         if self.id_decode not in DECODES:
             problems.append(f"--id_decode must be {' or '.join(DECODES)}, got {self.id_decode!r}")
+        if self.compile not in COMPILE_TARGETS:
+            problems.append(f"--compile must be {' or '.join(COMPILE_TARGETS)}, got {self.compile!r}")
+        if self.compile != "none" and self.compile_backend not in _compile_backends():
+            problems.append(f"--compile_backend must be one of torch.compile's backends "
+                            f"({', '.join(_compile_backends())}), got {self.compile_backend!r}")
         if not 0.0 <= self.id_gate_iou <= 1.0:
             problems.append(f"--id_gate_iou must be in [0, 1] (0: a face anywhere in x0_hat), got {self.id_gate_iou}")
         if self.synthetic_identities < 2:

@@ -310,6 +310,8 @@ class IDAdapterTask:
         self.base_kv = {key: w.detach().float().cpu().clone() for key, w in self.kv_params.items()}
         diffusers_binding.attach(unet, self.adapter)
         unet.train()
+        if config.compile == "unet":  # in place (Module.compile): parameter names, and so checkpoints, stay the same
+            unet.compile(backend=config.compile_backend)
         self.trainable = TrainableIDAdapter(unet, self.adapter)
         self.gate_rates = face_gate.GateOpenRates(components.noise_scheduler.config.num_train_timesteps,
                                                   window=config.log_every * config.gradient_accumulation_steps)

@@ -300,13 +300,19 @@ def _run(task, config, accelerator) -> str:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-        if processes > 1:  # the mean over processes: every process sees the same value, so all stop together
+        step += 1
+        # the logs are read back to the host (a wait for the accelerator) only on steps that log, save or validate
+        reads_back = (step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.max_steps
+                      or bool(config.validation_every and step % config.validation_every == 0))
+        # the mean over processes: every process sees the same value, so all stop (and a task's after_step, which
+        # reads the loss every step, decides) together
+        if (reads_back or hasattr(task, "after_step")) and processes > 1:
             logs["loss"] = accelerator.reduce(logs["loss"].detach().float().reshape(1).to(accelerator.device), "mean")[0]
-        if not all(math.isfinite(float(v)) for v in logs.values()):
-            raise FloatingPointError(f"step {step}: non-finite loss {logs}; lower --learning_rate or use bf16")
+        if reads_back and not all(math.isfinite(float(v)) for v in logs.values()):
+            raise FloatingPointError(f"step {step}: non-finite loss {logs} (read every --log_every steps and before "
+                                     "each checkpoint, which is not written); lower --learning_rate or use bf16")
         if ema is not None:
             ema.step(params)
-        step += 1
         grown = task.after_step(step, logs) if hasattr(task, "after_step") else None
         if grown:  # the task grew some parameters in place: their optimiser and EMA state grows the same way
             from ..nodes.arch.adaface import expand_optimizer_state
@@ -317,8 +323,8 @@ def _run(task, config, accelerator) -> str:
             if processes > 1:  # DDP's buckets were sized for the old shapes
                 model = accelerator.prepare_model(task.trainable)
         bar.update(1)
-        # grouped keys ("group/name") are TensorBoard detail, kept off the progress bar
-        bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items() if "/" not in k})
+        if reads_back:  # grouped keys ("group/name") are TensorBoard detail, kept off the progress bar
+            bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items() if "/" not in k})
         if step % config.log_every == 0 and config.report_to != "none":
             accelerator.log({**{k: float(v) for k, v in logs.items()}, "lr": scheduler.get_last_lr()[0]}, step=step)
         if step % config.checkpoint_every == 0 or step == config.max_steps:
