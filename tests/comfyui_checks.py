@@ -465,6 +465,14 @@ def _comfyui_unet_with_idadapter(model, weights, embeds, inputs, node_kwargs=Non
     return out.float(), dtype
 
 
+def _tiny_model(work):
+    """The tiny checkpoint's MODEL, a copy of its weights as loaded, and its transformer blocks."""
+    _, patches = _pack_modules()
+    model, _ = _load_checkpoint(work)
+    base = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    return model, base, patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+
+
 def block_weights_leave_zero_blocks_plain(work, payload):
     """Apply IDAdapter (weight 0.7) and Apply W+ Adapter (scale 0.8) on the tiny checkpoint with block_preset
     ``speed`` and block_weights ``middle: 0.5``. Each transformer block's input and output are recorded in the patched
@@ -480,18 +488,12 @@ def block_weights_leave_zero_blocks_plain(work, payload):
 
     pack, patches = _pack_modules()
     wplus = _wplus_module()
-    model, _ = _load_checkpoint(work)
-    base = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-    unet_blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+    model, base, unet_blocks = _tiny_model(work)
     gen = torch.Generator().manual_seed(12)
     x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
     idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
     embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
-    torch.manual_seed(13)
-    adapter = wplus.wplus_arch.WPlusAdapter(wplus.wplus_arch.WPlusAdapterConfig("sd15", unet_blocks))
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.normal_(0, 0.05)
+    adapter = _random_wplus(wplus, unet_blocks, 13)
     loaded_wplus = wplus.LoadedModel(patches.module_patcher(adapter), adapter.config)
     codes = torch.randn(1, 18, 512, generator=gen)
     methods = {
@@ -826,6 +828,16 @@ def _wplus_module():
     return __import__("sys").modules[nodes.NODE_CLASS_MAPPINGS["IDA_ApplyWPlusAdapter"].__module__]
 
 
+def _random_wplus(module, blocks, seed: int):
+    """A W+ adapter for ``blocks`` with random N(0, 0.05) weights (``module``: the pack's nodes/wplus.py)."""
+    torch.manual_seed(seed)
+    adapter = module.wplus_arch.WPlusAdapter(module.wplus_arch.WPlusAdapterConfig("sd15", blocks))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0, 0.05)
+    return adapter
+
+
 def make_wplus_assets(work, payload):
     import numpy as np
 
@@ -835,11 +847,7 @@ def make_wplus_assets(work, payload):
     blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
     folder = os.path.join(work, "models", "wplus")
     os.makedirs(os.path.join(folder, "directions"), exist_ok=True)
-    torch.manual_seed(5)
-    adapter = module.wplus_arch.WPlusAdapter(module.wplus_arch.WPlusAdapterConfig("sd15", blocks))
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.normal_(0, 0.05)
+    adapter = _random_wplus(module, blocks, 5)
     module.wplus_arch.save_wplus_adapter(module.wplus_arch.WPlusAdapterWeights(adapter, "test"),
                                          os.path.join(folder, "tiny_wplus.safetensors"))
     e4e = module.e4e_arch
@@ -909,11 +917,7 @@ def wplus_trainer_parity_sd15(work, payload):
     folder = os.path.join(work, "models", "wplus")
     os.makedirs(folder, exist_ok=True)
     adapter_path = os.path.join(folder, "parity_wplus.safetensors")
-    torch.manual_seed(8)
-    adapter = module.wplus_arch.WPlusAdapter(module.wplus_arch.WPlusAdapterConfig("sd15", blocks))
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.normal_(0, 0.05)
+    adapter = _random_wplus(module, blocks, 8)
     module.wplus_arch.save_wplus_adapter(module.wplus_arch.WPlusAdapterWeights(adapter, "test"), adapter_path)
 
     gen = torch.Generator().manual_seed(9)
@@ -971,9 +975,7 @@ def two_identities_add_up(work, payload):
 
     pack, patches = _pack_modules()
     wplus = _wplus_module()
-    model, _ = _load_checkpoint(work)
-    base = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-    unet_blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+    model, base, unet_blocks = _tiny_model(work)
     gen = torch.Generator().manual_seed(21)
     x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
     left = torch.zeros(1, 64, 64)
@@ -982,11 +984,7 @@ def two_identities_add_up(work, payload):
     idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
     embeds = [pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
               for _ in range(2)]
-    torch.manual_seed(22)
-    adapter = wplus.wplus_arch.WPlusAdapter(wplus.wplus_arch.WPlusAdapterConfig("sd15", unet_blocks))
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.normal_(0, 0.05)
+    adapter = _random_wplus(wplus, unet_blocks, 22)
     loaded_wplus = wplus.LoadedModel(patches.module_patcher(adapter), adapter.config)
     codes = [torch.randn(1, 18, 512, generator=gen) for _ in range(2)]
     apply_ida = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute
