@@ -92,6 +92,8 @@ OPTION_ROWS = [
     (["--id_gate", "arcface"], "--id_gate must be detector or norm, got 'arcface'"),
     (["--id_gate_iou", "1.5"], "--id_gate_iou must be in [0, 1]"),
     (["--id_decode", "crop"], "--id_decode must be full or window, got 'crop'"),
+    (["--compile", "all"], "--compile must be none or unet, got 'all'"),
+    (["--compile", "unet", "--compile_backend", "tensorrt-ish"], "--compile_backend must be one of torch.compile's"),
 ]
 NOT_PRESET = [  # rows that need the real inputs instead of --preset tiny
     (["--dataset", "x"], "--base_model is required (or use --preset tiny)"),
