@@ -21,6 +21,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+START_DIR = pathlib.Path.cwd()
 
 if "comfyui_idadapter" not in sys.modules:
     _spec = importlib.util.spec_from_file_location("comfyui_idadapter", ROOT / "__init__.py",
@@ -120,7 +121,7 @@ def device_name(device):
 def command_line():
     """How this process was started, as one would type it at the checkout's root (the thread count set in the
     environment included: it changes CPU figures)."""
-    script = pathlib.Path(sys.argv[0]).resolve()
+    script = (START_DIR / sys.argv[0]).resolve()  # a bench may chdir (comfyui_overhead.py runs inside ComfyUI)
     if script.is_relative_to(ROOT):
         script = script.relative_to(ROOT)
     threads = [f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if "OMP_NUM_THREADS" in os.environ else []
