@@ -301,9 +301,11 @@ def _run(task, config, accelerator) -> str:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
         step += 1
+        logs_now = step % config.log_every == 0
+        saves = step % config.checkpoint_every == 0 or step == config.max_steps
+        validates = bool(config.validation_every and step % config.validation_every == 0)
         # the logs are read back to the host (a wait for the accelerator) only on steps that log, save or validate
-        reads_back = (step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.max_steps
-                      or bool(config.validation_every and step % config.validation_every == 0))
+        reads_back = logs_now or saves or validates
         # the mean over processes: every process sees the same value, so all stop (and a task's after_step, which
         # reads the loss every step, decides) together
         if (reads_back or hasattr(task, "after_step")) and processes > 1:
@@ -325,11 +327,11 @@ def _run(task, config, accelerator) -> str:
         bar.update(1)
         if reads_back:  # grouped keys ("group/name") are TensorBoard detail, kept off the progress bar
             bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items() if "/" not in k})
-        if step % config.log_every == 0 and config.report_to != "none":
+        if logs_now and config.report_to != "none":
             accelerator.log({**{k: float(v) for k, v in logs.items()}, "lr": scheduler.get_last_lr()[0]}, step=step)
-        if step % config.checkpoint_every == 0 or step == config.max_steps:
+        if saves:
             checkpoint()
-        if config.validation_every and step % config.validation_every == 0 and accelerator.is_main_process:
+        if validates and accelerator.is_main_process:
             _validate(task, model, step, config, accelerator, ema, params)
     bar.close()
 
