@@ -185,7 +185,6 @@ class IdentityResidual:
         self.block_weights = dict(block_weights or {})
         self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
         self.mask = None if mask is None else BlockMask(mask)
-        self.adds_kv = False  # whether this apply added its file's K/V deltas to the MODEL (set by add_idadapter)
         self._tokens = PerDeviceMemo()
 
     def weight_at(self, name: str, sigma: float | None) -> float:
@@ -210,7 +209,34 @@ class IdentityResidual:
             self.mask.release_accelerator_values()
 
 
-class IDAdapterMiddlePatch:
+class IdentitiesPatch:
+    """What the IDAdapter and W+ patches share: a tuple of identities (each with its ``patcher``, per-device values
+    and ``release_accelerator_values``), joined by later apply nodes into a new patch, never changed once attached."""
+
+    identities: tuple
+
+    def joined(self, other):
+        """A new patch with this patch's identities and then ``other``'s (both stay as they are)."""
+        patch = copy.copy(self)
+        patch.identities = self.identities + other.identities
+        patch._sigma = StepSigma()
+        return patch
+
+    def __deepcopy__(self, memo):
+        return self  # immutable once attached: clones share it (and its patchers)
+
+    def _patchers(self) -> list:
+        """Each adapter file's patcher once, for ComfyUI's ``load_models_gpu``."""
+        return list({id(i.patcher): i.patcher for i in self.identities}.values())
+
+    def _release_if_cpu(self, device_or_dtype) -> None:
+        """On a move to the CPU, lets go of the identities' copies on accelerators."""
+        if isinstance(device_or_dtype, (str, torch.device)) and torch.device(device_or_dtype).type == "cpu":
+            for identity in self.identities:
+                identity.release_accelerator_values()
+
+
+class IDAdapterMiddlePatch(IdentitiesPatch):
     """``y + sum_i beta_i * tanh(gamma) * S_i([y, proj(E_r,i)])[:, :len(y)] * mask_i`` on conditional chunks.
 
     One patch per MODEL holds every identity its Apply IDAdapter nodes added (:meth:`joined`): each identity's
@@ -239,28 +265,16 @@ class IDAdapterMiddlePatch:
         self.attention = attention
         self._sigma = StepSigma()
 
-    def joined(self, other: IDAdapterMiddlePatch) -> IDAdapterMiddlePatch:
-        """A new patch with this patch's identities and then ``other``'s (both stay as they are)."""
-        patch = copy.copy(self)
-        patch.identities = self.identities + other.identities
-        patch._sigma = StepSigma()
-        return patch
-
-    def __deepcopy__(self, memo):
-        return self  # immutable once attached: clones share it (and its patchers)
-
     def models(self) -> list:
         """The patchers ComfyUI's ``load_models_gpu`` loads with the MODEL (each adapter file's once)."""
-        return list({id(i.patcher): i.patcher for i in self.identities}.values())
+        return self._patchers()
 
     def to(self, device_or_dtype, **kwargs):
         """ComfyUI calls ``.to(load device)`` and ``.to(model dtype)`` before sampling (0.38: ``.to(device)`` in each
         multi-GPU thread too) and ``.to(offload device)`` when it detaches the MODEL. The weights move through
         :meth:`models` and the per-device tensors are made on first use, so only a move to the CPU has work: it
         lets go of the copies on accelerators. Returns the patch itself, so every thread shares one object."""
-        if isinstance(device_or_dtype, (str, torch.device)) and torch.device(device_or_dtype).type == "cpu":
-            for identity in self.identities:
-                identity.release_accelerator_values()
+        self._release_if_cpu(device_or_dtype)
         return self
 
     def __call__(self, x: torch.Tensor, extra_options: dict, **kwargs) -> torch.Tensor:
@@ -295,9 +309,7 @@ def add_idadapter(model, patch: IDAdapterMiddlePatch, kv_deltas: dict[str, dict[
     middle = options.get("patches", {}).get("middle_patch", [])
     earlier = next((p for p in middle if isinstance(p, IDAdapterMiddlePatch)), None)
     (identity,) = patch.identities
-    identity.adds_kv = earlier is None or not any(i.adds_kv and i.patcher is identity.patcher
-                                                  for i in earlier.identities)
-    if identity.adds_kv:
+    if earlier is None or all(i.patcher is not identity.patcher for i in earlier.identities):  # this file's first
         add_kv_patches(model, kv_deltas, weight, block_weights)
     if earlier is None:
         model.set_model_patch(patch, "middle_patch")
@@ -412,8 +424,7 @@ def tokenize_with_identities(clip, text: str, words: list[IdentityWord]) -> dict
         if word.count > 1 or word.append_if_missing:
             text, found[word.word] = expand_placeholder(text, word.word, word.count)
             if not found[word.word] and not word.append_if_missing:
-                raise PackError(f"the text does not contain {word.word!r} (an {word.source} identity's word): write "
-                                "it where that person goes")
+                raise _not_in_text(word)
     tokens = clip.tokenize(text)
     for word in words:
         lacking = sorted(set(tokens) - set(word.vectors))
@@ -423,14 +434,18 @@ def tokenize_with_identities(clip, text: str, words: list[IdentityWord]) -> dict
         for key, token_id in word_token_ids(clip, word.word).items():
             tokens, placed = place_identity_vectors(tokens, key, token_id, word.vectors[key])
             if placed == 0:
-                raise PackError(f"the text does not contain {word.word!r} (an {word.source} identity's word): write "
-                                "it where that person goes, as a separate word")
+                raise _not_in_text(word)
             expected = word.count * max(found.get(word.word, 1), 1)
             if (word.word in found and placed != expected) or placed % word.count:
                 raise PackError(f"the {word.source} identity's word {word.word!r} was found "
                                 f"{placed / word.count:g} times among the text's tokens: write it as a separate "
                                 "word where that person goes (or choose another word)")
     return tokens
+
+
+def _not_in_text(word: IdentityWord) -> PackError:
+    return PackError(f"the text does not contain {word.word!r} (an {word.source} identity's word): write it where "
+                     "that person goes, as a separate word")
 
 
 def _is_token(entry: tuple, token_id: int) -> bool:
@@ -515,7 +530,7 @@ class WPlusIdentity:
             self.mask.release_accelerator_values()
 
 
-class WPlusAttn2Replace:
+class WPlusAttn2Replace(IdentitiesPatch):
     """An attn2 replace patch adding the W+ adapter's residual cross-attention to one block's text attention.
 
     ``h`` (before to_out) comes from the replace patch that was installed at this block before (so this stacks on
@@ -536,26 +551,14 @@ class WPlusAttn2Replace:
         self.attention = attention or comfy_attention()
         self._sigma = StepSigma()
 
-    def joined(self, other: WPlusAttn2Replace) -> WPlusAttn2Replace:
-        """A new patch for this block with this patch's codes and then ``other``'s, on this patch's ``previous``."""
-        patch = copy.copy(self)
-        patch.identities = self.identities + other.identities
-        patch._sigma = StepSigma()
-        return patch
-
-    def __deepcopy__(self, memo):
-        return self  # immutable once attached: clones share it
-
     def models(self) -> list:
         earlier = self.previous.models() if hasattr(self.previous, "models") else []
-        return [*{id(i.patcher): i.patcher for i in self.identities}.values(), *earlier]
+        return [*self._patchers(), *earlier]
 
     def to(self, device_or_dtype, **kwargs):
         if hasattr(self.previous, "to"):
             self.previous = self.previous.to(device_or_dtype, **kwargs)
-        if isinstance(device_or_dtype, (str, torch.device)) and torch.device(device_or_dtype).type == "cpu":
-            for identity in self.identities:
-                identity.release_accelerator_values()
+        self._release_if_cpu(device_or_dtype)
         return self
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
