@@ -6,8 +6,9 @@
     python bench/train_step.py --method wplus --batch 16 --mixed_precision fp16   # W+ stage II, SD1.5 size
     ./dev python bench/train_step.py --device cpu --resolution 256 --batch 1 --rounds 1  # a CPU smoke run
     python bench/train_step.py --id_decode window                # IDAdapter: decode only the face's latent window
-    python bench/train_step.py --compile unet                    # IDAdapter: torch.compile the UNet (warm-up round
-                                                                 # excluded, as always)
+    python bench/train_step.py --compile unet vae_decoder arcface   # IDAdapter: torch.compile these (the warm-up
+                                                                    # round, excluded as always, compiles)
+    python bench/train_step.py --channels_last                   # IDAdapter: channels-last UNet, VAE and ArcFace
 
 AdaFace (--method adaface): random weights at SD1.5's sizes (UNet, CLIP-L text encoder) for the student and
 Arc2Face's (an SD1.5-size UNet, a CLIP-L ID encoder) for the teacher, the inverter a CLIP-L with K/V multipliers
@@ -138,9 +139,10 @@ def main():
     parser.add_argument("--stage", type=int, default=2, choices=[1, 2], help="W+: the stage whose step is timed")
     parser.add_argument("--id_decode", default="full", choices=list(DECODES),
                         help="IDAdapter: what the identity loss decodes of x0_hat (the trainer's --id_decode)")
-    parser.add_argument("--compile", default="none", choices=list(COMPILE_TARGETS),
-                        help="IDAdapter: the trainer's --compile (torch.compile the UNet)")
+    parser.add_argument("--compile", nargs="+", default=["none"], choices=["none", *COMPILE_TARGETS],
+                        help="IDAdapter: the trainer's --compile (the parts torch.compile compiles)")
     parser.add_argument("--compile_backend", default="inductor", help="the trainer's --compile_backend")
+    parser.add_argument("--channels_last", action="store_true", help="IDAdapter: the trainer's --channels_last true")
     parser.add_argument("--multipliers", type=int, nargs=12, default=[8, 8, 8] + [4] * 9,
                         help="AdaFace: the inverter's K/V multipliers")
     args = parser.parse_args()
@@ -165,9 +167,10 @@ def main():
                                       batch_size=args.batch, gradient_checkpointing=args.gradient_checkpointing == "true",
                                       mixed_precision=args.mixed_precision, report_to="none",
                                       id_decode=args.id_decode, compile=args.compile,
-                                      compile_backend=args.compile_backend)
+                                      compile_backend=args.compile_backend, channels_last=args.channels_last)
         task = IDAdapterTask(config, components, log=lambda *a: None)
-        title = f"IDAdapter training step, SD2.1 size, --id_decode {args.id_decode}, --compile {args.compile}"
+        title = (f"IDAdapter training step, SD2.1 size, --id_decode {args.id_decode}, --compile {' '.join(args.compile)}"
+                 + (", channels-last" if args.channels_last else ""))
     task.setup(accelerator)
     optimizer = torch.optim.AdamW(task.param_groups(), lr=config.learning_rate, fused=accelerator.device.type == "cuda")
     model, optimizer = accelerator.prepare(task.trainable, optimizer)
@@ -234,8 +237,10 @@ def main():
         results["cache_speedup"] = timings["variants"]["--cache_mb 0"]["ratio"]
     method = f"wplus-stage{args.stage}" if args.method == "wplus" else args.method
     if args.method == "idadapter":  # a setting other than the defaults gets its own file
+        compiled = config.compiled_parts()
         method += (f"-{args.id_decode}" if args.id_decode != "full" else "") + (
-            f"-compile-{args.compile}-{args.compile_backend}" if args.compile != "none" else "")
+            f"-compile-{'-'.join(compiled)}-{args.compile_backend}" if compiled else "") + (
+            "-channels-last" if args.channels_last else "")
     path = write_results(f"train_step-{method}-{args.resolution}px-b{args.batch}-{accelerator.mixed_precision}",
                          accelerator.device, results)
     print(f"wrote {path}")

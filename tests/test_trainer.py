@@ -109,30 +109,43 @@ def test_killed_process_loses_only_steps_since_the_checkpoint(tmp_path, tiny_ass
     assert all(torch.equal(v, b.adapter.state_dict()[k]) for k, v in a.adapter.state_dict().items())
 
 
-def test_a_compiled_unet_gives_the_eager_step(tmp_path, tiny_assets):
-    """--compile unet (here with torch.compile's aot_eager backend, which traces the UNet and the adapter inside it
-    as inductor does, without generating code) gives the eager step's loss and gradients within fp32 tolerance, and
-    leaves the parameter names, and so checkpoints and the export, as they are."""
+SPEED_SETTINGS = {  # torch.compile's aot_eager backend traces as inductor does, without generating code
+    "compiled": ["--compile", "unet", "vae_decoder", "arcface", "--compile_backend", "aot_eager"],
+    "channels-last": ["--channels_last", "true"],
+}
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")  # diffusers' checkpointing helper
+def test_compiled_and_channels_last_steps_give_the_eager_step(tmp_path, tiny_assets):
+    """--compile (the UNet with the adapter inside it, the VAE decoder and the identity loss's ArcFace) and
+    --channels_last give the eager step's loss and gradients within fp32 tolerance (with gradient checkpointing, as
+    the README's command trains), and leave the parameter names, and so checkpoints and the export, as they are."""
     from accelerate import Accelerator
 
     steps = {}
-    for mode in ("none", "unet"):
-        out = run_dir(tmp_path, tiny_assets, mode)
-        config = parse_args(IDAdapterTrainConfig, ["--preset", "tiny", "--output_dir", str(out), "--compile", mode,
-                                                   "--compile_backend", "aot_eager", "--image_dropout", "0"])
+    for name, args in {"eager": [], **SPEED_SETTINGS}.items():
+        out = run_dir(tmp_path, tiny_assets, name)
+        config = parse_args(IDAdapterTrainConfig, ["--preset", "tiny", "--output_dir", str(out), "--image_dropout", "0",
+                                                   "--gradient_checkpointing", "true", *args])
         task = IDAdapterTask(config, log=lambda *a: None)
         task.setup(Accelerator(cpu=True))
         loss, logs = task.loss(task.trainable, 2)
         loss.backward()
-        steps[mode] = (float(loss.detach()), {k: float(v) for k, v in logs.items()},
-                       {n: p.grad.clone() for n, p in task.trainable.named_parameters() if p.grad is not None},
-                       task.trainable.unet)
-    (eager_loss, eager_logs, eager_grads, eager_unet), (loss, logs, grads, unet) = steps["none"], steps["unet"]
-    assert getattr(unet, "_compiled_call_impl", None) is not None and eager_unet._compiled_call_impl is None
-    assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss) and logs.keys() == eager_logs.keys()
-    assert grads.keys() == eager_grads.keys() and len(grads) > 10
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        steps[name] = (float(loss.detach()), logs.keys(),
+                       {n: p.grad.clone() for n, p in task.trainable.named_parameters() if p.grad is not None}, task)
+    eager_loss, eager_logs, eager_grads, eager_task = steps.pop("eager")
+    assert "loss_id" in eager_logs and len(eager_grads) > 10
+    parts = ("unet", "vae_decoder", "arcface")
+    assert all(eager_task.compiled_module(part)._compiled_call_impl is None for part in parts)
+    assert all(steps["compiled"][3].compiled_module(part)._compiled_call_impl is not None for part in parts)
+    for task in (eager_task, steps["channels-last"][3]):
+        conv = task.c.unet.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == task.config.channels_last
+    for name, (loss, logs, grads, _) in steps.items():
+        assert abs(loss - eager_loss) <= 1e-5 * abs(eager_loss) and logs == eager_logs, name
+        assert grads.keys() == eager_grads.keys(), name
+        for param, grad in grads.items():
+            torch.testing.assert_close(grad, eager_grads[param], rtol=1e-4, atol=1e-6, msg=f"{name}: {param}")
 
 
 class CountedReads:

@@ -174,7 +174,9 @@ class TrainConfig(CommandOptions):
         return []
 
 
-COMPILE_TARGETS = ("none", "unet")
+# --compile's parts: the UNet (the adapter's gated attention inside it), the VAE decoder the identity loss runs on x0_hat,
+# and that loss's ArcFace
+COMPILE_TARGETS = ("unet", "vae_decoder", "arcface")
 
 
 def _compile_backends() -> list[str]:
@@ -243,11 +245,14 @@ class IDAdapterTrainConfig(TrainConfig):
     # latent window the aligned face crop reads, plus a margin: less decoder work, but an approximation that measured
     # loose on random VAEs; README "Training IDAdapter")
     id_decode: str = "full"
-    # torch.compile: "unet" compiles the UNet's forward (the adapter's gated attention inside it) in place, so the
-    # checkpoints' and the export's keys stay as they are; "none" runs eagerly. compile_backend is torch.compile's
-    # backend ("aot_eager" traces without generating code, to check a setup quickly)
-    compile: str = "none"
+    # torch.compile, in place (the checkpoints' and the export's keys stay as they are): any of unet (with the
+    # adapter's gated attention inside it), vae_decoder and arcface (the identity loss's), or none (eager).
+    # compile_backend is torch.compile's backend ("aot_eager" traces without generating code, to check a setup quickly)
+    compile: list[str] = field(default_factory=lambda: ["none"])
     compile_backend: str = "inductor"
+    # the UNet, the VAE and the identity loss's ArcFace, and their image-shaped inputs, in channels-last memory layout
+    # (the layout tensor cores' convolution kernels read)
+    channels_last: bool = False
     # CPU memory for the frozen models' per-photo outputs, each computed once: a target's VAE posterior and gate
     # reference, a reference photo's CLIP-vision features (least recently used out first; 0 = recompute each step)
     cache_mb: int = 4096
@@ -265,6 +270,10 @@ class IDAdapterTrainConfig(TrainConfig):
     synthetic_identities: int = 6
     synthetic_images: int = 5
     tiny_base_steps: int = 120  # the tiny base UNet is first trained as a plain denoiser (a stand-in for SD)
+
+    def compiled_parts(self) -> list[str]:
+        """The parts --compile names (none: [])."""
+        return [part for part in self.compile if part != "none"]
 
     def method_problems(self) -> list[str]:
         problems = []
@@ -292,9 +301,11 @@ class IDAdapterTrainConfig(TrainConfig):
             problems.append(f"--id_gate must be {' or '.join(GATES)}, got {self.id_gate!r}")
         if self.id_decode not in DECODES:
             problems.append(f"--id_decode must be {' or '.join(DECODES)}, got {self.id_decode!r}")
-        if self.compile not in COMPILE_TARGETS:
-            problems.append(f"--compile must be {' or '.join(COMPILE_TARGETS)}, got {self.compile!r}")
-        if self.compile != "none" and self.compile_backend not in _compile_backends():
+        if self.compile != ["none"] and (not set(self.compile) <= set(COMPILE_TARGETS)
+                                          or len(set(self.compile)) < len(self.compile)):
+            problems.append(f"--compile must be none or one or more of {', '.join(COMPILE_TARGETS)} (each once), got "
+                            f"{' '.join(self.compile)!r}")
+        if self.compiled_parts() and self.compile_backend not in _compile_backends():
             problems.append(f"--compile_backend must be one of torch.compile's backends "
                             f"({', '.join(_compile_backends())}), got {self.compile_backend!r}")
         if not 0.0 <= self.id_gate_iou <= 1.0:

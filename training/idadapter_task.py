@@ -310,11 +310,16 @@ class IDAdapterTask:
         self.base_kv = {key: w.detach().float().cpu().clone() for key, w in self.kv_params.items()}
         diffusers_binding.attach(unet, self.adapter)
         unet.train()
-        if config.compile == "unet":  # in place (Module.compile): parameter names, and so checkpoints, stay the same
-            unet.compile(backend=config.compile_backend)
+        # in place (Module.compile): parameter names, and so checkpoints and the export, stay the same
+        for part in config.compiled_parts():
+            self.compiled_module(part).compile(backend=config.compile_backend)
         self.trainable = TrainableIDAdapter(unet, self.adapter)
         self.gate_rates = face_gate.GateOpenRates(components.noise_scheduler.config.num_train_timesteps,
                                                   window=config.log_every * config.gradient_accumulation_steps)
+
+    def compiled_module(self, part: str) -> nn.Module:
+        """The module a --compile part names."""
+        return {"unet": self.c.unet, "vae_decoder": self.c.vae.decoder, "arcface": self.c.arcface}[part]
 
     def enough_photos(self, identities: list, log) -> list:
         """The identities with at least --min_images photos, and a line saying how many have N or fewer."""
@@ -355,6 +360,9 @@ class IDAdapterTask:
         nn.Module.to(self.c.vae, self.device, self.vae_dtype)
         self.cache = PerImageCache(self.config.cache_mb)
         self.trainable.to(self.device)
+        if self.config.channels_last:
+            for module in (self.c.unet, self.c.vae, self.c.arcface):
+                module.to(memory_format=torch.channels_last)
         if self.config.gradient_checkpointing:
             self.c.unet.enable_gradient_checkpointing()
             self.c.vae.enable_gradient_checkpointing()
@@ -491,7 +499,7 @@ class IDAdapterTask:
         latents = latents.float() * self.c.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen).to(self.device)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(examples),), generator=gen).to(self.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy = self.in_layout(scheduler.add_noise(latents, noise, timesteps))
         with record_function("ida.unet"):
             prediction = model(noisy, timesteps, text, e_r, keep_image, added).float()
         loss_sd = F.mse_loss(prediction, training_target(scheduler, latents, noise, timesteps))
@@ -507,6 +515,10 @@ class IDAdapterTask:
         logs["loss"] = loss.detach()
         return loss, logs
 
+    def in_layout(self, images: torch.Tensor) -> torch.Tensor:
+        """A model input [B, C, H, W] in the models' memory layout (--channels_last)."""
+        return images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
+
     def identity_loss(self, noisy, prediction, timesteps, landmarks, boxes, reference_norms, f_a, keep_image):
         """The gated identity loss over the rows that keep their image condition, and the gate [rows] bool."""
         rows = keep_image.nonzero().flatten()
@@ -516,9 +528,9 @@ class IDAdapterTask:
         x0 = predicted_x0(self.c.noise_scheduler, noisy[rows], prediction[rows], timesteps[rows])
         x0 = x0 / self.c.vae.config.scaling_factor
         # x0_hat estimates the target image: all of it, or the window around the face (--id_decode)
-        faces, decoded, corners = id_decode.decode_faces(self.c.vae, x0.to(self.vae_dtype), landmarks,
+        faces, decoded, corners = id_decode.decode_faces(self.c.vae, self.in_layout(x0.to(self.vae_dtype)), landmarks,
                                                          self.config.id_decode)
-        features = self.c.arcface(faces.to(self.weight_dtype)).float()
+        features = self.c.arcface(self.in_layout(faces.to(self.weight_dtype))).float()
         if self.config.id_gate == "detector":
             framed = id_decode.in_frame(decoded, corners, self.config.resolution)
             gate = face_gate.detector_gate(self.c.analyzer, framed, boxes, self.config.id_gate_iou).to(features.device)

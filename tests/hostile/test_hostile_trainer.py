@@ -92,13 +92,15 @@ OPTION_ROWS = [
     (["--id_gate", "arcface"], "--id_gate must be detector or norm, got 'arcface'"),
     (["--id_gate_iou", "1.5"], "--id_gate_iou must be in [0, 1]"),
     (["--id_decode", "crop"], "--id_decode must be full or window, got 'crop'"),
-    (["--compile", "all"], "--compile must be none or unet, got 'all'"),
+    (["--compile", "all"], "--compile must be none or one or more of unet, vae_decoder, arcface (each once), got 'all'"),
+    (["--compile", "unet", "unet"], "(each once), got 'unet unet'"),
+    (["--compile", "none", "unet"], "got 'none unet'"),
     (["--compile", "unet", "--compile_backend", "tensorrt-ish"], "--compile_backend must be one of torch.compile's"),
 ]
 NOT_PRESET = [  # rows that need the real inputs instead of --preset tiny
     (["--dataset", "x"], "--base_model is required (or use --preset tiny)"),
 ]
-BOOL_OPTIONS = {"gradient_checkpointing", "use_ema", "log_examples", "references_include_target"}  # argparse accepts only true/false for these
+BOOL_OPTIONS = {"gradient_checkpointing", "use_ema", "log_examples", "references_include_target", "channels_last"}  # argparse accepts only true/false for these
 
 
 @pytest.mark.parametrize("args,fragment", OPTION_ROWS, ids=[" ".join(a) for a, _ in OPTION_ROWS])
