@@ -9,6 +9,8 @@
     python bench/train_step.py --compile unet vae_decoder arcface   # IDAdapter: torch.compile these (the warm-up
                                                                     # round, excluded as always, compiles)
     python bench/train_step.py --channels_last                   # IDAdapter: channels-last UNet, VAE and ArcFace
+    python bench/train_step.py --sync_debug --mixed_precision bf16 --compile unet   # also list where a step makes
+                                                                 # the host wait for the GPU (CUDA's sync debug mode)
 
 AdaFace (--method adaface): random weights at SD1.5's sizes (UNet, CLIP-L text encoder) for the student and
 Arc2Face's (an SD1.5-size UNet, a CLIP-L ID encoder) for the teacher, the inverter a CLIP-L with K/V multipliers
@@ -33,9 +35,12 @@ bench/results/train_step-<method>-<resolution>px-b<batch>-<mixed precision>-<dev
 """
 
 import argparse
+import collections
 import itertools
 import os
 import tempfile
+import traceback
+import warnings
 
 import torch
 
@@ -126,6 +131,32 @@ def wplus_task(device, tokenizer, pack, dataset, args):
     return WPlusTask(config, models, log=lambda *a: None), f"W+ adapter stage {args.stage}, SD1.5 size"
 
 
+def sync_sites(step) -> collections.Counter:
+    """Runs ``step`` with CUDA's sync debug mode on: every operation that makes the host wait for the GPU (a read
+    back, a blocking copy, a data-dependent shape) is counted by where it was called (the innermost frames outside
+    torch); other warnings are shown as usual."""
+    sites = collections.Counter()
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" not in str(message):
+            return show(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if os.sep + "torch" + os.sep not in f.filename
+                  and not f.filename.endswith("warnings.py")]
+        sites[" <- ".join(f"{os.path.relpath(f.filename)}:{f.lineno}" for f in reversed(frames[-3:]))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sites
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -143,9 +174,13 @@ def main():
                         help="IDAdapter: the trainer's --compile (the parts torch.compile compiles)")
     parser.add_argument("--compile_backend", default="inductor", help="the trainer's --compile_backend")
     parser.add_argument("--channels_last", action="store_true", help="IDAdapter: the trainer's --channels_last true")
+    parser.add_argument("--sync_debug", action="store_true",
+                        help="CUDA: also run one step in CUDA's sync debug mode and list where the host waited")
     parser.add_argument("--multipliers", type=int, nargs=12, default=[8, 8, 8] + [4] * 9,
                         help="AdaFace: the inverter's K/V multipliers")
     args = parser.parse_args()
+    if args.sync_debug and args.device != "cuda":
+        parser.error("--sync_debug needs --device cuda: it lists where the host waits for the GPU")
     from accelerate import Accelerator
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -210,7 +245,8 @@ def main():
         torch.cuda.reset_peak_memory_stats()
         step(next(batches))
         peak = torch.cuda.max_memory_allocated() / 2**30
-    with FlopCounterMode(display=False) as counter:
+    # counted eagerly: compiled code runs past the counter's per-module hooks (a compiled step's work is the same)
+    with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         step(next(batches))
     flops = counter.get_total_flops()
     per_module = sorted(((sum(ops.values()), name) for name, ops in counter.get_flop_counts().items()
@@ -244,6 +280,11 @@ def main():
     path = write_results(f"train_step-{method}-{args.resolution}px-b{args.batch}-{accelerator.mixed_precision}",
                          accelerator.device, results)
     print(f"wrote {path}")
+    if args.sync_debug:
+        sites = sync_sites(lambda: step(next(batches)))
+        print(f"  the host waited for the GPU {sum(sites.values())} times in one step" + (":" if sites else ""))
+        for site, count in sites.most_common():
+            print(f"    {count:4d}x  {site}")
     if args.profile:
         from torch.profiler import ProfilerActivity, profile, record_function
 

@@ -72,11 +72,16 @@ def test_open_rates_per_bucket_count_the_window_and_leave_empty_buckets_out():
     rates = face_gate.GateOpenRates(1000, window=2)
     assert rates.names == ["id_gate_open/t000-249", "id_gate_open/t250-499", "id_gate_open/t500-749",
                            "id_gate_open/t750-999"]
-    first = rates.add(torch.tensor([True, False, True]), torch.tensor([0, 249, 999]))
+    def add(gate, timesteps):  # the rates stay tensors, read back by the loop when it logs
+        found = rates.add(torch.tensor(gate), torch.tensor(timesteps))
+        assert all(isinstance(rate, torch.Tensor) and rate.ndim == 0 for rate in found.values())
+        return {name: float(rate) for name, rate in found.items()}
+
+    first = add([True, False, True], [0, 249, 999])
     assert first == {"id_gate_open/t000-249": 0.5, "id_gate_open/t750-999": 1.0}
-    second = rates.add(torch.tensor([False]), torch.tensor([500]))
+    second = add([False], [500])
     assert second == {"id_gate_open/t000-249": 0.5, "id_gate_open/t500-749": 0.0, "id_gate_open/t750-999": 1.0}
-    third = rates.add(torch.tensor([True]), torch.tensor([250]))  # the first step has left the window
+    third = add([True], [250])  # the first step has left the window
     assert third == {"id_gate_open/t250-499": 1.0, "id_gate_open/t500-749": 0.0}
     assert face_gate.GateOpenRates(50, buckets=2).names == ["id_gate_open/t00-24", "id_gate_open/t25-49"]
 

@@ -38,8 +38,9 @@ def test_block_names_follow_comfyui_keys():
     assert names == ["input_1_0", "input_3_0", "middle_0_0", "output_0_0", "output_1_0", "output_2_0", "output_3_0"]
 
 
+@pytest.mark.parametrize("rows_by", ["active", "row_mask"])  # the rows chosen on the host, or the trainer's mask
 @pytest.mark.parametrize("cond_or_uncond", [(1, 0), (0,), (0, 1)])
-def test_fuser_equals_comfyui_middle_patch(cond_or_uncond):
+def test_fuser_equals_comfyui_middle_patch(cond_or_uncond, rows_by):
     unet = tiny_unet()
     adapter = adapter_for(unet)
     diffusers_binding.attach(unet, adapter)
@@ -47,6 +48,7 @@ def test_fuser_equals_comfyui_middle_patch(cond_or_uncond):
     chunks = len(cond_or_uncond)
     tokens = torch.randn(1, 4, 24)
     active = torch.tensor([c == 0 for c in cond_or_uncond for _ in range(batch)])
+    rows = {"active": active} if rows_by == "active" else {"row_mask": active.float()[:, None, None]}
     seen = {}
 
     def record(name):
@@ -59,7 +61,7 @@ def test_fuser_equals_comfyui_middle_patch(cond_or_uncond):
     latents = torch.randn(batch * chunks, 4, 8, 8)
     with torch.no_grad():
         unet(latents, 10, encoder_hidden_states=torch.randn(batch * chunks, 77, 768),
-             cross_attention_kwargs=diffusers_binding.idadapter_kwargs(tokens, active, beta=0.7))
+             cross_attention_kwargs=diffusers_binding.idadapter_kwargs(tokens, beta=0.7, **rows))
     patch = patches.IDAdapterMiddlePatch(StandInPatcher(adapter.adapters), tokens, 0.7, attention=sdpa_attention)
     assert set(seen) == set(adapter.adapters)
     for name, (hidden, fused) in seen.items():

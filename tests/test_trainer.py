@@ -121,7 +121,9 @@ def test_compiled_and_channels_last_steps_give_the_eager_step(tmp_path, tiny_ass
     --channels_last give the eager step's loss and gradients within fp32 tolerance (with gradient checkpointing, as
     the README's command trains), and leave the parameter names, and so checkpoints and the export, as they are."""
     from accelerate import Accelerator
+    from torch._dynamo.utils import counters
 
+    counters.clear()
     steps = {}
     for name, args in {"eager": [], **SPEED_SETTINGS}.items():
         out = run_dir(tmp_path, tiny_assets, name)
@@ -138,6 +140,8 @@ def test_compiled_and_channels_last_steps_give_the_eager_step(tmp_path, tiny_ass
     parts = ("unet", "vae_decoder", "arcface")
     assert all(eager_task.compiled_module(part)._compiled_call_impl is None for part in parts)
     assert all(steps["compiled"][3].compiled_module(part)._compiled_call_impl is not None for part in parts)
+    # whole graphs: a graph break (a data-dependent shape, a host read) would run the rest of that module eagerly
+    assert counters["stats"]["unique_graphs"] >= len(parts) and not counters["graph_break"], dict(counters["graph_break"])
     for task in (eager_task, steps["channels-last"][3]):
         conv = task.c.unet.conv_in.weight
         assert conv.is_contiguous(memory_format=torch.channels_last) == task.config.channels_last

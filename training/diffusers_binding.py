@@ -69,6 +69,11 @@ class AdapterFuser(nn.Module):
     is kept; dropped rows skip the branch, as the node does on the unconditional chunk), "beta": float,
     "block_weights": {block name: weight} or None (missing = 1; a block at 0 skips the branch)}.
     ``active`` stays on the host so choosing rows never waits for the GPU.
+
+    Training passes "row_mask" instead of "active": [B, 1, 1] on the device, 1 for the rows that keep their image
+    condition and 0 for the others. Every row computes the branch, which is then multiplied by the mask: choosing
+    rows on the host makes a data-dependent shape, which torch.compile cannot trace (the UNet would run eagerly), and
+    an index copied to the device in every block.
     """
 
     def __init__(self, gated: GatedSelfAttention, name: str):
@@ -83,6 +88,9 @@ class AdapterFuser(nn.Module):
             return hidden_states
         if tokens.shape[0] != hidden_states.shape[0]:
             tokens = tokens[:1].expand(hidden_states.shape[0], -1, -1)
+        row_mask = objs.get("row_mask")
+        if row_mask is not None:
+            return hidden_states + beta * row_mask * self.gated.residual(hidden_states, tokens, sdpa_attention)
         rows = None if active is None else torch.as_tensor(active).nonzero().flatten().tolist()
         return add_on_rows(hidden_states, rows,
                            lambda y, sel: beta * self.gated.residual(y, tokens[sel], sdpa_attention))
@@ -124,10 +132,12 @@ def add_kv_deltas(unet, kv_deltas: dict[str, dict[str, torch.Tensor]], weight: f
 
 
 def idadapter_kwargs(tokens: torch.Tensor, active: torch.Tensor | None = None, beta: float = 1.0,
-                     block_weights: dict[str, float] | None = None) -> dict:
-    """``cross_attention_kwargs`` for a UNet call with the adapter on (for the ``active`` rows), ``block_weights``
-    multiplying ``beta`` per block as Apply IDAdapter's do."""
-    return {"gligen": {"tokens": tokens, "active": active, "beta": beta, "block_weights": block_weights}}
+                     block_weights: dict[str, float] | None = None, row_mask: torch.Tensor | None = None) -> dict:
+    """``cross_attention_kwargs`` for a UNet call with the adapter on (for the ``active`` rows, or times
+    ``row_mask``: see :class:`AdapterFuser`), ``block_weights`` multiplying ``beta`` per block as Apply IDAdapter's
+    do."""
+    return {"gligen": {"tokens": tokens, "active": active, "beta": beta, "block_weights": block_weights,
+                       "row_mask": row_mask}}
 
 
 # ---- W+ adapter: an attn2 processor

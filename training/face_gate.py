@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections import deque
 
 import torch
+import torch.nn.functional as F
+
+from ..nodes.arch.transfer import host_to_device
 
 GATES = ("detector", "norm")
 
@@ -49,11 +52,13 @@ class GateOpenRates:
         self.names = [f"id_gate_open/t{lo:0{width}d}-{hi - 1:0{width}d}" for lo, hi in zip(edges, edges[1:])]
         self.history: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=window)
 
-    def add(self, gate: torch.Tensor, timesteps: torch.Tensor) -> dict[str, float]:
-        """Counts one micro-step's rows (gate [n] bool at timesteps [n]); returns the window's rates by name."""
-        bucket = (timesteps.cpu().long() * self.buckets // self.num_train_timesteps).clamp(0, self.buckets - 1)
-        opened = torch.bincount(bucket[gate.cpu()], minlength=self.buckets)
-        rows = torch.bincount(bucket, minlength=self.buckets)
-        self.history.append((opened, rows))
+    def add(self, gate: torch.Tensor, timesteps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Counts one micro-step's rows (gate [n] bool on any device, at host timesteps [n]); returns the window's
+        rates by name, as 0-dim tensors on the gate's device: nothing is read back here, so the host does not wait
+        for the accelerator (the loop reads the logs on the steps that log)."""
+        bucket = (timesteps.long() * self.buckets // self.num_train_timesteps).clamp(0, self.buckets - 1)
+        in_bucket = F.one_hot(bucket, self.buckets).float()  # [n, buckets], on the host
+        opened = gate.float() @ host_to_device(in_bucket, gate.device)
+        self.history.append((opened, in_bucket.sum(0)))
         opened, rows = (torch.stack(counts).sum(0) for counts in zip(*self.history))
-        return {name: float(o) / float(r) for name, o, r in zip(self.names, opened, rows) if r > 0}
+        return {name: opened[b] / rows[b].item() for b, name in enumerate(self.names) if rows[b] > 0}

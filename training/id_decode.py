@@ -48,7 +48,7 @@ def decode_faces(vae, latents: torch.Tensor, landmarks: torch.Tensor, mode: str,
         windows = torch.stack([latents[row, :, y:y + height, x:x + width]
                                for row, (x, y) in enumerate(origins.tolist())])
         decoded, corners = vae.decode(windows).sample, (origins * downscale).float()
-    faces = align_faces(decoded.float(), (landmarks.float() - corners[:, None]).to(decoded.device))
+    faces = align_faces(decoded.float(), landmarks.float() - corners[:, None])
     return faces, decoded, corners
 
 

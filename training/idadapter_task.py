@@ -22,6 +22,7 @@ from torch.profiler import record_function
 
 from ..nodes.arch import idadapter as ida
 from ..nodes.arch.iresnet import align_faces, load_arcface, same_features
+from ..nodes.arch.transfer import host_to_device
 from ..nodes.face import insightface_backend
 from . import data as dataset
 from . import diffusers_binding, face_gate, id_decode
@@ -234,8 +235,9 @@ class TrainableIDAdapter(nn.Module):
         self.unet = unet
         self.adapter = adapter
 
-    def forward(self, noisy, timesteps, text, tokens, active, added_cond=None):
-        kwargs = diffusers_binding.idadapter_kwargs(tokens, active)
+    def forward(self, noisy, timesteps, text, tokens, row_mask, added_cond=None):
+        """``row_mask`` [B, 1, 1] on the device (1: the row keeps its image condition) or None (every row)."""
+        kwargs = diffusers_binding.idadapter_kwargs(tokens, row_mask=row_mask)
         return self.unet(noisy, timesteps, encoder_hidden_states=text, cross_attention_kwargs=kwargs,
                          added_cond_kwargs=added_cond).sample
 
@@ -411,7 +413,7 @@ class IDAdapterTask:
             rgb, landmarks = dataset.load_square(image, self.config.resolution)
             pixels = (rgb[None] * 2 - 1).to(self.device, self.vae_dtype)
             moments = self.c.vae.encode(pixels).latent_dist.parameters
-            face = align_faces(pixels.float(), landmarks[None].to(self.device))
+            face = align_faces(pixels.float(), landmarks[None])
             norm = self.c.arcface(face.to(self.weight_dtype)).float().norm(dim=-1)
             return moments[0].cpu(), landmarks, dataset.square_box(image, self.config.resolution), norm[0].cpu()
 
@@ -451,11 +453,11 @@ class IDAdapterTask:
         for i, ex in enumerate(examples):
             if features[i] is None:
                 found = [self._reference_features(im) for im in ex["references"]]
-                features[i] = tuple(torch.stack([f[k] for f in found]).to(self.device) for k in range(2))
+                features[i] = tuple(self.to_device(torch.stack([f[k] for f in found])) for k in range(2))
         patches = torch.stack([f[0] for f in features]).float()
         classes = torch.stack([f[1] for f in features]).float().mean(1)
-        arcface = torch.stack([ida.mean_identity_vector(torch.stack([im.embedding for im in ex["references"]]))
-                               for ex in examples]).to(self.device)
+        arcface = self.to_device(torch.stack([ida.mean_identity_vector(torch.stack([im.embedding for im in ex["references"]]))
+                                              for ex in examples]))
         return self.adapter.encode(patches, arcface, classes) + (arcface,)
 
     def _rank(self) -> tuple[int, int]:
@@ -495,13 +497,17 @@ class IDAdapterTask:
             text, added = self.prompts(captions, e_c)
 
         scheduler = self.c.noise_scheduler
-        latents = DiagonalGaussianDistribution(moments.to(self.device)).sample(generator=gen)
-        latents = latents.float() * self.c.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen).to(self.device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(examples),), generator=gen).to(self.device)
+        # every draw is made on the host from the step's generator (a resumed run draws the same) and copied over
+        posterior = DiagonalGaussianDistribution(self.to_device(moments))
+        draw = torch.randn(posterior.mean.shape, generator=gen, dtype=posterior.mean.dtype)
+        latents = (posterior.mean + posterior.std * self.to_device(draw)).float() * self.c.vae.config.scaling_factor
+        noise = self.to_device(torch.randn(latents.shape, generator=gen))
+        host_timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(examples),), generator=gen)
+        timesteps = self.to_device(host_timesteps)
         noisy = self.in_layout(scheduler.add_noise(latents, noise, timesteps))
+        row_mask = self.to_device(keep_image.float()[:, None, None])
         with record_function("ida.unet"):
-            prediction = model(noisy, timesteps, text, e_r, keep_image, added).float()
+            prediction = model(noisy, timesteps, text, e_r, row_mask, added).float()
         loss_sd = F.mse_loss(prediction, training_target(scheduler, latents, noise, timesteps))
         logs = {"loss_sd": loss_sd.detach()}
         loss = loss_sd
@@ -511,9 +517,13 @@ class IDAdapterTask:
                                                    f_a, keep_image)
             loss = loss + cfg.id_loss_weight * loss_id
             logs.update(loss_id=loss_id.detach(), id_gate=gate.float().mean(),
-                        **self.gate_rates.add(gate, timesteps[keep_image.to(timesteps.device)]))
+                        **self.gate_rates.add(gate, host_timesteps[keep_image]))
         logs["loss"] = loss.detach()
         return loss, logs
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Host data on the training device, without making the host wait for the accelerator."""
+        return host_to_device(tensor, self.device)
 
     def in_layout(self, images: torch.Tensor) -> torch.Tensor:
         """A model input [B, C, H, W] in the models' memory layout (--channels_last)."""
@@ -522,9 +532,10 @@ class IDAdapterTask:
     def identity_loss(self, noisy, prediction, timesteps, landmarks, boxes, reference_norms, f_a, keep_image):
         """The gated identity loss over the rows that keep their image condition, and the gate [rows] bool."""
         rows = keep_image.nonzero().flatten()
-        reference_norms = reference_norms[rows].to(self.device)
-        landmarks, boxes = landmarks[rows], boxes[rows]  # on the CPU, where windows are placed and the detector runs
-        rows = rows.to(noisy.device)
+        reference_norms = self.to_device(reference_norms[rows])
+        # on the host: windows are placed, alignments solved and the detector run there
+        landmarks, boxes = landmarks[rows], boxes[rows]
+        rows = self.to_device(rows)
         x0 = predicted_x0(self.c.noise_scheduler, noisy[rows], prediction[rows], timesteps[rows])
         x0 = x0 / self.c.vae.config.scaling_factor
         # x0_hat estimates the target image: all of it, or the window around the face (--id_decode)

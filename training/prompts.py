@@ -14,6 +14,7 @@ import contextlib
 import torch
 
 from ..nodes.arch import idadapter as ida
+from ..nodes.arch.transfer import host_to_device
 from ..nodes.errors import ConfigError
 
 
@@ -80,12 +81,12 @@ class PromptEncoder:
         hidden, pooled = [], None
         for ids, encoder, key, identifier_id in zip(self.tokenize(prompts), self.text_encoders, self.keys,
                                                     self.identifier_ids):
-            ids = ids.to(device)
+            ids = host_to_device(ids, device)
             with identity_token(encoder, ids, identifier_id, e_c[key]):
                 out = encoder(ids, output_hidden_states=self.family == "sdxl")
             if self.family != "sdxl":
                 return out[0], None
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # the last encoder's projected pooled output (CLIPTextModelWithProjection.text_embeds)
-        time_ids = torch.tensor([self.time_ids] * len(prompts), device=device, dtype=pooled.dtype)
+        time_ids = host_to_device(torch.tensor([self.time_ids] * len(prompts), dtype=pooled.dtype), device)
         return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids}

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ImageInputError, ModelFileError
 from .onnx_files import load_onnx_graph
+from .transfer import host_to_device
 
 # Blocks per stage of the published backbones (arcface_torch ``get_model``).
 IRESNET_LAYERS = {
@@ -403,9 +404,10 @@ def align_faces(images: torch.Tensor, landmarks: torch.Tensor, size: int = ARCFA
     """Differentiable ArcFace alignment: [B, C, H, W] images and their [B, 5, 2] pixel landmarks ->
     [B, C, size, size] crops warped onto the template (bilinear, zeros outside), like norm_crop."""
     b, _, h, w = images.shape
-    inverse = crop_to_image(landmarks, size)
+    # the small solves run where the landmarks are (host landmarks: on the host, no wait for the accelerator)
+    inverse = host_to_device(crop_to_image(landmarks, size), images.device)
     # grid_sample works in [-1, 1] with align_corners=False: pixel centres at (i + 0.5) / n * 2 - 1
-    ys, xs = torch.meshgrid(torch.arange(size, device=inverse.device), torch.arange(size, device=inverse.device),
+    ys, xs = torch.meshgrid(torch.arange(size, device=images.device), torch.arange(size, device=images.device),
                             indexing="ij")
     crop = torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(1, -1, 3).float()
     src = crop @ inverse.transpose(1, 2)  # [B, size*size, 2] source pixel coordinates
