@@ -27,7 +27,9 @@ IResNet-100), the trainer's own step (training/idadapter_task.py: MFF + text tok
 K/V, L_SD + 0.1 * gated ID loss through the VAE decoder) on a synthetic identity set; the tiny insightface
 stand-in does the up-front face detection. FLOPs are counted with torch's FlopCounterMode over one step, in
 all and per top-level module. The per-photo cache is filled first, as after a real run's first epoch, and the
-step with it off (--cache_mb 0) is interleaved with the cached one for the ratio.
+step with it off (--cache_mb 0: its photos decoded by the prefetch threads while the step before runs, or with
+--prefetch_threads 0 in the step) is interleaved with the cached one for the ratios. The synthetic photos are
+--photo_size pixels square (1024 by default, FFHQ's size; PNG).
 
 Steps are timed over --rounds rounds after a warm-up round (CUDA events on a GPU); prints the median step time
 (min-max), peak memory of a cached step, TFLOP per step and TFLOP/s from the median; writes
@@ -52,7 +54,7 @@ from comfyui_idadapter.nodes.arch import adaface as ada
 from comfyui_idadapter.training.adaface_task import DEFAULT_LAYER_WEIGHTS, AdaFaceModels, AdaFaceTask
 from comfyui_idadapter.training.config import COMPILE_TARGETS, AdaFaceTrainConfig, IDAdapterTrainConfig
 from comfyui_idadapter.training.id_decode import DECODES
-from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PerImageCache
+from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PerImageCache, PhotoPrefetcher
 
 
 def sd21_components(device, tokenizer, pack):
@@ -174,6 +176,7 @@ def main():
                         help="IDAdapter: the trainer's --compile (the parts torch.compile compiles)")
     parser.add_argument("--compile_backend", default="inductor", help="the trainer's --compile_backend")
     parser.add_argument("--channels_last", action="store_true", help="IDAdapter: the trainer's --channels_last true")
+    parser.add_argument("--photo_size", type=int, default=1024, help="the synthetic dataset's photo size (pixels)")
     parser.add_argument("--sync_debug", action="store_true",
                         help="CUDA: also run one step in CUDA's sync debug mode and list where the host waited")
     parser.add_argument("--multipliers", type=int, nargs=12, default=[8, 8, 8] + [4] * 9,
@@ -188,7 +191,7 @@ def main():
     pack = tiny.make_pack(os.path.join(tmp, "insightface"))
     # 4 identities of N + 1 photos: IDAdapter's --min_images (N + 1 by default) leaves a target beside N references
     dataset = tiny.make_synthetic_dataset(os.path.join(tmp, "data"), 4, IDAdapterTrainConfig.num_images + 1,
-                                          size=args.resolution)
+                                          size=args.photo_size)
     tokenizer = tiny.tiny_tokenizer(os.path.join(tmp, "tokenizer"))
     accelerator = Accelerator(mixed_precision=args.mixed_precision if args.device == "cuda" else "no",
                               cpu=args.device == "cpu")
@@ -221,16 +224,21 @@ def main():
     batches = itertools.count()  # each step its own batch, as in a run
     if args.method == "idadapter":
         task.fill_cache([image for identity in task.identities for image in identity.images])  # as after an epoch
-        # --cache_mb 0: the frozen VAE encoder and CLIP vision run every step
-        caches = {"cached": task.cache, "--cache_mb 0": PerImageCache(0)}
+        # --cache_mb 0: the photos are decoded (by the prefetch threads, or in the step) and the frozen VAE encoder
+        # and CLIP vision run every step
+        settings = {"cached": (task.cache, task.prefetcher),
+                    "--cache_mb 0": (PerImageCache(0), PhotoPrefetcher(config.prefetch_threads)),
+                    "--cache_mb 0 --prefetch_threads 0": (PerImageCache(0), PhotoPrefetcher(0))}
+        # each setting its own run of steps, so that its prefetcher's loads are for its own next step
+        own_steps = {name: itertools.count(1_000_000 * k) for k, name in enumerate(settings)}
 
-        def with_cache(name):
+        def with_setting(name):
             def call():
-                task.cache = caches[name]
-                step(next(batches))
+                task.cache, task.prefetcher = settings[name]
+                step(next(own_steps[name]))
             return call
 
-        variants = {name: with_cache(name) for name in caches}
+        variants = {name: with_setting(name) for name in settings}
     else:
         if args.method == "wplus":
             task.fill_cache()
@@ -239,7 +247,7 @@ def main():
     timings = comparison(interleaved(variants, args.rounds, accelerator.device), default)
     seconds = timings["variants"][default]["median"]
     if args.method == "idadapter":
-        task.cache = caches["cached"]
+        task.cache, task.prefetcher = settings["cached"]
     peak = None
     if cuda:  # one more step of the default setting, alone, for its peak
         torch.cuda.reset_peak_memory_stats()
@@ -260,7 +268,9 @@ def main():
           f"{config.max_steps * seconds / 3600:.1f} h)")
     print(f"  peak memory {'-' if peak is None else f'{peak:.1f} GiB'}")
     if args.method == "idadapter":
-        print(f"  the per-photo cache makes a step {timings['variants']['--cache_mb 0']['ratio']:.2f}x faster")
+        print(f"  the per-photo cache makes a step {timings['variants']['--cache_mb 0']['ratio']:.2f}x faster; "
+              "without it, decoding the photos in the step instead of in the prefetch threads makes a step "
+              f"{timings['variants']['--cache_mb 0 --prefetch_threads 0']['median'] / timings['variants']['--cache_mb 0']['median']:.2f}x slower")
     print(f"  {flops / 1e12:.1f} TFLOP per step -> {flops / seconds / 1e12:.3g} TFLOP/s achieved")
     for count, name in per_module:  # forward and backward of each top-level module the step calls
         print(f"    {name:<40} {count / 1e12:7.2f} TFLOP  ({count / flops:5.1%})")
@@ -271,6 +281,8 @@ def main():
                "tflop_by_module": {name: count / 1e12 for count, name in per_module}, "step": timings}
     if args.method == "idadapter":
         results["cache_speedup"] = timings["variants"]["--cache_mb 0"]["ratio"]
+        results["prefetch_speedup"] = (timings["variants"]["--cache_mb 0 --prefetch_threads 0"]["median"]
+                                       / timings["variants"]["--cache_mb 0"]["median"])
     method = f"wplus-stage{args.stage}" if args.method == "wplus" else args.method
     if args.method == "idadapter":  # a setting other than the defaults gets its own file
         compiled = config.compiled_parts()

@@ -1,5 +1,6 @@
 """training/train_idadapter.py on the tiny preset: exports, frozen base, exact resume, real learning, data checks."""
 
+import collections
 import os
 import shutil
 import signal
@@ -107,6 +108,73 @@ def test_killed_process_loses_only_steps_since_the_checkpoint(tmp_path, tiny_ass
     _, straight = train(run_dir(tmp_path, tiny_assets, "straight"), *args)
     a, b = ida.load_idadapter(straight), ida.load_idadapter(resumed)
     assert all(torch.equal(v, b.adapter.state_dict()[k]) for k, v in a.adapter.state_dict().items())
+
+
+def test_prefetched_photos_are_decoded_off_the_step_and_train_the_same(tmp_path, tiny_assets, monkeypatch):
+    """With nothing cached (--cache_mb 0), no photo of a step after the first is decoded in the step: the prefetch
+    threads decoded them while the step before ran. The run exports exactly what decoding in the step exports."""
+    import threading
+
+    in_step = [None]  # the step whose loss is running, if any
+    decodes = []  # (step, thread name)
+    load_rgb, loss = data.load_rgb, IDAdapterTask.loss
+
+    def recording_load_rgb(path):
+        decodes.append((in_step[0], threading.current_thread().name))
+        return load_rgb(path)
+
+    def recording_loss(self, model, step):
+        in_step[0] = step
+        try:
+            return loss(self, model, step)
+        finally:
+            in_step[0] = None
+
+    monkeypatch.setattr(data, "load_rgb", recording_load_rgb)
+    monkeypatch.setattr(IDAdapterTask, "loss", recording_loss)
+    exports, later_steps_in_step = {}, {}
+    for threads in ("0", "2"):
+        data._square_uint8.cache_clear()  # targets' decodes are memoised in the process
+        decodes.clear()
+        _, exports[threads] = train(run_dir(tmp_path, tiny_assets, f"threads-{threads}"), "--max_steps", "4",
+                                    "--cache_mb", "0", "--prefetch_threads", threads, "--checkpoint_every", "4")
+        later_steps_in_step[threads] = sum(step is not None and step >= 1 and name == "MainThread"
+                                           for step, name in decodes)
+        if threads != "0":
+            assert sum(name.startswith("photo-loader") for _, name in decodes) >= 3 * 2  # 3 steps x 2 targets at least
+    assert later_steps_in_step == {"0": later_steps_in_step["0"], "2": 0} and later_steps_in_step["0"] >= 3 * 2
+    a, b = ida.load_idadapter(exports["0"]), ida.load_idadapter(exports["2"])
+    assert all(torch.equal(v, b.adapter.state_dict()[k]) for k, v in a.adapter.state_dict().items())
+    assert all(torch.equal(a.kv_deltas[n]["to_v"], b.kv_deltas[n]["to_v"]) for n in a.kv_deltas)
+
+
+def test_every_attention_of_a_step_is_sdpa(tmp_path, tiny_assets):
+    """Every attention a training step computes (UNet self and cross attention, the gated adapter, the text and
+    vision encoders, MFF, the VAE's mid block; nothing cached) calls torch's scaled_dot_product_attention, which
+    picks the flash or memory-efficient kernel on a GPU; none computes softmax(QK^T)V by hand."""
+    from accelerate import Accelerator
+    from torch.overrides import TorchFunctionMode
+
+    class CountCalls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = collections.Counter()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.calls[getattr(func, "__name__", str(func))] += 1
+            return func(*args, **(kwargs or {}))
+
+    out = run_dir(tmp_path, tiny_assets, "sdpa")
+    config = parse_args(IDAdapterTrainConfig, ["--preset", "tiny", "--output_dir", str(out), "--image_dropout", "0",
+                                               "--cache_mb", "0"])
+    task = IDAdapterTask(config, log=lambda *a: None)
+    task.setup(Accelerator(cpu=True))
+    with CountCalls() as counted:
+        loss, _ = task.loss(task.trainable, 1)
+        loss.backward()
+    blocks = len(diffusers_binding.transformer_blocks(task.c.unet))
+    assert counted.calls["scaled_dot_product_attention"] >= 3 * blocks  # attn1, attn2 and the gated attention
+    assert not {name: n for name, n in counted.calls.items() if "softmax" in name}
 
 
 SPEED_SETTINGS = {  # torch.compile's aot_eager backend traces as inductor does, without generating code

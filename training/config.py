@@ -256,6 +256,9 @@ class IDAdapterTrainConfig(TrainConfig):
     # CPU memory for the frozen models' per-photo outputs, each computed once: a target's VAE posterior and gate
     # reference, a reference photo's CLIP-vision features (least recently used out first; 0 = recompute each step)
     cache_mb: int = 4096
+    # threads that decode the next step's photos (those the cache does not hold) while a step runs; 0: decode them
+    # in the step
+    prefetch_threads: int = 4
     # adapter size
     num_tokens: int = 16
     mff_width: int = 768
@@ -288,6 +291,7 @@ class IDAdapterTrainConfig(TrainConfig):
                 problems.append(f"--{name} must be at most {CONFIG_LIMITS[field_name]} (the largest IDAdapter files "
                                 f"the nodes load), got {getattr(self, name)}")
         for name, meaning in (("cache_mb", "0 (off) or more"), ("kv_learning_rate", "0 (= --learning_rate) or more"),
+                              ("prefetch_threads", "0 (decode in the step) or more"),
                               ("min_images", "0 (= --num_images + 1) or more"),
                               ("id_loss_weight", "0 (off) or more"), ("id_gate_ratio", "0 (gate always on) or more"),
                               ("tiny_base_steps", "0 or more")):

@@ -86,6 +86,7 @@ OPTION_ROWS = [
     (["--heldout_dataset", "/nonexistent"], "--heldout_dataset '/nonexistent' does not exist"),
     (["--resume", "/nonexistent"], "--resume '/nonexistent' is not a checkpoint folder"),
     (["--cache_dir", __file__], "--cache_dir " + repr(__file__) + " is a file, not a folder"),
+    (["--prefetch_threads", "-1"], "--prefetch_threads must be 0 (decode in the step) or more, got -1"),
     (["--min_images", "-1"], "--min_images must be 0 (= --num_images + 1) or more, got -1"),
     (["--reference_crop", "body"], "--reference_crop must be face or photo, got 'body'"),
     (["--face_crop_margin", "5"], "--face_crop_margin must be from 0 to 4.0, got 5.0"),
