@@ -84,3 +84,22 @@ def test_detached_binding_leaves_unet_untouched():
                             cross_attention_kwargs=diffusers_binding.idadapter_kwargs(torch.randn(1, 4, 24))).sample
     assert torch.equal(before, without_kwargs)
     assert (with_adapter - before).abs().max() > 1e-4
+
+
+def test_row_mask_keeps_the_dtype_and_leaves_dropped_rows_as_they_are():
+    """The trainer's float32 row mask on bf16 activations: the output stays bf16 (as with row selection), rows at 0
+    are the input unchanged, and rows at 1 equal row selection's."""
+    unet = tiny_unet()
+    adapter = adapter_for(unet).to(torch.bfloat16)
+    name = next(iter(adapter.adapters))
+    fuser = diffusers_binding.AdapterFuser(adapter.adapters[name], name)
+    channels = adapter.adapters[name].norm.normalized_shape[0]
+    hidden = torch.randn(3, 16, channels, dtype=torch.bfloat16)
+    tokens = torch.randn(3, 4, 24, dtype=torch.bfloat16)
+    keep = torch.tensor([True, False, True])
+    with torch.no_grad():
+        masked = fuser(hidden, {"tokens": tokens, "row_mask": keep.float()[:, None, None]})
+        selected = fuser(hidden, {"tokens": tokens, "active": keep})
+    assert masked.dtype == selected.dtype == torch.bfloat16
+    assert torch.equal(masked[1], hidden[1]) and not torch.equal(masked[0], hidden[0])
+    torch.testing.assert_close(masked[keep], selected[keep])

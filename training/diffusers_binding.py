@@ -89,8 +89,9 @@ class AdapterFuser(nn.Module):
         if tokens.shape[0] != hidden_states.shape[0]:
             tokens = tokens[:1].expand(hidden_states.shape[0], -1, -1)
         row_mask = objs.get("row_mask")
-        if row_mask is not None:
-            return hidden_states + beta * row_mask * self.gated.residual(hidden_states, tokens, sdpa_attention)
+        if row_mask is not None:  # in the residual's dtype, as the row selection below adds it
+            residual = self.gated.residual(hidden_states, tokens, sdpa_attention)
+            return hidden_states + beta * row_mask.to(residual.dtype) * residual
         rows = None if active is None else torch.as_tensor(active).nonzero().flatten().tolist()
         return add_on_rows(hidden_states, rows,
                            lambda y, sel: beta * self.gated.residual(y, tokens[sel], sdpa_attention))
