@@ -282,7 +282,11 @@ class PhotoPrefetcher:
     threads (0): every load runs when it is asked for. The threads end when the prefetcher is collected."""
 
     def __init__(self, threads: int):
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="photo-loader") if threads else None
+        # one intra-op thread each: a loader thread running torch's ops on its own OpenMP team of every core's threads
+        # slowed the training thread's steps by a third on 2 cores, even between loads. (torch keeps one default for
+        # threads started later, which then begin with 1 too; the trainer starts none that compute.)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="photo-loader", initializer=torch.set_num_threads,
+                                       initargs=(1,)) if threads else None
         self.started: dict = {}
         self.ready: dict = {}
 
