@@ -464,18 +464,22 @@ class IDAdapterTask:
         return ida.reference_crop(dataset.load_rgb_tensor(image.path), image.box, self.adapter.config.face_crop_margin,
                                   self.vision_size)
 
+    def examples(self, step: int) -> list[dict]:
+        """This process's examples of ``step`` (a pure function of seed, step and process)."""
+        cfg = self.config
+        rank, processes = self._rank()
+        return dataset.sample_batch(self.identities, cfg.batch_size, cfg.num_images, step, cfg.seed, rank, processes,
+                                    include_target=cfg.references_include_target)
+
     def prefetch(self, step: int) -> None:
         """Starts loading the photos of ``step``'s batch that it will load: targets and references the cache does
         not hold, and the references that are augmented every step (identities with fewer than N photos)."""
-        cfg = self.config
-        rank, processes = self._rank()
         loads = {}
-        for ex in dataset.sample_batch(self.identities, cfg.batch_size, cfg.num_images, step, cfg.seed, rank,
-                                       processes, include_target=cfg.references_include_target):
+        for ex in self.examples(step):
             target = ex["target"]
             if ("target", target.path) not in self.cache.entries:
                 loads[("target", target.path)] = lambda image=target: self.load_target(image)
-            augmented = len(ex["references"]) < cfg.num_images
+            augmented = len(ex["references"]) < self.config.num_images
             for image in ex["references"]:
                 if augmented or ("reference", image.path) not in self.cache.entries:
                     loads[("reference", image.path)] = lambda image=image: self.load_reference(image)
@@ -533,9 +537,7 @@ class IDAdapterTask:
 
     def loss(self, model, step: int):
         cfg = self.config
-        rank, processes = self._rank()
-        examples = dataset.sample_batch(self.identities, cfg.batch_size, cfg.num_images, step, cfg.seed, rank, processes,
-                                        include_target=cfg.references_include_target)
+        examples = self.examples(step)
         self.prefetch(step + 1)
         if cfg.log_examples:
             self.log_examples(step, examples)
