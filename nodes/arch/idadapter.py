@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import ConfigError, ModelFileError, NoFaceError
 from .files import check_fingerprint, check_shapes, first_few, open_safetensors, same_weights, write_safetensors
+from .transfer import host_to_device
 
 log = logging.getLogger(__name__)
 
@@ -651,5 +652,5 @@ def add_on_rows(x: torch.Tensor, rows: list[int] | None, residual: Callable) -> 
     start, stop = rows[0], rows[0] + len(rows)
     if rows == list(range(start, stop)):
         return torch.cat([x[:start], x[start:stop] + residual(x[start:stop], slice(start, stop)), x[stop:]])
-    index = torch.tensor(rows, dtype=torch.long).to(x.device, non_blocking=True)
+    index = host_to_device(torch.tensor(rows, dtype=torch.long), x.device)
     return x.index_add(0, index, residual(x[index], index))
