@@ -1,8 +1,9 @@
 """Official AdaFace checkpoints and the Arc2Face ID encoder, converted into this pack's adaface/1 files.
 
 The official checkpoints are re-created with the stand-ins of test_adaface_official (the official class paths, key
-names and shapes, at width 32); the Arc2Face encoder is a tiny transformers CLIPTextModel saved as transformers 5
-writes it (model.safetensors) and as transformers 4.x wrote the released one (pytorch_model.bin, `text_model.` keys).
+names and shapes, at width 32, and the transformers 4.x tokenizer as made with or without ftfy installed); the
+Arc2Face encoder is a tiny transformers CLIPTextModel saved as transformers 5 writes it (model.safetensors) and as
+transformers 4.x wrote the released one (pytorch_model.bin, `text_model.` keys).
 """
 
 import json
@@ -25,7 +26,8 @@ from comfyui_idadapter.nodes.arch.adaface_official import (convert_official_adaf
 from comfyui_idadapter.nodes.arch.arc2face import load_arc2face_encoder
 from comfyui_idadapter.nodes.errors import ConfigError, ModelFileError
 from test_adaface_arch import FixedTokenEmbeddings
-from test_adaface_official import POSITIONS, WIDTH, WritesMarker, official_classes, save_official
+from test_adaface_official import (POSITIONS, WIDTH, WritesMarker, official_classes, save_official,
+                                   tokenizer_forms)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB, HEADS = 100, 4  # the stand-ins' vocabulary and CLIPTextConfig.num_attention_heads
@@ -46,8 +48,8 @@ def randomized(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
-def arc2face_generator(package: str, seed: int = 0, multipliers=MULTIPLIERS):
-    generator = official_classes(package)(16, multipliers)
+def arc2face_generator(package: str, seed: int = 0, multipliers=MULTIPLIERS, with_ftfy: bool = False):
+    generator = official_classes(package, with_ftfy)(16, multipliers)
     randomized(generator.prompt2token_proj, seed)
     return generator
 
@@ -99,15 +101,16 @@ def id_prompt_reference(model, arcface: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@tokenizer_forms
 @pytest.mark.parametrize("package", ["adaface", "ldm.modules"])
 @pytest.mark.parametrize("joint", [False, True], ids=["single", "joint+encoder"])
-def test_official_checkpoint_converts_to_the_same_tokens(tmp_path, package, joint):
-    generator = arc2face_generator(package)
+def test_official_checkpoint_converts_to_the_same_tokens(tmp_path, package, joint, with_ftfy):
+    generator = arc2face_generator(package, with_ftfy=with_ftfy)
     generator.hidden_state_layer_weights.copy_(torch.tensor([[0.5], [1.5], [3.0]]))
     checkpoint, out = str(tmp_path / "official.pt"), str(tmp_path / "adaface.safetensors")
     encoder = None
     if joint:
-        consistent_id = randomized(official_classes(package)(4, [1] * 12), seed=9)
+        consistent_id = randomized(official_classes(package, with_ftfy)(4, [1] * 12), seed=9)
         save_official(checkpoint, nn.ModuleList([consistent_id, generator]))
         encoder = tiny_arc2face()
         save_encoder(encoder, tmp_path / "encoder", "bin")
@@ -248,9 +251,10 @@ def run_script(*args):
                           text=True, timeout=120)
 
 
-def test_script_writes_a_loadable_file_and_never_overwrites_silently(tmp_path):
+@tokenizer_forms
+def test_script_writes_a_loadable_file_and_never_overwrites_silently(tmp_path, with_ftfy):
     checkpoint, out = str(tmp_path / "official.pt"), tmp_path / "adaface.safetensors"
-    save_official(checkpoint, arc2face_generator("ldm.modules"))
+    save_official(checkpoint, arc2face_generator("ldm.modules", with_ftfy=with_ftfy))
 
     done = run_script("--inverter", checkpoint, "--out", str(out))
     assert done.returncode == 0, done.stderr

@@ -3,7 +3,8 @@
 Those files pickle whole transformers 4.x / AdaFace / einops objects, so `torch.load(weights_only=True)` refuses
 them and `weights_only=False` would run whatever the pickle names. This reader runs nothing: every allowed class
 name becomes an inert `Record` that only stores what the pickle hands it, tensors are rebuilt here from the zip's
-storages, and any other global is refused. It uses Python's own (pure-Python) unpickler so that every opcode can be
+storages, bytes objects (which protocol-2 pickles write as calls to `_codecs.encode`) are rebuilt here too, and any
+other global is refused. It uses Python's own (pure-Python) unpickler so that every opcode can be
 counted: a small file cannot make it build more objects or a deeper stack than the limits below.
 """
 
@@ -33,6 +34,8 @@ STORAGE_DTYPES = {
     "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
     "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
 }
+# The encodings a protocol-2 pickle names when it writes a bytes object as `_codecs.encode(text, 'latin1')`.
+LATIN1_NAMES = ("latin1", "latin-1")
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 ADAFACE_CLASSES = {
@@ -57,7 +60,8 @@ TRANSFORMERS_CLASSES = {
         "CLIPTextModel", "CLIPTextTransformer", "CLIPEncoder", "CLIPEncoderLayer", "CLIPAttention",
         "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP", "CLIPTextEmbeddings"),
     "transformers.models.clip.configuration_clip": ("CLIPTextConfig",),
-    "transformers.models.clip.tokenization_clip": ("CLIPTokenizer",),
+    # the slow tokenizer keeps a BasicTokenizer as `nlp` when ftfy is not installed
+    "transformers.models.clip.tokenization_clip": ("CLIPTokenizer", "BasicTokenizer"),
     "transformers.activations": ("QuickGELUActivation", "GELUActivation"),
     "transformers.tokenization_utils_base": ("AddedToken",),
     "transformers.tokenization_utils": ("Trie",),
@@ -74,8 +78,10 @@ def _record_names() -> set[tuple[str, str]]:
     for table in (TORCH_NN_CLASSES, TRANSFORMERS_CLASSES):
         for module, classes in table.items():
             names.update((module, name) for name in classes)
-    # Tokenizer internals: the compiled split pattern is pickled as a call to regex's compile; recorded, never run.
+    # Tokenizer internals, recorded and never run: the compiled split pattern is pickled as a call to regex's compile,
+    # and a tokenizer made while ftfy was installed holds its text fixer (`self.fix_text = ftfy.fix_text`).
     names.add(("regex._regex", "compile"))
+    names.add(("ftfy", "fix_text"))
     return names
 
 
@@ -188,6 +194,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one, whose opc
             return collections.OrderedDict
         if module in ("builtins", "__builtin__") and name in ("set", "frozenset", "slice"):
             return {"set": set, "frozenset": frozenset, "slice": slice}[name]
+        if module == "_codecs" and name == "encode":
+            return self.checkpoint.latin1_bytes
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(STORAGE_DTYPES[name])
         if module == "torch" and name in DTYPE_NAMES:
@@ -247,6 +255,19 @@ class _Checkpoint:
         if storage.dtype != dtype:
             raise self.error(f"tensor storage {key!r} is used with two dtypes")
         return storage
+
+    def latin1_bytes(self, *args) -> bytes:
+        """The bytes object a protocol-2 pickle writes as `_codecs.encode(text, 'latin1')` (the compiled tokenizer
+        pattern's program, for one), made here by encoding the text; any other use of `_codecs.encode` is refused."""
+        if len(args) != 2 or type(args[0]) is not str or args[1] not in LATIN1_NAMES:
+            described = ", ".join(type(arg).__name__ if type(arg) is not str or len(arg) > 20 else repr(arg)
+                                  for arg in args[:3])
+            raise self.error(f"it calls _codecs.encode({described}), not (text, 'latin1') as a pickled bytes object "
+                             "does")
+        try:
+            return args[0].encode("latin-1")
+        except UnicodeEncodeError:
+            raise self.error("a pickled bytes object holds characters beyond latin-1") from None
 
     def rebuild_tensor(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
         if not isinstance(storage, torch.Tensor):
