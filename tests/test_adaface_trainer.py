@@ -165,6 +165,29 @@ def test_ema_follows_the_expansion(tmp_path):
     assert k.shape == (2 * 768, 768) and torch.isfinite(k).all()
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one state per process, whose mixed precision the first Accelerator fixes: a test that needs
+    another starts from none and leaves none (as accelerate's own test case does)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_mixed_precision_still_applies_after_the_expansion(tmp_path, fresh_accelerate_state):
+    # the loop wraps the grown inverter anew (for DDP): its forward keeps accelerate's autocast
+    config = tiny_config(tmp_path, "--mixed_precision", "bf16", "--max_steps", "2", "--expand_at_steps", "1")
+    task = AdaFaceTask(config, log=lambda *args: None)
+    calls = []  # (K/V multipliers, autocast on) at each call of the inverter
+    task.trainable.inverter.register_forward_pre_hook(lambda module, args: calls.append(
+        (list(module.config.kv_multipliers), torch.is_autocast_enabled(task.device.type))))
+    loop.run(task, config)
+    assert ([1, 1], True) in calls and ([2, 2], True) in calls
+    assert all(on for _, on in calls), calls
+
+
 def test_an_arc2face_folder_of_another_layout_is_named_before_anything_loads(tmp_path):
     folders = {name: tmp_path / name for name in ("base", "arc2face", "pack", "faces")}
     for folder in folders.values():

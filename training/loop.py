@@ -15,7 +15,8 @@ A trainer supplies a *task* object:
   and ``heldout_line(before, after, when)`` that says what they show; ``describe_export()`` and ``comfyui_folder``
   for the closing summary;
 - optionally ``after_step(step, logs) -> {parameter: grow} | None``: parameters the task grew in place (AdaFace's
-  dynamic model expansion), with how a tensor of the old shape grows; their optimiser and EMA state follows, and
+  dynamic model expansion), with how a tensor of the old shape grows; their optimiser and EMA state follows and
+  accelerate wraps the module anew (a DDP wrapper holds state sized for the old shapes), and
   ``fit_to_state(trainable)``, which grows a fresh module to a checkpoint's shapes before it is loaded.
 
 Checkpoints are written to ``checkpoint-<step>.tmp`` and renamed when complete, so killing the process at
@@ -200,6 +201,25 @@ def _run(task, config, accelerator) -> str:
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                               num_training_steps=config.max_steps * accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(task.trainable, optimizer, scheduler)
+
+    def prepare_grown():
+        """Accelerate's wrappers made anew around the same module, optimiser and schedule, after the task grew some
+        parameters in place (their optimiser state already grown). A DDP wrapper's reducer holds the parameters'
+        gradient accumulators, which recorded the old shapes (the next backward would fail: "invalid gradient ...
+        expected shape compatible with" the old one), and buckets sized for them: every reference to the old wrappers
+        is dropped and collected before the module is wrapped again."""
+        nonlocal model, optimizer, scheduler
+        # the module as it was before the first prepare (its forward without the mixed-precision wrapper, and not
+        # marked as prepared, which would make prepare hand it back as it is): prepare then wraps it as it did then
+        module = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        module.__dict__.pop("_is_accelerate_prepared", None)
+        inner_optimizer, inner_scheduler = optimizer.optimizer, scheduler.scheduler
+        accumulated = accelerator.step
+        model = optimizer = scheduler = None
+        accelerator.free_memory()  # accelerate's own references, then a garbage collection; it zeroes the step count
+        accelerator.step = accumulated
+        model, optimizer, scheduler = accelerator.prepare(module, inner_optimizer, inner_scheduler)
+
     ema = None
     if config.use_ema:
         from diffusers.training_utils import EMAModel
@@ -223,7 +243,10 @@ def _run(task, config, accelerator) -> str:
         if changed:
             say(f"resuming with changed options; the new values apply from step {ckpt.read_state(resume_from)['step']} "
                 f"on (learning rates and weight decay included, the optimiser's moments are kept): {', '.join(changed)}")
+        shapes = [p.shape for p in params]
         saved = ckpt.load_main(resume_from, task, optimizer, scheduler, ema, accelerator.scaler, accelerator.device)
+        if [p.shape for p in params] != shapes:  # the checkpoint was written after the task grew (fit_to_state)
+            prepare_grown()
         step = saved["step"]
         accelerator.step = saved.get("accelerator_step", step * config.gradient_accumulation_steps)
         has_rng = ckpt.load_rng(resume_from, rank)
@@ -322,8 +345,7 @@ def _run(task, config, accelerator) -> str:
             expand_optimizer_state(getattr(optimizer, "optimizer", optimizer), grown)
             if ema is not None:
                 ema.shadow_params = [grown[p](s) if p in grown else s for p, s in zip(params, ema.shadow_params)]
-            if processes > 1:  # DDP's buckets were sized for the old shapes
-                model = accelerator.prepare_model(task.trainable)
+            prepare_grown()
         bar.update(1)
         if reads_back:  # grouped keys ("group/name") are TensorBoard detail, kept off the progress bar
             bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items() if "/" not in k})
