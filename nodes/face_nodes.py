@@ -6,13 +6,12 @@ package that does the work.)
 
 from __future__ import annotations
 
-import os
-
 import folder_paths
 from comfy.utils import ProgressBar
 from comfy_api.latest import io
 
 from .arch import face_embeds as fe
+from .arch.output_files import PREFIX_TOOLTIP, save_to_new_file
 from .face import insightface_backend as backend
 
 CATEGORY = "face identity"
@@ -128,17 +127,16 @@ class SaveFaceEmbeds(io.ComfyNode):
             display_name="Save Face Embeds",
             category=CATEGORY,
             description="Writes FACE_EMBEDS as safetensors under the output folder (face_embeds/ by default).",
-            inputs=[FaceEmbeds.Input("face_embeds"), io.String.Input("filename_prefix", default="face_embeds/face")],
+            inputs=[FaceEmbeds.Input("face_embeds"),
+                    io.String.Input("filename_prefix", default="face_embeds/face", tooltip=PREFIX_TOOLTIP)],
             outputs=[io.String.Output("path")],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, face_embeds, filename_prefix) -> io.NodeOutput:
-        output_dir = folder_paths.get_output_directory()
-        folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
-        path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
-        fe.save_face_embeds(face_embeds, path)
+        path = save_to_new_file(folder_paths.get_output_directory(), filename_prefix,
+                                lambda path: fe.save_face_embeds(face_embeds, path, replace=False))
         return io.NodeOutput(path)
 
 

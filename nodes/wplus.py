@@ -20,6 +20,7 @@ from .arch import wplus as wplus_arch
 from .arch import wplus_edits
 from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
 from .arch.face_embeds import largest_face_of_each_image
+from .arch.output_files import PREFIX_TOOLTIP, save_to_new_file
 from .errors import ConfigError, PackError
 from .face import insightface_backend
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
@@ -209,18 +210,16 @@ class SaveWPlus(io.ComfyNode):
             display_name="Save W+",
             category=CATEGORY,
             description="Writes W+ codes as safetensors (wplus-code/1) under the output folder (wplus/ by default).",
-            inputs=[WPlusType.Input("wplus"), io.String.Input("filename_prefix", default="wplus/face")],
+            inputs=[WPlusType.Input("wplus"),
+                    io.String.Input("filename_prefix", default="wplus/face", tooltip=PREFIX_TOOLTIP)],
             outputs=[io.String.Output("path")],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, wplus, filename_prefix) -> io.NodeOutput:
-        folder, name, counter, _, _ = folder_paths.get_save_image_path(filename_prefix,
-                                                                       folder_paths.get_output_directory())
-        path = os.path.join(folder, f"{name}_{counter:05}_.safetensors")
-        os.makedirs(folder, exist_ok=True)
-        wplus_edits.save_wplus_code(wplus, path)
+        path = save_to_new_file(folder_paths.get_output_directory(), filename_prefix,
+                                lambda path: wplus_edits.save_wplus_code(wplus, path, replace=False))
         return io.NodeOutput(path)
 
 

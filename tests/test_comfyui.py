@@ -126,6 +126,28 @@ def test_nodes_register_and_face_graph_runs_in_comfyui(tmp_path):
 
 
 @needs_comfyui
+def test_save_face_embeds_into_a_folder_keeps_every_save(tmp_path):
+    twice = _embed_prompt("face.png")
+    twice["4"]["inputs"]["filename_prefix"] = "people/anna/"
+    # the second save's input differs, or ComfyUI's cache would stand in for running it
+    twice["6"] = {"class_type": "IDA_FaceEmbedsCombine", "inputs": {"embeds_1": ["3", 0], "mode": "mean"}}
+    twice["7"] = {"class_type": "IDA_SaveFaceEmbeds", "inputs": {"face_embeds": ["6", 0],
+                                                                 "filename_prefix": "people/anna/"}}
+    empty = _embed_prompt("face.png")
+    empty["4"]["inputs"]["filename_prefix"] = ""
+    result, work = _run_comfyui(tmp_path, [twice, empty])
+    saved, refused = result["runs"]
+    assert saved["success"] is True, saved
+    folder = work / "output" / "people" / "anna"
+    assert sorted(os.listdir(folder)) == ["face_00001_.safetensors", "face_00002_.safetensors"]
+    for name in os.listdir(folder):
+        assert len(load_face_embeds(str(folder / name))) == 1
+    assert refused["success"] is False
+    assert "filename_prefix is empty: expected a name such as 'face'" in json.dumps(refused["errors"])
+    assert not [name for name in os.listdir(work / "output") if name.startswith(".")]
+
+
+@needs_comfyui
 def test_unavailable_provider_is_reported_on_the_node(tmp_path):
     prompt = _embed_prompt("face.png")
     prompt["2"]["inputs"]["provider"] = "CUDA"

@@ -165,7 +165,8 @@ def combine(items: list[FaceEmbeds], mode: str) -> FaceEmbeds:
     return FaceEmbeds(mean, recognizer=recognizer)
 
 
-def save_face_embeds(fe: FaceEmbeds, path: str) -> None:
+def save_face_embeds(fe: FaceEmbeds, path: str, *, replace: bool = True) -> None:
+    """Writes ``fe`` as ``face_embeds/1`` safetensors; ``replace=False``: FileExistsError if ``path`` exists."""
     tensors = {"embeds": fe.embeds.float().contiguous().cpu()}
     if fe.has_geometry:
         for name in _GEOMETRY:
@@ -173,7 +174,7 @@ def save_face_embeds(fe: FaceEmbeds, path: str) -> None:
             tensors[name] = (value.long() if name == "image_index" else value.float()).contiguous().cpu()
     meta = {"format": FORMAT, "faces": str(len(fe)), "dim": str(fe.dim), "geometry": json.dumps(fe.has_geometry),
             "recognizer": fe.recognizer}
-    write_safetensors(tensors, path, meta)
+    write_safetensors(tensors, path, meta, replace=replace)
 
 
 def load_face_embeds(path: str) -> FaceEmbeds:

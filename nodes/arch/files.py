@@ -20,11 +20,19 @@ import torch
 from ..errors import ModelFileError
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+# what the temporary file of write_safetensors adds to the name: ".tmp-<pid>" (pids have at most 10 digits)
+TEMPORARY_SUFFIX_MAX_BYTES = len(".tmp-") + 10
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str], *,
+                      replace: bool = True) -> None:
     """Writes to a temporary file and renames it, so a crash never leaves a half-written file behind.
 
     The file gets the mode ``open()`` would give it (0o666 less the umask): safetensors' ``save_file`` makes
     owner-only files, which a ComfyUI running as another user cannot read.
+
+    ``replace=False`` never replaces anything at ``path``: FileExistsError when something is there, checked in the
+    same step that puts the file in place, so a file made meanwhile by another process is never lost.
     """
     from safetensors.torch import save_file
 
@@ -41,11 +49,34 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dic
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _place_new(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _place_new(tmp: str, path: str) -> None:
+    """Gives the finished ``tmp`` the name ``path`` unless something has that name (FileExistsError)."""
+    try:
+        os.link(tmp, path)  # fails when path exists: unlike a rename, a link never replaces
+    except FileExistsError:
+        raise
+    except OSError:
+        # no hard links on this file system (FAT, some network shares): claim the name with an empty file, then
+        # rename over that claim; a crash in between leaves that empty file, never a replaced one
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise
+    else:
+        os.remove(tmp)
 
 
 class SafetensorsReader:

@@ -371,14 +371,16 @@ def load_ganspace_configs(path: str) -> dict[str, GanSpaceEdit]:
 # ---- W+ code files
 
 
-def save_wplus_code(w: torch.Tensor, path: str) -> None:
-    """Writes W+ codes ([18, 512] or [B, 18, 512]) as ``wplus-code/1`` safetensors, float32, atomically."""
+def save_wplus_code(w: torch.Tensor, path: str, *, replace: bool = True) -> None:
+    """Writes W+ codes ([18, 512] or [B, 18, 512]) as ``wplus-code/1`` safetensors, float32, atomically;
+    ``replace=False``: FileExistsError if ``path`` exists."""
     w = check_wplus(w)
     if w.ndim == 2:
         w = w.unsqueeze(0)
     if w.shape[0] > MAX_CODES:
         raise ConfigError(f"{w.shape[0]} W+ codes in one file; at most {MAX_CODES}")
-    write_safetensors({"wplus": w.detach().to("cpu", torch.float32).contiguous()}, path, {"format": FORMAT})
+    write_safetensors({"wplus": w.detach().to("cpu", torch.float32).contiguous()}, path, {"format": FORMAT},
+                      replace=replace)
 
 
 def load_wplus_code(path: str) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Hostile and careless files (issue 10): every one is a clear ModelFileError naming the file and the field or
 tensor, found from the header before any tensor data is read where the header tells, and without allocating what
-a config merely claims. Files the pack writes get the umask's mode."""
+a config merely claims. Files the pack writes get the umask's mode; a save node's filename_prefix that cannot name a
+new file in the output folder is a clear ConfigError, and nothing is written (issue 25)."""
 
 import json
 import os
@@ -18,8 +19,10 @@ from safetensors.torch import save_file
 
 from comfyui_idadapter.nodes.arch import files
 from comfyui_idadapter.nodes.arch import idadapter as ida
+from comfyui_idadapter.nodes.arch import wplus_edits
 from comfyui_idadapter.nodes.arch.face_embeds import FaceEmbeds, load_face_embeds, save_face_embeds
-from comfyui_idadapter.nodes.errors import ModelFileError
+from comfyui_idadapter.nodes.arch.output_files import save_to_new_file
+from comfyui_idadapter.nodes.errors import ConfigError, ModelFileError
 from idadapter_helpers import tiny_adapter
 
 TESTS = pathlib.Path(__file__).resolve().parents[1]
@@ -364,3 +367,63 @@ def test_permission_error_is_reported_as_one(tmp_path, monkeypatch, load, save):
     monkeypatch.setattr(files, "open", denied, raising=False)  # files.py's own open(), as for a user without access
     with pytest.raises(ModelFileError, match=_permission_denied(path)):
         load(path)
+
+
+def _make_folder(name):
+    return lambda output: os.makedirs(output / name)
+
+
+def _make_file(name):
+    return lambda output: (output / name).write_bytes(b"someone's file")
+
+
+SAVE_PREFIX_CASES = [
+    # (id, filename_prefix, what is in the output folder first, message fragment)
+    ("prefix-nul", "face_embeds/an\0na", None, "contains the control character '\\x00' at position 14"),
+    ("prefix-newline", "anna\nbob", None, "contains the control character '\\n' at position 4"),
+    ("prefix-300-characters", "a" * 300, None, "the file name 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...aaaaaa' is 300 "
+     "bytes long; at most 221 bytes fit"),
+    ("prefix-300-character-folder", "b" * 300 + "/anna", None, "the folder name 'bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+     "...bbbbbb' is 300 bytes long; at most 255 bytes fit"),
+    ("prefix-long-in-bytes", "é" * 120, None, "is 240 bytes long; at most 221 bytes fit"),
+    ("prefix-lone-surrogate", "anna\ud800", None, "cannot be written on this file system"),
+    ("prefix-empty", "", None, "filename_prefix is empty: expected a name such as 'face'"),
+    ("prefix-blank", "   ", None, "filename_prefix is empty"),
+    ("prefix-dot", ".", None, "the file name '.' starts with '.', which would make a hidden file"),
+    ("prefix-hidden-file", "people/.anna", None, "the file name '.anna' starts with '.'"),
+    ("prefix-parent-as-name", "people/..", None, "the file name '..' starts with '.'"),
+    ("prefix-leads-out", "../elsewhere/anna", None, "leads out of the output folder"),
+    ("prefix-leads-out-deeper", "a/../../anna", None, "leads out of the output folder"),
+    ("prefix-absolute", "/tmp/anna", None, "is an absolute path; saves stay in the output folder"),
+    ("prefix-names-a-folder", "face_embeds", _make_folder("face_embeds"),
+     "names the folder {output}/face_embeds: end it with '/' to save into that folder "
+     "(face_embeds/face_00001_.safetensors)"),
+    ("prefix-file-in-the-way", "people/anna/", _make_file("people"),
+     "needs the folder {output}/people/anna, but a file of that name (or of a folder above it) is in the way"),
+]
+
+
+def _tree(root):
+    return sorted(os.path.relpath(os.path.join(folder, name), root)
+                  for folder, dirs, names in os.walk(root) for name in dirs + names)
+
+
+@pytest.mark.parametrize("save", ["face_embeds", "wplus"])
+@pytest.mark.parametrize("prefix,setup,fragment", [c[1:] for c in SAVE_PREFIX_CASES],
+                         ids=[c[0] for c in SAVE_PREFIX_CASES])
+def test_careless_filename_prefix_is_a_clear_error(tmp_path, save, prefix, setup, fragment):
+    output = tmp_path / "output"
+    output.mkdir()
+    if setup:
+        setup(output)
+    before = _tree(tmp_path)
+    if save == "face_embeds":
+        def write(path):
+            save_face_embeds(FaceEmbeds(torch.ones(1, 512)), path, replace=False)
+    else:
+        def write(path):
+            wplus_edits.save_wplus_code(torch.zeros(18, 512), path, replace=False)
+    with pytest.raises(ConfigError) as caught:
+        save_to_new_file(str(output), prefix, write)
+    assert fragment.format(output=output) in str(caught.value)
+    assert _tree(tmp_path) == before, "a refused prefix writes nothing"
