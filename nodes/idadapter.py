@@ -11,9 +11,10 @@ from comfy_api.latest import io
 from . import patches
 from .arch import idadapter as ida
 from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
-from .arch.face_embeds import largest_face_of_each_image
+from .arch.face_embeds import check_made_from, largest_face_of_each_image
 from .errors import PackError
 from .face import insightface_backend
+from .face.images import rgb_images
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
 from .resident import ResidentFile
 from .shared_inputs import IdentityWordsType, block_weight_inputs, chained_words, identity_words_input
@@ -103,14 +104,18 @@ class IDAdapterMFFEmbed(io.ComfyNode):
         if face_embeds is None and insightface is None:
             raise PackError("connect face_embeds (from Face Embed) or insightface (Load InsightFace) to MFF Embed")
         count = num_images or idadapter.config.num_images
-        refs = (images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images[..., :3])[:count]  # CLIP and
-        # ArcFace both take the first N photos
+        images = rgb_images(images)
+        if face_embeds is not None:
+            if not isinstance(face_embeds, FaceEmbedsValue):
+                raise PackError("face_embeds must come from Face Embed (or Load Face Embeds)")
+            check_made_from(face_embeds, images, "MFF Embed")
+        refs = images[:count]  # CLIP and ArcFace both take the first N photos
         detected = None
         if insightface is not None:
             detected, _ = insightface_backend.embed_faces(insightface, refs, "largest", on_no_face="error")
         if face_embeds is None:
             face_embeds = detected
-        if not isinstance(face_embeds, FaceEmbedsValue) or len(face_embeds) == 0:
+        if len(face_embeds) == 0:
             raise PackError("face_embeds holds no face: the references need a detectable face")
         ida.check_same_recognizer(idadapter.recognizer, face_embeds.recognizer)
         # per-photo faces describe these photos: keep those of the first N; averaged vectors are used as given

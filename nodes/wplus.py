@@ -19,10 +19,11 @@ from .arch import e4e as e4e_arch
 from .arch import wplus as wplus_arch
 from .arch import wplus_edits
 from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
-from .arch.face_embeds import largest_face_of_each_image
+from .arch.face_embeds import check_made_from, largest_face_of_each_image
 from .arch.output_files import PREFIX_TOOLTIP, save_to_new_file
 from .errors import ConfigError, PackError
 from .face import insightface_backend
+from .face.images import rgb_images
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
 from .resident import ResidentFile
 from .shared_inputs import block_weight_inputs
@@ -113,14 +114,15 @@ class WPlusEncode(io.ComfyNode):
         if face_embeds is None and insightface is None:
             raise PackError("connect insightface (Load InsightFace) or face_embeds (Face Embed) to W+ Encode: the "
                             "alignment needs each face's landmarks")
+        images = rgb_images(image)
         if face_embeds is None:
-            face_embeds, _ = insightface_backend.embed_faces(insightface, image, "largest", on_no_face="error")
+            face_embeds, _ = insightface_backend.embed_faces(insightface, images, "largest", on_no_face="error")
         if not isinstance(face_embeds, FaceEmbedsValue):
             raise PackError("face_embeds must come from Face Embed (or Load Face Embeds)")
-        images = image[..., :3] if image.shape[-1] >= 3 else image.expand(-1, -1, -1, 3)
+        check_made_from(face_embeds, images, "W+ Encode")
         faces = largest_face_of_each_image(face_embeds, images.shape[0], "W+ Encode aligns each image's face by its "
                                            "landmarks")
-        aligned = torch.stack([e4e_arch.align_for_e4e(images[index].movedim(-1, 0).float(), face_embeds.landmarks[face])
+        aligned = torch.stack([e4e_arch.align_for_e4e(images[index].movedim(-1, 0), face_embeds.landmarks[face])
                                for index, face in enumerate(faces)])
         codes = patches.run_loaded(e4e.patcher, aligned).float().cpu()
         return io.NodeOutput(codes, aligned.movedim(1, -1))

@@ -1,5 +1,6 @@
-"""Bad images, model folders and installs: each a clear error, never a crash."""
+"""Bad images, face embeds of other images, model folders and installs: each a clear error, never a crash."""
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -7,27 +8,99 @@ import sys
 import pytest
 import torch
 
+from comfyui_idadapter.nodes.arch import e4e
+from comfyui_idadapter.nodes.arch import face_embeds as fe
+from comfyui_idadapter.nodes.arch import idadapter as ida
 from comfyui_idadapter.nodes.errors import (ConfigError, ImageInputError, MissingDependencyError, ModelFileError,
                                             ModelFolderError, PackError)
 from comfyui_idadapter.nodes.face import insightface_backend as backend
-from comfyui_idadapter.nodes.face.images import to_bgr_uint8
-from tiny_face_models import face_image, make_pack
+from comfyui_idadapter.nodes.face.images import rgb_images, to_bgr_uint8
+from tiny_face_models import expected_box, expected_landmarks, face_image, make_pack
+
+IMAGE_ROWS = [
+    # (id, IMAGE, message fragment): refused alike by Face Embed (to_bgr_uint8) and by MFF Embed and W+ Encode
+    # given face_embeds (rgb_images)
+    ("empty batch", torch.zeros(0, 64, 64, 3), "the IMAGE batch is empty"),
+    ("empty float16 batch", torch.zeros(0, 64, 64, 3, dtype=torch.float16), "the IMAGE batch is empty"),
+    ("2 channels", torch.zeros(1, 64, 64, 2), "IMAGE has 2 channels; expected 1 \\(grey\\), 3 \\(RGB\\) or 4"),
+    ("5 channels, bfloat16", torch.zeros(1, 64, 64, 5, dtype=torch.bfloat16), "IMAGE has 5 channels"),
+    ("no batch or channel axis", torch.zeros(64, 64), r"\[batch, height, width, channels\]"),
+    ("NaN", torch.full((1, 64, 64, 3), float("nan")), "NaN"),
+    ("infinite float16", torch.full((1, 64, 64, 3), float("inf"), dtype=torch.float16), "NaN or infinite"),
+    ("not a tensor", "not an image", "expected an IMAGE tensor"),
+]
 
 
-@pytest.mark.parametrize(
-    "image,message",
-    [
-        (torch.zeros(0, 64, 64, 3), "batch is empty"),
-        (torch.zeros(1, 64, 64, 2), "2 channels"),
-        (torch.zeros(64, 64), r"\[batch, height, width, channels\]"),
-        (torch.zeros(1, 8, 200, 3), "200x8 px; face detection needs at least 32x32"),
-        (torch.full((1, 64, 64, 3), float("nan")), "NaN"),
-        ("not an image", "expected an IMAGE tensor"),
-    ],
-)
-def test_bad_images(image, message):
+@pytest.mark.parametrize("convert", [to_bgr_uint8, rgb_images], ids=["face detection", "encode nodes"])
+@pytest.mark.parametrize("image,message", [r[1:] for r in IMAGE_ROWS], ids=[r[0] for r in IMAGE_ROWS])
+def test_bad_images(convert, image, message):
     with pytest.raises(ImageInputError, match=message):
-        to_bgr_uint8(image)
+        convert(image)
+
+
+def test_images_too_small_for_detection():
+    with pytest.raises(ImageInputError, match="200x8 px; face detection needs at least 32x32"):
+        to_bgr_uint8(torch.zeros(1, 8, 200, 3))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float16, 1e-3), (torch.bfloat16, 6e-3)])
+def test_half_precision_images_give_the_float32_result(dtype, tolerance):
+    """What MFF Embed shows CLIP (the face crop, or the whole photo's centre) and what W+ Encode aligns, from a
+    float16 or bfloat16 IMAGE: the float32 IMAGE's result, up to the precision the pixels were stored in."""
+    image = face_image([(1, 2)], size=256)
+    stored, exact = rgb_images(image.to(dtype)), rgb_images(image)
+    assert stored.dtype == torch.float32
+    stored, exact = stored[0].movedim(-1, 0), exact[0].movedim(-1, 0)
+    box = torch.from_numpy(expected_box((1, 2), 256))
+    for crop_box, margin in ((box, 0.5), (None, None)):
+        torch.testing.assert_close(ida.reference_crop(stored, crop_box, margin, 224),
+                                   ida.reference_crop(exact, crop_box, margin, 224), atol=tolerance, rtol=0)
+    landmarks = torch.from_numpy(expected_landmarks((1, 2), 256))
+    torch.testing.assert_close(e4e.align_for_e4e(stored, landmarks), e4e.align_for_e4e(exact, landmarks),
+                               atol=tolerance, rtol=0)
+
+
+def _made_from(analyzer, *images, unknown_sizes=False):
+    """Face Embed's output for a batch of ``images`` (several: concatenated, as ImageBatch would hand them over);
+    ``unknown_sizes``: as loaded from a file saved before image sizes were recorded."""
+    faces, _ = backend.embed_faces(analyzer, torch.cat(images), "largest")
+    return dataclasses.replace(faces, image_sizes=None) if unknown_sizes else faces
+
+
+SMALL, LARGE = face_image([(1, 1)]), face_image([(1, 1)], size=256)  # 128x128 and 256x256 px
+MISMATCH_ROWS = [
+    # (id, face_embeds made from, images given to the encode node, message fragment or None: accepted)
+    ("the same images", lambda a: _made_from(a, SMALL, SMALL), torch.cat([SMALL, SMALL]), None),
+    ("one image more", lambda a: _made_from(a, SMALL, SMALL), torch.cat([SMALL] * 3),
+     "face_embeds were made from 2 images of 128x128 px, but W+ Encode was given 3 images of 128x128 px"),
+    ("one image fewer", lambda a: _made_from(a, SMALL, SMALL), SMALL,
+     "made from 2 images of 128x128 px, but W+ Encode was given 1 image of 128x128 px"),
+    ("another size", lambda a: _made_from(a, SMALL), LARGE,
+     "made from 1 image of 128x128 px, but W+ Encode was given 1 image of 256x256 px: their face boxes and "
+     "landmarks would fall on the wrong pixels. Run Face Embed on the same images that go into W+ Encode"),
+    ("two batches joined by Combine", lambda a: fe.combine([_made_from(a, SMALL), _made_from(a, LARGE)], "concat"),
+     torch.cat([SMALL, SMALL]), "made from 2 images (1 of 128x128 px, 1 of 256x256 px), but W+ Encode was given 2 "
+     "images of 128x128 px"),
+    ("averaged vectors", lambda a: fe.combine([_made_from(a, SMALL)], "norm-mean"), LARGE, None),
+    ("old file, images in the batch", lambda a: _made_from(a, SMALL, SMALL, unknown_sizes=True),
+     torch.cat([LARGE] * 3), None),
+    ("old file, a face of an image not given", lambda a: _made_from(a, SMALL, SMALL, unknown_sizes=True), LARGE,
+     "face_embeds hold a face of image 1 (counting from 0; they do not record their images' sizes), but W+ Encode "
+     "was given 1 image of 256x256 px"),
+]
+
+
+@pytest.mark.parametrize("faces,images,fragment", [r[1:] for r in MISMATCH_ROWS], ids=[r[0] for r in MISMATCH_ROWS])
+def test_face_embeds_of_other_images_are_refused(analyzer, faces, images, fragment):
+    """MFF Embed and W+ Encode check face_embeds against their IMAGE (check_made_from) before using the boxes."""
+    faces = faces(analyzer)
+    if fragment is None:
+        fe.check_made_from(faces, rgb_images(images), "W+ Encode")
+        return
+    with pytest.raises(ImageInputError) as caught:
+        fe.check_made_from(faces, rgb_images(images), "W+ Encode")
+    assert fragment in str(caught.value)
+    assert "connect insightface to W+ Encode in place of face_embeds" in str(caught.value)
 
 
 def test_rgba_and_grey_images_convert(analyzer):

@@ -119,6 +119,7 @@ def test_nodes_register_and_face_graph_runs_in_comfyui(tmp_path):
     recognizer = work / "models" / "insightface" / "models" / "tinypack" / "rec.onnx"
     assert saved.recognizer == file_fingerprint(str(recognizer))  # which ArcFace made the vectors
     torch.testing.assert_close(saved.boxes[0], torch.from_numpy(expected_box((1, 2), 256)), atol=1.0, rtol=0)
+    assert saved.image_sizes == ((256, 256),)  # the photo the boxes belong to, for the encode nodes' check
     assert reloaded["success"] is True, reloaded
     averaged = load_face_embeds(str(work / "output" / "face_embeds" / "avg_00001_.safetensors"))
     torch.testing.assert_close(averaged.embeds, saved.embeds)  # norm-mean of one unit vector is itself

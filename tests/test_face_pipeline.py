@@ -143,8 +143,10 @@ def test_no_face_skip_leaves_images_out(analyzer):
     batch = torch.cat([face_image([]), face_image([(1, 1)]), face_image([])])
     embeds, crops = backend.embed_faces(analyzer, batch, "largest", on_no_face="skip")
     assert len(embeds) == 1 and embeds.image_index.tolist() == [1] and crops.shape[0] == 1
+    assert embeds.image_sizes == ((128, 128),) * 3  # every image of the batch, the skipped ones too
     none, crops = backend.embed_faces(analyzer, face_image([]), "largest", on_no_face="skip")
     assert len(none) == 0 and none.dim == 512 and crops.shape == (1, 112, 112, 3)
+    assert none.image_sizes == ((128, 128),)
 
 
 def test_index_past_the_faces_follows_the_no_face_policy(analyzer):

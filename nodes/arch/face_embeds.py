@@ -1,9 +1,11 @@
 """FACE_EMBEDS: ArcFace identity vectors with the face geometry they came from, and their file format.
 
 Files are safetensors (never pickle) with ``__metadata__["format"] = "face_embeds/1"`` and ``"recognizer"``, the
-fingerprint of the ArcFace file that made the vectors (absent in files written before it was recorded: unknown).
-The loader checks the tensor names and shapes in the header before reading any data, and refuses NaN or infinite
-values and all-zero ArcFace vectors (no identity at all).
+fingerprint of the ArcFace file that made the vectors (absent in files written before it was recorded: unknown),
+and ``"image_sizes"``, the JSON list of ``[height, width]`` of the images the faces were found in (absent in files
+written before they were recorded, and for averaged vectors: unknown). The loader checks the tensor names and shapes
+in the header before reading any data, and refuses NaN or infinite values and all-zero ArcFace vectors (no identity
+at all).
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, ModelFileError, NoFaceError
+from ..errors import ConfigError, ImageInputError, ModelFileError, NoFaceError
 from .files import check_fingerprint, check_shapes, first_few, open_safetensors, same_weights, write_safetensors
 
 FORMAT = "face_embeds/1"
 COMBINE_MODES = ("mean", "norm-mean", "concat")
 _RESAVE = "Save the faces again with Save Face Embeds"
+_REMAKE = "Make the FACE_EMBEDS with Face Embed or Load Face Embeds"
 
 
 FACE_SELECTIONS = ("largest", "index", "in mask", "all")
@@ -87,7 +90,10 @@ class FaceEmbeds:
     [F, 5, 2], ``scores`` [F] detector confidence, ``image_index`` [F] which batch image the face is from.
     Averaged embeddings describe no single face, so their geometry is None. ``recognizer`` is the fingerprint
     (``files.file_fingerprint``) of the ArcFace file that made the vectors, "" when unknown: vectors of two
-    recognizers lie in different spaces and must not be mixed.
+    recognizers lie in different spaces and must not be mixed. ``image_sizes`` is the (height, width) of each image
+    of the batch the faces were found in, images without a face included; None when unknown (no geometry, or a file
+    from before sizes were recorded). Nodes that use the geometry on an IMAGE check it against the IMAGE
+    (:func:`check_made_from`).
     """
 
     embeds: torch.Tensor
@@ -96,6 +102,7 @@ class FaceEmbeds:
     scores: torch.Tensor | None = None
     image_index: torch.Tensor | None = None
     recognizer: str = ""
+    image_sizes: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self):
         validate(self, "FACE_EMBEDS")
@@ -122,7 +129,7 @@ def validate(fe: FaceEmbeds, source: str) -> None:
         raise ModelFileError(f"{source}: embeds must be a [faces, dim] tensor, got {shape}")
     if not torch.isfinite(e).all():
         raise ModelFileError(f"{source}: embeds contain NaN or infinite values")
-    check_fingerprint(fe.recognizer, source, "Make the FACE_EMBEDS with Face Embed or Load Face Embeds")
+    check_fingerprint(fe.recognizer, source, _REMAKE)
     present = [name for name in _GEOMETRY if getattr(fe, name) is not None]
     if present and len(present) != len(_GEOMETRY):
         raise ModelFileError(f"{source}: face geometry is partial ({present}); expected all of {list(_GEOMETRY)}")
@@ -131,10 +138,76 @@ def validate(fe: FaceEmbeds, source: str) -> None:
         expected = (e.shape[0], *_GEOMETRY[name])
         if tuple(value.shape) != expected:
             raise ModelFileError(f"{source}: {name} has shape {tuple(value.shape)}, expected {expected}")
+    check_image_sizes(fe.image_sizes, fe.has_geometry, source, _REMAKE)
+    if fe.image_sizes is not None and len(fe) and int(fe.image_index.max()) >= len(fe.image_sizes):
+        raise ModelFileError(f"{source}: a face of image {int(fe.image_index.max())} (counting from 0), but image "
+                             f"sizes of only {len(fe.image_sizes)} image(s)")
+
+
+MAX_IMAGE_SIDE = 2**31 - 1
+
+
+def check_image_sizes(sizes, has_geometry: bool, source: str, fix: str) -> None:
+    """Refuses ``image_sizes`` (see :class:`FaceEmbeds`) that are not (height, width) pairs of whole pixels, or that
+    come with faces without geometry: what a file's header alone tells, so the loader checks it before reading.
+    ``source`` names where they come from, ``fix`` how to get good ones."""
+    if sizes is None:
+        return
+    if not has_geometry:
+        raise ModelFileError(f"{source}: image sizes are given for faces without boxes (averaged vectors describe no "
+                             f"image). {fix}")
+    if not isinstance(sizes, tuple) or not all(
+            isinstance(size, tuple) and len(size) == 2 and all(
+                isinstance(side, int) and not isinstance(side, bool) and 0 < side <= MAX_IMAGE_SIDE for side in size)
+            for size in sizes):
+        shown = first_few(list(sizes)) if isinstance(sizes, (tuple, list)) else type(sizes).__name__
+        raise ModelFileError(f"{source}: image_sizes must be (height, width) pairs of whole pixels from 1 to "
+                             f"{MAX_IMAGE_SIDE}, got {shown}. {fix}")
+
+
+def _describe_images(sizes: tuple[tuple[int, int], ...]) -> str:
+    """What a batch of images of ``sizes`` (height, width) holds, for messages: "2 images of 512x512 px", or in
+    order "3 images (2 of 512x512 px, 1 of 640x480 px)"."""
+    runs = []  # [size, how many images in a row have it]
+    for size in sizes:
+        if runs and runs[-1][0] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([size, 1])
+    noun = "image" if len(sizes) == 1 else "images"
+    if len(runs) <= 1:
+        return f"{len(sizes)} {noun}" + (f" of {sizes[0][1]}x{sizes[0][0]} px" if sizes else "")
+    shown = ", ".join(f"{count} of {width}x{height} px" for (height, width), count in runs[:4])
+    return f"{len(sizes)} {noun} ({shown}{', ...' if len(runs) > 4 else ''})"
+
+
+def check_made_from(faces: FaceEmbeds, images: torch.Tensor, node: str) -> None:
+    """Refuses ``faces`` whose boxes and landmarks were found in other images than ``images`` (an IMAGE
+    [B, H, W, C]) before ``node`` uses them there: another count or size would put every face on the wrong pixels
+    without a word. Averaged vectors (no geometry) describe no image and pass. Faces whose image sizes are unknown
+    (a file from before they were recorded) pass when every face's image is in the batch."""
+    if not faces.has_geometry:
+        return
+    count, height, width = (int(n) for n in images.shape[:3])
+    given = f"{node} was given {_describe_images(((height, width),) * count)}"
+    fix = (f"Run Face Embed on the same images that go into {node}, or connect insightface to {node} in place of "
+           "face_embeds")
+    if faces.image_sizes is None:
+        last = int(faces.image_index.max()) if len(faces) else -1
+        if last >= count:
+            raise ImageInputError(f"face_embeds hold a face of image {last} (counting from 0; they do not record their "
+                                  f"images' sizes), but {given}: the faces belong to other images. {fix}")
+        return
+    if faces.image_sizes != ((height, width),) * count:
+        raise ImageInputError(f"face_embeds were made from {_describe_images(faces.image_sizes)}, but {given}: their "
+                              f"face boxes and landmarks would fall on the wrong pixels. {fix}")
 
 
 def combine(items: list[FaceEmbeds], mode: str) -> FaceEmbeds:
-    """mean: the average vector; norm-mean: the average rescaled to unit length; concat: all faces kept.
+    """mean: the average vector; norm-mean: the average rescaled to unit length; concat: all faces kept, each
+    input's images numbered after the previous inputs' images, as if their image batches were joined in order (an
+    input's image count is its number of image sizes, or when those are unknown, its last face's image + 1); the
+    image sizes are joined likewise, and unknown if any input's are. Inputs without a face are left out.
 
     Faces of two different recognizers are refused. The result's recognizer is the one every input shares; when
     some input's is unknown, so is the result's (its vectors may come from any recognizer)."""
@@ -155,10 +228,16 @@ def combine(items: list[FaceEmbeds], mode: str) -> FaceEmbeds:
     recognizer = known[0] if len(known) == len(items) else ""
     embeds = torch.cat([fe.embeds for fe in items])
     if mode == "concat":
-        if all(fe.has_geometry for fe in items):
-            geometry = {name: torch.cat([getattr(fe, name) for fe in items]) for name in _GEOMETRY}
-            return FaceEmbeds(embeds, **geometry, recognizer=recognizer)
-        return FaceEmbeds(embeds, recognizer=recognizer)
+        if not all(fe.has_geometry for fe in items):
+            return FaceEmbeds(embeds, recognizer=recognizer)
+        geometry = {name: torch.cat([getattr(fe, name) for fe in items]) for name in ("boxes", "landmarks", "scores")}
+        image_counts = [len(fe.image_sizes) if fe.image_sizes is not None else int(fe.image_index.max()) + 1
+                        for fe in items]
+        firsts = [sum(image_counts[:i]) for i in range(len(items))]
+        image_index = torch.cat([fe.image_index + first for fe, first in zip(items, firsts)])
+        sizes_known = all(fe.image_sizes is not None for fe in items)
+        image_sizes = sum((fe.image_sizes for fe in items), ()) if sizes_known else None
+        return FaceEmbeds(embeds, **geometry, image_index=image_index, recognizer=recognizer, image_sizes=image_sizes)
     mean = embeds.mean(dim=0, keepdim=True)
     if mode == "norm-mean":
         mean = torch.nn.functional.normalize(mean, dim=-1)
@@ -174,6 +253,8 @@ def save_face_embeds(fe: FaceEmbeds, path: str, *, replace: bool = True) -> None
             tensors[name] = (value.long() if name == "image_index" else value.float()).contiguous().cpu()
     meta = {"format": FORMAT, "faces": str(len(fe)), "dim": str(fe.dim), "geometry": json.dumps(fe.has_geometry),
             "recognizer": fe.recognizer}
+    if fe.image_sizes is not None:
+        meta["image_sizes"] = json.dumps([list(size) for size in fe.image_sizes])
     write_safetensors(tensors, path, meta, replace=replace)
 
 
@@ -192,12 +273,31 @@ def load_face_embeds(path: str) -> FaceEmbeds:
         expected.update({name: (embeds_shape[0], *_GEOMETRY[name]) for name in present})
         check_shapes(path, f.shapes, expected, "the face embeds layout", _RESAVE)
         recognizer = check_fingerprint(f.metadata.get("recognizer", ""), path, _RESAVE)
+        image_sizes = _image_sizes_field(f.metadata.get("image_sizes"), path)
+        check_image_sizes(image_sizes, bool(present), path, _RESAVE)
         tensors = f.tensors()
     zero_rows = (tensors["embeds"] == 0).all(dim=1).nonzero().flatten().tolist()
     if zero_rows:
         raise ModelFileError(f"{path}: embeds rows {first_few(zero_rows)} are all zeros, expected ArcFace vectors "
                              f"of non-zero length. {_RESAVE}")
     try:
-        return FaceEmbeds(**tensors, recognizer=recognizer)
+        return FaceEmbeds(**tensors, recognizer=recognizer, image_sizes=image_sizes)
     except ModelFileError as exc:
         raise ModelFileError(f"{path}: {exc}") from exc
+
+
+def _image_sizes_field(text: str | None, path: str) -> tuple[tuple, ...] | None:
+    """The metadata field ``image_sizes`` as a tuple of pairs (checked by :func:`check_image_sizes`); None when
+    absent."""
+    if text is None:
+        return None
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+        raise ModelFileError(f"{path}: the metadata field 'image_sizes' is not JSON ({type(exc).__name__}). "
+                             f"{_RESAVE}") from exc
+    if not isinstance(raw, list) or not all(isinstance(size, list) for size in raw):
+        shown = first_few(raw) if isinstance(raw, list) else type(raw).__name__
+        raise ModelFileError(f"{path}: the metadata field 'image_sizes' must be a JSON list of [height, width] pairs, "
+                             f"got {shown}. {_RESAVE}")
+    return tuple(tuple(size) for size in raw)

@@ -333,7 +333,8 @@ def embed_faces(
 ) -> tuple[FaceEmbeds, torch.Tensor]:
     """Detects, selects (:func:`face_embeds.select_faces`), aligns and embeds faces in an IMAGE batch.
 
-    Returns the FACE_EMBEDS (faces in image order; left to right within an image for "all"/"index") and the
+    Returns the FACE_EMBEDS (faces in image order; left to right within an image for "all"/"index"; the size of
+    every image of the batch, with or without a face, so that encode nodes can tell other images apart) and the
     aligned 112x112 crops as an IMAGE. With ``on_no_face="skip"`` images without a (selected) face are left
     out; if no image has one the embeds are empty and the crops are one black image. ``mask`` (MASK [H, W] or
     [1 or B, H, W], any size: it is resized to each image) is what selection "in mask" looks under.
@@ -346,6 +347,7 @@ def embed_faces(
     _, face_align = import_insightface()
     recognizer = recognizer_fingerprint(analyzer)
     bgr_images = to_bgr_uint8(images)
+    image_sizes = tuple(bgr.shape[:2] for bgr in bgr_images)
     masks = None if mask is None else _masks_for(mask, len(bgr_images), bgr_images[0].shape[:2])
     embeds, boxes, landmarks, scores, image_index, crops = [], [], [], [], [], []
     for i, bgr in enumerate(bgr_images):
@@ -380,6 +382,7 @@ def embed_faces(
             torch.zeros(0),
             torch.zeros(0, dtype=torch.long),
             recognizer=recognizer,
+            image_sizes=image_sizes,
         )
         return empty, torch.zeros(1, CROP_SIZE, CROP_SIZE, 3)
     result = FaceEmbeds(
@@ -389,6 +392,7 @@ def embed_faces(
         torch.tensor(scores, dtype=torch.float32),
         torch.tensor(image_index, dtype=torch.long),
         recognizer=recognizer,
+        image_sizes=image_sizes,
     )
     return result, bgr_uint8_to_image(crops)
 

@@ -57,18 +57,22 @@ def idadapter_file(edit_tensors=None, edit_config=None, edit_metadata=None, with
     return build
 
 
-def face_embeds_file(edit_tensors):
-    """A builder: two faces with geometry saved by the pack, then edited."""
+def face_embeds_file(edit_tensors=None, edit_metadata=None):
+    """A builder: two faces with geometry, both of one 100x120 px image, saved by the pack, then edited."""
 
     def build(tmp_path):
         path = tmp_path / "faces.safetensors"
         embeds = torch.nn.functional.normalize(torch.randn(2, 512), dim=-1)
         save_face_embeds(FaceEmbeds(embeds, torch.rand(2, 4) * 100, torch.rand(2, 5, 2) * 100, torch.rand(2),
-                                    torch.zeros(2, dtype=torch.long)), str(path))
-        _rewrite(path, edit_tensors)
+                                    torch.zeros(2, dtype=torch.long), image_sizes=((120, 100),)), str(path))
+        _rewrite(path, edit_tensors, edit_metadata=edit_metadata)
         return load_face_embeds, str(path)
 
     return build
+
+
+def set_image_sizes(text):
+    return face_embeds_file(edit_metadata=lambda meta: meta.update(image_sizes=text))
 
 
 def set_field(**values):
@@ -213,6 +217,27 @@ CASES = [
      "embeds must be a [faces, dim] tensor, got (1, 2, 512)", HEADER),
     ("faces-landmarks-wrong-shape", face_embeds_file(lambda t: t.update(landmarks=torch.zeros(2, 68, 2))),
      ModelFileError, "landmarks has shape (2, 68, 2), expected (2, 5, 2)", HEADER),
+    ("faces-image-sizes-not-json", set_image_sizes("[[120, 100]"), ModelFileError,
+     "the metadata field 'image_sizes' is not JSON (JSONDecodeError)", HEADER),
+    ("faces-image-sizes-an-object", set_image_sizes('{"height": 120}'), ModelFileError,
+     "the metadata field 'image_sizes' must be a JSON list of [height, width] pairs, got dict", HEADER),
+    ("faces-image-sizes-flat", set_image_sizes("[120, 100]"), ModelFileError,
+     "must be a JSON list of [height, width] pairs, got [120, 100]", HEADER),
+    ("faces-image-sizes-triple", set_image_sizes("[[120, 100, 3]]"), ModelFileError,
+     "image_sizes must be (height, width) pairs of whole pixels from 1 to 2147483647, got [(120, 100, 3)]", HEADER),
+    ("faces-image-sizes-zero", set_image_sizes("[[0, 100]]"), ModelFileError,
+     "image_sizes must be (height, width) pairs of whole pixels", HEADER),
+    ("faces-image-sizes-fractional", set_image_sizes("[[120.5, 100]]"), ModelFileError,
+     "image_sizes must be (height, width) pairs of whole pixels", HEADER),
+    ("faces-image-sizes-true", set_image_sizes("[[true, 100]]"), ModelFileError,
+     "image_sizes must be (height, width) pairs of whole pixels", HEADER),
+    ("faces-image-sizes-5000-digits", set_image_sizes(f"[[{'9' * 5000}, 100]]"), ModelFileError,
+     "the metadata field 'image_sizes' is not JSON (ValueError)", HEADER),
+    ("faces-image-sizes-without-geometry", face_embeds_file(
+        lambda t: [t.pop(name) for name in ("boxes", "landmarks", "scores", "image_index")]), ModelFileError,
+     "image sizes are given for faces without boxes", HEADER),
+    ("faces-image-sizes-fewer-than-the-images", face_embeds_file(lambda t: t["image_index"][1].fill_(1)),
+     ModelFileError, "a face of image 1 (counting from 0), but image sizes of only 1 image(s)", DATA),
 ]
 
 
