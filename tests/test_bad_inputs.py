@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.errors import (ConfigError, ImageInputError, MissingDependencyError, ModelFileError,
                                             ModelFolderError, PackError)
 from comfyui_idadapter.nodes.face import insightface_backend as backend
@@ -28,6 +29,25 @@ from tiny_face_models import face_image, make_pack
 def test_bad_images(image, message):
     with pytest.raises(ImageInputError, match=message):
         to_bgr_uint8(image)
+
+
+@pytest.mark.parametrize(
+    "mask,message",
+    [
+        (torch.full((1, 64, 64), float("nan")), "NaN or infinite"),
+        (torch.full((64, 64), float("inf")), "NaN or infinite"),
+        (torch.zeros(0, 64, 64), r"at least one pixel, got shape \(0, 64, 64\)"),
+        (torch.zeros(1, 64, 0), "at least one pixel"),
+        (torch.zeros(64), r"\[batch, height, width\].*got shape \(64,\)"),
+        (torch.zeros(1, 64, 64, 3), r"got shape \(1, 64, 64, 3\)"),  # an IMAGE wired in
+        ("not a mask", "got str"),
+    ],
+)
+def test_bad_attn_masks(mask, message):
+    """Apply IDAdapter's and Apply W+ Adapter's attn_mask, checked when the node runs (the batch count is checked
+    at sampling: test_idadapter_patch.py, test_wplus_patch.py)."""
+    with pytest.raises(ImageInputError, match=message):
+        patches.check_attn_mask(mask)
 
 
 def test_rgba_and_grey_images_convert(analyzer):
