@@ -17,7 +17,7 @@ from .face import insightface_backend
 from .face.images import rgb_images
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
 from .resident import ResidentFile
-from .shared_inputs import IdentityWordsType, block_weight_inputs, chained_words, identity_words_input
+from .shared_inputs import IdentityWordsType, attn_mask_input, block_weight_inputs, chained_words, identity_words_input
 
 IDAdapterType = io.Custom("IDADAPTER")
 IDAdapterEmbedsType = io.Custom("IDADAPTER_EMBEDS")
@@ -158,7 +158,7 @@ class ApplyIDAdapter(io.ComfyNode):
                                "apply's weight (and block weights): they belong to the file, not to an identity"),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
-                io.Mask.Input("attn_mask", optional=True, tooltip="where the identity goes (white)"),
+                attn_mask_input("the identity"),
                 *block_weight_inputs(),
             ],
             outputs=[io.Model.Output()],
@@ -174,6 +174,7 @@ class ApplyIDAdapter(io.ComfyNode):
             )
         if start_percent > end_percent:
             raise PackError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
+        attn_mask = patches.check_attn_mask(attn_mask)
         unet = model.get_model_object("diffusion_model")
         ida.check_unet_compatible(idadapter.config, patches.unet_transformer_blocks(unet))
         per_block = patches.unet_block_weights(unet, idadapter.config.family, idadapter.adapter.adapters,

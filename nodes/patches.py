@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .arch import block_weights as block_weights_arch
 from .arch.adaface import expand_placeholder
 from .arch.idadapter import BlockSpec, IDAdapter, add_on_rows, block_name, identifier_token
-from .errors import ConfigError, PackError
+from .errors import ConfigError, ImageInputError, PackError
 
 
 def module_patcher(module: torch.nn.Module):
@@ -123,6 +123,12 @@ class StepSigma:
         return sigma
 
 
+def images_per_chunk(extra_options: dict, batch: int) -> int:
+    """How many latent images each CFG chunk of a ``batch``-row call holds (ComfyUI stacks one copy of the latent
+    batch per entry of ``cond_or_uncond``)."""
+    return batch // len(extra_options.get("cond_or_uncond") or [0])
+
+
 def conditional_rows(cond_or_uncond, batch: int) -> list[int] | None:
     """Row indices of the conditional CFG chunks, or None when every row is conditional."""
     if not cond_or_uncond or all(c == 0 for c in cond_or_uncond):
@@ -149,23 +155,52 @@ def token_grid(extra_options: dict, tokens: int) -> tuple[int, int]:
     raise PackError(f"cannot place {tokens} tokens on the {height}x{width} latent grid")
 
 
+def check_attn_mask(mask) -> torch.Tensor | None:
+    """An Apply node's ``attn_mask`` as float [B, H, W] in [0, 1] (values outside are clamped), or None.
+
+    A mask that is not [H, W] or [B, H, W], is empty, or holds NaN or infinite values is an error here, at apply.
+    Whether B fits the latent batch (one mask for every image, or one per image) is known only at sampling
+    (:meth:`BlockMask.for_rows`).
+    """
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.ndim not in (2, 3) or 0 in mask.shape:
+        got = f"shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ImageInputError(f"attn_mask must be a MASK [batch, height, width] with at least one pixel, got {got}: "
+                              "connect a mask node's output (e.g. Load Image's MASK, Solid Mask, Mask Composite)")
+    mask = mask.detach().float()
+    if not torch.isfinite(mask).all():
+        raise ImageInputError("attn_mask contains NaN or infinite values: check the node that produced it (a mask "
+                              "holds 0 to 1, white where the identity goes)")
+    return mask.reshape(-1, *mask.shape[-2:]).clamp(0, 1)
+
+
 class BlockMask:
-    """A MASK [H, W] or [B, H, W] resized to each block's token grid, once per device, grid and row count."""
+    """A MASK [H, W] or [B, H, W] resized to each block's token grid, once per device, grid and row count.
+
+    The batch rule: one mask for every image of the latent batch, or exactly one per image (mask i on image i
+    in every CFG chunk); any other count is an error when the latent batch is known, at sampling.
+    """
 
     def __init__(self, mask: torch.Tensor):
         self.mask = mask.detach().float().reshape(-1, *mask.shape[-2:])
         self._resized = PerDeviceMemo()
 
-    def for_rows(self, extra_options: dict, rows: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
-        """[rows or 1, tokens, 1]: one mask per image, repeated for each CFG chunk of ``rows``."""
+    def for_rows(self, extra_options: dict, images: int, rows: int, tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """[1 or rows, tokens, 1] for ``rows`` batch rows, ``images`` latent images per CFG chunk: the one mask,
+        or each image's mask on its row of each of the ``rows // images`` chunks."""
+        masks = self.mask.shape[0]
+        if masks not in (1, images):
+            raise ImageInputError(
+                f"attn_mask is a batch of {masks} masks and the latent batch has {images} image{'s' * (images != 1)}: "
+                f"give one mask for all images, or one per image (a batch of {images} mask{'s' * (images != 1)}, "
+                f"or a latent batch of {masks})")
         h, w = token_grid(extra_options, tokens)
 
         def resized():
             mask = F.interpolate(self.mask.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False)
-            mask = mask.reshape(mask.shape[0], h * w, 1).to(like.device, like.dtype)
-            if mask.shape[0] != 1:
-                mask = mask.repeat(rows // mask.shape[0], 1, 1)
-            return mask
+            mask = mask.reshape(masks, h * w, 1).to(like.device, like.dtype)
+            return mask if masks == 1 else mask.repeat(rows // images, 1, 1)
 
         return self._resized.get((like.device, like.dtype, h, w, rows), resized)
 
@@ -194,13 +229,14 @@ class IdentityResidual:
         return self.weight * self.block_weights.get(name, 1.0)
 
     def residual(self, y: torch.Tensor, name: str, weight: float, extra_options: dict, like: torch.Tensor,
-                 attention) -> torch.Tensor:
+                 attention, images: int) -> torch.Tensor:
+        """The residual on ``y``, the conditional rows of a call with ``images`` latent images per CFG chunk."""
         tokens = self._tokens.get((like.device, like.dtype), lambda: self.tokens.to(like.device, like.dtype))
         if tokens.shape[0] != y.shape[0]:
             tokens = tokens[:1].expand(y.shape[0], -1, -1)
         out = self.patcher.model[name].residual(y, tokens, **({"attention": attention} if attention else {})) * weight
         if self.mask is not None:
-            out = out * self.mask.for_rows(extra_options, y.shape[0], y.shape[1], like)
+            out = out * self.mask.for_rows(extra_options, images, y.shape[0], y.shape[1], like)
         return out
 
     def release_accelerator_values(self) -> None:
@@ -288,11 +324,12 @@ class IDAdapterMiddlePatch(IdentitiesPatch):
         if not active:
             return x
         rows = conditional_rows(extra_options.get("cond_or_uncond"), x.shape[0])
+        images = images_per_chunk(extra_options, x.shape[0])
 
         def residual(y, _rows):
             total = None
             for identity, weight in active:
-                out = identity.residual(y, name, weight, extra_options, x, self.attention)
+                out = identity.residual(y, name, weight, extra_options, x, self.attention, images)
                 total = out if total is None else total + out
             return total
 
@@ -504,12 +541,12 @@ class WPlusIdentity:
 
     def residual(self, block: str, h: torch.Tensor, extra_options: dict, attention, heads: int) -> torch.Tensor:
         chunks = extra_options.get("cond_or_uncond") or [0]
-        per_chunk = h.shape[0] // len(chunks)
+        per_chunk = images_per_chunk(extra_options, h.shape[0])
         tokens = self._tokens.get((h.device, h.dtype, tuple(chunks), per_chunk),
                                   lambda: self._batch_tokens(chunks, per_chunk, h))
         out = self.scale * self.patcher.model.layers[block].residual(h, tokens, attention, heads)
         if self.mask is not None:
-            out = out * self.mask.for_rows(extra_options, h.shape[0], h.shape[1], h)
+            out = out * self.mask.for_rows(extra_options, per_chunk, h.shape[0], h.shape[1], h)
         return out
 
     def _batch_tokens(self, chunks, per_chunk: int, like: torch.Tensor) -> torch.Tensor:

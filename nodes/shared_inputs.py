@@ -22,6 +22,13 @@ def chained_words(identity_words, word) -> list:
     return [*(identity_words or []), word]
 
 
+def attn_mask_input(what: str):
+    """An apply node's optional region mask (checked by ``patches.check_attn_mask`` and ``BlockMask``)."""
+    return io.Mask.Input("attn_mask", optional=True,
+                         tooltip=f"where {what} goes (white). Values outside 0..1 are clamped; NaN is an error. One "
+                         "mask for every image of the latent batch, or one per image (another count is an error)")
+
+
 def block_weight_inputs() -> list:
     """The per-block weight inputs of the apply nodes (optional: graphs saved before them keep working)."""
     presets = "; ".join(f"{name}: {what}" for name, what in block_weights_arch.PRESETS.items())

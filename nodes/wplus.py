@@ -26,7 +26,7 @@ from .face import insightface_backend
 from .face.images import rgb_images
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
 from .resident import ResidentFile
-from .shared_inputs import block_weight_inputs
+from .shared_inputs import attn_mask_input, block_weight_inputs
 
 E4EType = io.Custom("E4E")
 WPlusType = io.Custom("WPLUS")
@@ -287,7 +287,7 @@ class ApplyWPlusAdapter(io.ComfyNode):
                 io.Float.Input("start_percent", default=0.2, min=0.0, max=1.0, step=0.001,
                                tooltip="the official delayed start: off for the first 20 % of the steps"),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
-                io.Mask.Input("attn_mask", optional=True, tooltip="where the face goes (white)"),
+                attn_mask_input("the face"),
                 *block_weight_inputs(),
             ],
             outputs=[io.Model.Output()],
@@ -299,6 +299,7 @@ class ApplyWPlusAdapter(io.ComfyNode):
         if start_percent > end_percent:
             raise PackError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
         codes = wplus_edits.check_wplus(wplus)
+        attn_mask = patches.check_attn_mask(attn_mask)
         config = wplus_adapter.config
         unet = model.get_model_object("diffusion_model")
         blocks = patches.unet_transformer_blocks(unet)

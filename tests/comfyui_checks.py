@@ -1030,7 +1030,8 @@ def two_identities_add_up(work, payload):
     def outside(mask, residual, name, seen):
         extra_options = seen[name][-1]
         h = seen[name][0]
-        block_mask = patches.BlockMask(mask).for_rows(extra_options, h.shape[0], h.shape[1], h)
+        images = patches.images_per_chunk(extra_options, h.shape[0])
+        block_mask = patches.BlockMask(mask).for_rows(extra_options, images, h.shape[0], h.shape[1], h)
         return float((residual * (1 - block_mask)).abs().max())
 
     result = {}
@@ -1066,4 +1067,40 @@ def two_identities_add_up(work, payload):
                                                  *first_options.get("patches_replace", {}).get("attn2", {}).values()]),
         }
     comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+    return result
+
+
+def attn_masks_checked_at_apply(work, payload):
+    """Apply IDAdapter and Apply W+ Adapter on the tiny checkpoint with a NaN attn_mask (the error each raises) and
+    with a mask of 1.5 and -0.5 (the range of the mask their patches hold)."""
+    import nodes
+
+    pack, patches = _pack_modules()
+    wplus = _wplus_module()
+    model, _, unet_blocks = _tiny_model(work)
+    gen = torch.Generator().manual_seed(31)
+    idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
+    embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
+    adapter = _random_wplus(wplus, unet_blocks, 32)
+    loaded_wplus = wplus.LoadedModel(patches.module_patcher(adapter), adapter.config)
+    codes = torch.randn(1, 18, 512, generator=gen)
+    methods = {
+        "idadapter": lambda mask: nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(
+            model, idadapter, embeds, 0.7, 0.0, 1.0, mask).result[0],
+        "wplus": lambda mask: nodes.NODE_CLASS_MAPPINGS["IDA_ApplyWPlusAdapter"].execute(
+            model, loaded_wplus, codes, 0.8, 0.0, 1.0, mask).result[0],
+    }
+    result = {}
+    for method, apply in methods.items():
+        try:
+            apply(torch.full((1, 64, 64), float("nan")))
+            nan_error = None
+        except Exception as error:  # noqa: BLE001  (the type is the result)
+            nan_error = {"type": type(error).__name__, "pack_error": isinstance(error, pack.PackError),
+                         "message": str(error)}
+        options = apply(torch.tensor([1.5, -0.5]).repeat_interleave(32).expand(64, -1)[None]).model_options
+        patch_objects = [*options["transformer_options"].get("patches", {}).get("middle_patch", []),
+                         *options["transformer_options"].get("patches_replace", {}).get("attn2", {}).values()]
+        held = torch.stack([identity.mask.mask for p in patch_objects for identity in p.identities])
+        result[method] = {"nan_error": nan_error, "held_min": float(held.min()), "held_max": float(held.max())}
     return result

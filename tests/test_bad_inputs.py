@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch import e4e
 from comfyui_idadapter.nodes.arch import face_embeds as fe
 from comfyui_idadapter.nodes.arch import idadapter as ida
@@ -101,6 +102,25 @@ def test_face_embeds_of_other_images_are_refused(analyzer, faces, images, fragme
         fe.check_made_from(faces, rgb_images(images), "W+ Encode")
     assert fragment in str(caught.value)
     assert "connect insightface to W+ Encode in place of face_embeds" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "mask,message",
+    [
+        (torch.full((1, 64, 64), float("nan")), "NaN or infinite"),
+        (torch.full((64, 64), float("inf")), "NaN or infinite"),
+        (torch.zeros(0, 64, 64), r"at least one pixel, got shape \(0, 64, 64\)"),
+        (torch.zeros(1, 64, 0), "at least one pixel"),
+        (torch.zeros(64), r"\[batch, height, width\].*got shape \(64,\)"),
+        (torch.zeros(1, 64, 64, 3), r"got shape \(1, 64, 64, 3\)"),  # an IMAGE wired in
+        ("not a mask", "got str"),
+    ],
+)
+def test_bad_attn_masks(mask, message):
+    """Apply IDAdapter's and Apply W+ Adapter's attn_mask, checked when the node runs (the batch count is checked
+    at sampling: test_idadapter_patch.py, test_wplus_patch.py)."""
+    with pytest.raises(ImageInputError, match=message):
+        patches.check_attn_mask(mask)
 
 
 def test_rgba_and_grey_images_convert(analyzer):

@@ -76,6 +76,11 @@ def test_text_entries_by_level_part_block_and_transformer_later_ones_win():
     ("64: inf", r"finite number"),
     ("64: 11", r"finite number in \[-10, 10\]"),
     ("down_1: 0", r"'down_1' names no block"),
+    # str.isdigit and float() take other digits than 0-9: a superscript, full-width, Arabic-Indic
+    ("\u00b2: 1", r"'\u00b2: 1': write keys and weights in plain ASCII \(digits 0-9.*valid keys: levels 64"),
+    ("\uff16\uff14: 0", r"plain ASCII"),
+    ("64: \uff10", r"plain ASCII"),
+    ("output_\u0669: 1", r"plain ASCII"),
 ])
 def test_bad_entries_name_the_valid_keys(text, message):
     with pytest.raises(ConfigError, match=message):

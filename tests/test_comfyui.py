@@ -54,6 +54,27 @@ def test_pack_modules_import_without_comfyui_or_insightface():
     assert "pip install insightface onnxruntime" in out.stdout
 
 
+def with_mask_batch(prompt, apply_node, latent_node, masks, images):
+    """``prompt`` with a white attn_mask batch of ``masks`` (Empty Image -> Convert Image to Mask) on ``apply_node``
+    and a latent batch of ``images`` from ``latent_node`` (an Empty Latent Image)."""
+    prompt = json.loads(json.dumps(prompt))
+    prompt["40"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": masks,
+                                                           "color": 0xFFFFFF}}
+    prompt["41"] = {"class_type": "ImageToMask", "inputs": {"image": ["40", 0], "channel": "red"}}
+    prompt[apply_node]["inputs"]["attn_mask"] = ["41", 0]
+    prompt[latent_node]["inputs"]["batch_size"] = images
+    return prompt
+
+
+def assert_mask_batch_refused(run, masks, images):
+    """A run that stopped at sampling with the pack's error naming both batch sizes."""
+    assert run["valid"] and run["success"] is False, run
+    (error,) = run["errors"]
+    assert error["exception_type"].endswith("ImageInputError"), error
+    assert (f"attn_mask is a batch of {masks} masks and the latent batch has {images} images: give one mask for all "
+            "images, or one per image") in error["exception_message"], error
+
+
 def make_work_dir(work):
     """A ComfyUI base folder: the pack linked into custom_nodes/, a tiny insightface pack, input photos (one face,
     none, two people)."""

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_comfyui import make_work_dir, needs_comfyui, run_check
+from test_comfyui import assert_mask_batch_refused, make_work_dir, needs_comfyui, run_check, with_mask_batch
 
 pytestmark = needs_comfyui
 
@@ -73,6 +73,29 @@ def test_example_graph_samples_with_the_adapter(work):
     assert torch.equal(latent(work, "gamma0"), base)  # an untrained adapter (gamma = 0, no deltas) is the identity
     assert torch.equal(latent(work, "base_again"), base)  # the patched branch left the base model untouched
     assert list((work / "output").glob("w1_*.png"))
+
+
+def test_attn_mask_batch_is_one_for_all_images_or_one_per_image(work):
+    """A mask batch of 2 with a latent batch of 3 (and 3 with 2) stops at sampling with the pack's error; 2 masks for 2
+    images and 1 mask for 3 sample."""
+    runs = [with_mask_batch(graph(prefix=f"masks{m}_{n}"), "8", "11", m, n)
+            for m, n in ((2, 3), (3, 2), (2, 2), (1, 3))]
+    two_for_three, three_for_two, per_image, one_for_all = run_check(work, "run_prompts", runs)["runs"]
+    assert_mask_batch_refused(two_for_three, 2, 3)
+    assert_mask_batch_refused(three_for_two, 3, 2)
+    assert per_image["success"] and one_for_all["success"], (per_image, one_for_all)
+    assert latent(work, "masks2_2").shape[0] == 2 and latent(work, "masks1_3").shape[0] == 3
+
+
+def test_attn_mask_values_are_checked_when_the_apply_node_runs(work):
+    """Apply IDAdapter and Apply W+ Adapter: a NaN mask is the pack's error at once (not a NaN latent later); values
+    outside 0..1 are clamped."""
+    result = run_check(work, "attn_masks_checked_at_apply", {})
+    for method in ("idadapter", "wplus"):
+        r = result[method]
+        assert r["nan_error"]["type"] == "ImageInputError" and r["nan_error"]["pack_error"], (method, r)
+        assert "attn_mask contains NaN or infinite values" in r["nan_error"]["message"], (method, r)
+        assert (r["held_min"], r["held_max"]) == (0.0, 1.0), (method, r)
 
 
 def test_clone_shares_weights_and_input_model_stays_clean(work):

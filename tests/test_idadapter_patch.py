@@ -11,7 +11,7 @@ import torch
 from idadapter_helpers import StandInPatcher, tiny_adapter
 from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch.idadapter import sdpa_attention
-from comfyui_idadapter.nodes.errors import ConfigError, PackError
+from comfyui_idadapter.nodes.errors import ConfigError, ImageInputError, PackError
 
 
 def options(block=("input", 1), sigma=5.0, cond_or_uncond=(1, 0), latent=(8, 8), batch=1):
@@ -152,6 +152,59 @@ def test_mask_follows_activations_shape_without_original_shape():
     del opts["original_shape"]
     change = (patch(x, opts) - x)[1].abs().sum(-1).reshape(4, 8)
     assert change[:, :4].min() > 1e-4 and change[:, 4:].max() == 0
+
+
+def image_masks(values, side=64):
+    """A MASK batch of constant masks, one value per image."""
+    return torch.tensor(values, dtype=torch.float32).reshape(-1, 1, 1).expand(-1, side, side).clone()
+
+
+def masked_like(patch, mask):
+    """A patch on ``patch``'s adapter and tokens with ``mask``, the way Apply IDAdapter passes it."""
+    (identity,) = patch.identities
+    return patches.IDAdapterMiddlePatch(identity.patcher, identity.tokens, 1.0, attention=sdpa_attention,
+                                        mask=patches.check_attn_mask(mask))
+
+
+@pytest.mark.parametrize("masks, images, cond_or_uncond", [
+    (2, 3, (1, 0)), (3, 2, (1, 0)),  # were a raw size-mismatch error at sampling
+    (2, 3, (0,)),  # cond-only rows
+    (2, 4, (0,)),  # was used silently, the masks cycling over the images
+    (2, 1, (1, 0)),  # dropped the conditional row from the output
+])
+def test_a_mask_batch_neither_one_nor_one_per_image_is_refused_at_sampling(masks, images, cond_or_uncond):
+    patch, _ = make_patch(mask=torch.ones(masks, 64, 64))
+    x = torch.randn(images * len(cond_or_uncond), 64, 32)
+    with pytest.raises(ImageInputError, match=f"attn_mask is a batch of {masks} masks and the latent batch has "
+                       f"{images} images?: give one mask for all images, or one per image"):
+        patch(x, options(cond_or_uncond=cond_or_uncond, batch=images))
+
+
+@pytest.mark.parametrize("cond_or_uncond", [(1, 0), (0, 1, 0)], ids=["uncond-cond", "two-cond-chunks"])
+def test_one_mask_for_all_images_or_one_per_image_scales_each_rows_residual(cond_or_uncond):
+    plain, _ = make_patch()
+    x = torch.randn(3 * len(cond_or_uncond), 64, 32)  # 3 images per chunk
+    opts = options(cond_or_uncond=cond_or_uncond, batch=3)
+    residual = plain(x, opts) - x
+    per_row = torch.tensor([[0.25, 0.5, 1.0][i % 3] * (1 - c) for c in cond_or_uncond for i in range(3)])
+    torch.testing.assert_close(masked_like(plain, image_masks([0.25, 0.5, 1.0]))(x, opts) - x,
+                               residual * per_row[:, None, None], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masked_like(plain, image_masks([0.5]))(x, opts) - x, residual * 0.5, rtol=1e-5,
+                               atol=1e-6)
+    # the rows the block gets: one mask broadcasts, per-image masks repeat once per chunk
+    block_mask = patches.BlockMask(image_masks([0.25, 0.5, 1.0]))
+    assert block_mask.for_rows(opts, 3, 6, 64, x)[:, 0, 0].tolist() == [0.25, 0.5, 1.0, 0.25, 0.5, 1.0]
+    assert patches.BlockMask(image_masks([0.5])).for_rows(opts, 3, 6, 64, x).shape == (1, 64, 1)
+
+
+def test_mask_values_outside_0_1_are_clamped():
+    checked = patches.check_attn_mask(torch.tensor([[1.5, -0.5], [0.25, 1.0]]))
+    assert checked.tolist() == [[[1.0, 0.0], [0.25, 1.0]]]
+    plain, _ = make_patch()
+    x = torch.randn(2, 64, 32)
+    above, one = masked_like(plain, image_masks([1.5])), masked_like(plain, image_masks([1.0]))
+    assert torch.equal(above(x, options()), one(x, options()))
+    assert torch.equal(masked_like(plain, image_masks([-0.5]))(x, options()), x)
 
 
 def test_per_device_memo_gives_racing_threads_one_value():

@@ -6,7 +6,7 @@ import torch
 from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch import wplus
 from comfyui_idadapter.nodes.arch.idadapter import BlockSpec, sdpa_attention
-from comfyui_idadapter.nodes.errors import PackError
+from comfyui_idadapter.nodes.errors import ImageInputError, PackError
 from idadapter_helpers import StandInPatcher
 
 BLOCK, CHANNELS, HEADS, CONTEXT = "input_1_0", 32, 4, 768
@@ -99,6 +99,28 @@ def test_codes_and_latents_must_pair_up(adapter):
         patch_for(adapter, 1.0, two_codes)(q, k, v, OPTIONS)
     three = patch_for(adapter, 1.0, torch.randn(3, 18, 512))(q, k, v, OPTIONS)  # one code per latent
     assert three.shape == (6, 16, CHANNELS)
+
+
+@pytest.mark.parametrize("masks, images", [(2, 3), (3, 2), (2, 1)])
+def test_a_mask_batch_neither_one_nor_one_per_latent_is_refused(adapter, masks, images):
+    q, k, v = qkv(batch=2 * images)  # [uncond, cond] chunks
+    patch = patch_for(adapter, 1.0, mask=torch.ones(masks, 4, 4))
+    with pytest.raises(ImageInputError, match=f"attn_mask is a batch of {masks} masks and the latent batch has "
+                       f"{images} images?: give one mask for all images, or one per image"):
+        patch(q, k, v, {**OPTIONS, "activations_shape": [2 * images, CHANNELS, 4, 4]})
+
+
+def test_one_mask_for_all_latents_or_one_per_latent_scales_each_rows_residual(adapter):
+    q, k, v = qkv(batch=6)  # 3 latents x [uncond, cond]: both chunks get a residual (the uncond one a zero code's)
+    options = {**OPTIONS, "activations_shape": [6, CHANNELS, 4, 4]}
+    h = sdpa_attention(q, k, v, HEADS)
+    residual = patch_for(adapter, 1.0)(q, k, v, options) - h
+    per_image = torch.tensor([0.25, 0.5, 1.0]).reshape(-1, 1, 1).expand(-1, 4, 4)
+    out = patch_for(adapter, 1.0, mask=patches.check_attn_mask(per_image))(q, k, v, options)
+    rows = torch.tensor([0.25, 0.5, 1.0, 0.25, 0.5, 1.0]).reshape(-1, 1, 1)
+    torch.testing.assert_close(out - h, residual * rows, rtol=1e-5, atol=1e-6)
+    one = patch_for(adapter, 1.0, mask=patches.check_attn_mask(torch.full((4, 4), 1.5)))(q, k, v, options)
+    torch.testing.assert_close(one - h, residual, rtol=0, atol=0)  # 1.5 is clamped to 1
 
 
 def test_block_keys_round_trip():

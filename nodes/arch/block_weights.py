@@ -82,6 +82,9 @@ def _entries(text: str, levels: dict[str, int]):
         if not sep or not key or not value:
             raise ConfigError(f"block weight entry {entry!r} is not 'key: weight' (e.g. '64: 0, output: 1'); "
                               f"valid keys: {describe_keys(levels)}")
+        if not (key + value).isascii():  # str.isdigit and float() also take '²', '６４', Arabic-Indic digits...
+            raise ConfigError(f"block weight entry {entry!r}: write keys and weights in plain ASCII (digits 0-9, "
+                              f"e.g. '64: 0, output_9: 0.5'); valid keys: {describe_keys(levels)}")
         try:
             weight = float(value)
         except ValueError:
