@@ -298,7 +298,7 @@ def test_pt_loader_refuses_wrong_shapes_and_nan(tmp_path, content, message):
 def test_pt_loader_never_unpickles_code(tmp_path):
     marker = tmp_path / "marker"
     torch.save({"mean": WritesMarker(marker)}, tmp_path / "evil.pt")
-    with pytest.raises(ModelFileError, match="the pickle names posix.system.*refused without running it"):
+    with pytest.raises(ModelFileError, match="the pickle names posix.system.*refused on purpose"):
         edits.load_direction(str(tmp_path / "evil.pt"))
     assert not marker.exists()
     (tmp_path / "big.pt").write_bytes(b"\0" * (edits.MAX_DIRECTION_BYTES + 1))

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelFileError
-from .files import open_safetensors, write_safetensors
-from .wplus import W_DIM, W_ROWS, load_error_detail
+from .files import check_regular_file, open_safetensors, read_tensors_only, write_safetensors
+from .wplus import W_DIM, W_ROWS
 
 FORMAT = "wplus-code/1"
 LATENT_DIRECTION_LAYERS = (0, 8)  # the official notebook: id_noise[:, :8] = (id_noise0 + i * direction)[:, :8]
@@ -226,8 +226,7 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def _file_size(path: str, limit: int, what: str) -> int:
-    if not os.path.isfile(path):
-        raise ModelFileError(f"{what} not found: {path}")
+    check_regular_file(path, what)
     size = os.path.getsize(path)
     if size > limit:
         raise ModelFileError(f"{path} is {size} bytes, more than a {what} can be ({limit}). {_DIRECTION_FIX}")
@@ -283,15 +282,6 @@ def load_npy_direction(path: str) -> Direction:
     return _direction_from(path, torch.from_numpy(np.ascontiguousarray(array)), npy=True)
 
 
-def _torch_load(path: str, what: str, fix: str):
-    try:
-        # weights_only: no code in the pickle runs; mmap: tensors stay in the file until read
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # truncated, legacy format, not a torch file, or a pickle naming something else
-        raise ModelFileError(f"{path} cannot be read as a tensors-only PyTorch {what} ({load_error_detail(exc)}). "
-                             f"{fix}") from exc
-
-
 def _ganspace_from(path: str, data: Mapping) -> GanSpace:
     missing = [k for k in ("mean", "comp", "std") if k not in data]
     if missing:
@@ -325,7 +315,7 @@ def _ganspace_from(path: str, data: Mapping) -> GanSpace:
 def load_pt_direction(path: str) -> Direction | GanSpace:
     """A ``.pt`` direction (a tensor: InterFaceGAN [1, 512], e4e's pose [1, 18, 512]) or GANSpace PCA (a dict)."""
     _file_size(path, MAX_DIRECTION_BYTES, "direction file")
-    data = _torch_load(path, "direction file", _DIRECTION_FIX)
+    data = read_tensors_only(path, "direction file", _DIRECTION_FIX)
     if isinstance(data, torch.Tensor):
         return _direction_from(path, data.detach(), npy=False)
     if isinstance(data, Mapping):
@@ -387,7 +377,7 @@ def load_wplus_code(path: str) -> torch.Tensor:
     if os.path.splitext(path)[1].lower() in (".pt", ".pth"):
         fix = "Expected a W+ code saved by e4e (torch.save of a [1, 18, 512] tensor)"
         _file_size(path, MAX_CODES * W_ROWS * W_DIM * 8 + (1 << 20), "W+ code file")
-        data = _torch_load(path, "W+ code file", fix)
+        data = read_tensors_only(path, "W+ code file", fix)
         if not isinstance(data, torch.Tensor):
             raise ModelFileError(f"{path} holds a {type(data).__name__}, expected a tensor {expected}. {fix}")
         w = data.detach()
