@@ -137,28 +137,39 @@ class WPlusEdit(io.ComfyNode):
             category=CATEGORY,
             description="Moves W+ codes along a StyleGAN direction from models/wplus/directions/: InterFaceGAN "
             "[1, 512] .pt (all 18 rows), latent-direction [18, 512] .npy (rows 0-7, as the official code), or "
-            "GANSpace ffhq_pca.pt (a component over a row range).",
+            "GANSpace ffhq_pca.pt (a named edit of GANSpace's table, or a component over a row range).",
             inputs=[
                 WPlusType.Input("wplus"),
                 io.Combo.Input("direction", options=_direction_files()),
-                io.Float.Input("strength", default=2.0, min=-20.0, max=20.0, step=0.1,
-                               tooltip="InterFaceGAN / latent directions: the step (official range -4..4). GANSpace: "
-                               "the target coordinate in standard deviations (official), or the step (relative)"),
+                io.Float.Input("strength", default=1.0, min=-20.0, max=20.0, step=0.1,
+                               tooltip="InterFaceGAN / latent directions: the step (official range -4..4). GANSpace "
+                               "named edit: a multiple of the edit's official strength (1 = official, -1 = the "
+                               "other way). GANSpace custom: the target coordinate in standard deviations "
+                               "(official), or the step (relative)"),
                 io.String.Input("sweep", default="",
                                 tooltip="several strengths, e.g. '-3, -1, 1, 3': one code per strength and input "
                                 "code (a batch), instead of 'strength'"),
-                io.Int.Input("start_layer", default=-1, min=-1, max=17, tooltip="-1: the direction's own rows"),
-                io.Int.Input("end_layer", default=-1, min=-1, max=18, tooltip="exclusive; -1: the direction's own"),
-                io.Int.Input("ganspace_component", default=0, min=0, max=511, tooltip="GANSpace files only"),
+                io.Int.Input("start_layer", default=-1, min=-1, max=17,
+                             tooltip="-1: the direction's (or named edit's) own rows"),
+                io.Int.Input("end_layer", default=-1, min=-1, max=18,
+                             tooltip="exclusive; -1: the direction's (or named edit's) own"),
+                io.Int.Input("ganspace_component", default=0, min=0, max=511,
+                             tooltip="GANSpace with ganspace_edit 'custom' only"),
                 io.Combo.Input("ganspace_mode", options=["target (official)", "relative"],
                                tooltip="GANSpace: strength is the target coordinate (official) or a step"),
+                # optional and last: workflows saved before it keep their widget values and mean what they meant
+                io.Combo.Input("ganspace_edit", options=[wplus_edits.CUSTOM_EDIT, *sorted(wplus_edits.GANSPACE_EDITS)],
+                               default=wplus_edits.CUSTOM_EDIT, optional=True,
+                               tooltip="GANSpace ffhq_pca.pt only: a named edit of GANSpace's table, applied as e4e "
+                               "does (e.g. big_smile: component 19 on row 4, target 20 standard deviations); "
+                               "'custom': ganspace_component over start_layer..end_layer (all rows by default)"),
             ],
             outputs=[WPlusType.Output()],
         )
 
     @classmethod
     def execute(cls, wplus, direction, strength, sweep, start_layer, end_layer, ganspace_component,
-                ganspace_mode) -> io.NodeOutput:
+                ganspace_mode, ganspace_edit=wplus_edits.CUSTOM_EDIT) -> io.NodeOutput:
         if direction == NO_DIRECTION:
             raise ConfigError("no direction files: put InterFaceGAN .pt, latent-direction .npy or GANSpace "
                               "ffhq_pca.pt files into models/wplus/directions/")
@@ -166,15 +177,19 @@ class WPlusEdit(io.ComfyNode):
         strengths = _strengths(sweep) or [strength]
         codes = wplus_edits.check_wplus(wplus)
         codes = codes if codes.ndim == 3 else codes[None]
+        start, end = (None if start_layer < 0 else start_layer), (None if end_layer < 0 else end_layer)
+        relative = ganspace_mode == "relative"
         edited = []
         for value in strengths:
-            if isinstance(loaded, wplus_edits.GanSpace):
-                start, end = (0 if start_layer < 0 else start_layer), (wplus_arch.W_ROWS if end_layer < 0 else end_layer)
-                edited.append(wplus_edits.apply_ganspace(codes, loaded, ganspace_component, value, start, end,
-                                                         relative=ganspace_mode == "relative"))
+            if ganspace_edit != wplus_edits.CUSTOM_EDIT:
+                edited.append(wplus_edits.apply_named_ganspace(codes, loaded, ganspace_edit, value, start, end,
+                                                               relative))
+            elif isinstance(loaded, wplus_edits.GanSpace):
+                edited.append(wplus_edits.apply_ganspace(codes, loaded, ganspace_component, value,
+                                                         0 if start is None else start,
+                                                         wplus_arch.W_ROWS if end is None else end, relative))
             else:
-                edited.append(wplus_edits.apply_direction(codes, loaded, value, None if start_layer < 0 else start_layer,
-                                                          None if end_layer < 0 else end_layer))
+                edited.append(wplus_edits.apply_direction(codes, loaded, value, start, end))
         return io.NodeOutput(torch.cat(edited))
 
 

@@ -896,6 +896,37 @@ def wplus_patch_wiring(work, payload):
                                       .get("attn2", {}))}
 
 
+def wplus_named_ganspace_edit(work, payload):
+    """W+ Edit on a GANSpace PCA of ffhq_pca.pt's layout: a named edit moves only its official rows by its official
+    strength; a call without the newer ``ganspace_edit`` input (a workflow saved before it) edits as before."""
+    import nodes
+
+    edits = _wplus_module().wplus_edits
+    gen = torch.Generator().manual_seed(7)
+    components, _ = torch.linalg.qr(torch.randn(512, 80, generator=gen, dtype=torch.float64))
+    path = os.path.join(work, "models", "wplus", "directions", "ffhq_pca.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"mean": torch.randn(1, 512, generator=gen) * 0.1,
+                "comp": components.T.float().reshape(80, 1, 512).contiguous(),
+                "std": torch.rand(80, generator=gen) + 0.5}, path)
+    pca = edits.load_direction(path)
+    edit = nodes.NODE_CLASS_MAPPINGS["IDA_WPlusEdit"]
+    codes = torch.randn(1, 18, 512, generator=gen)
+    named = edit.execute(codes, "directions/ffhq_pca.pt", 1.0, "", -1, -1, 0, "target (official)",
+                         "big_smile").result[0]
+    saved_before = edit.execute(codes, "directions/ffhq_pca.pt", 2.0, "", -1, -1, 19, "target (official)").result[0]
+    inputs = edit.INPUT_TYPES()
+
+    def moved(out):
+        return [r for r in range(18) if not torch.equal(out[0, r], codes[0, r])]
+
+    return {"named_rows": moved(named), "named_is_official": torch.equal(named, edits.apply_ganspace(codes, pca, 19,
+                                                                                                     20.0, 4, 5)),
+            "saved_before_rows": moved(saved_before),
+            "saved_before_unchanged": torch.equal(saved_before, edits.apply_ganspace(codes, pca, 19, 2.0, 0, 18)),
+            "required": list(inputs["required"]), "optional": _jsonable(inputs.get("optional", {}))}
+
+
 def wplus_trainer_parity_sd15(work, payload):
     """The W+ adapter's trainer<->node parity, in one process: ComfyUI's UNet of the tiny checkpoint patched by Apply
     W+ Adapter (scale 1, start 0, end 1) against the W+ trainer's forward (``TrainableWPlus``: the diffusers UNet

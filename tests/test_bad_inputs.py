@@ -1,9 +1,12 @@
 """Bad images, face embeds of other images, model folders and installs: each a clear error, never a crash."""
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import stat
 import sys
+import threading
 
 import pytest
 import torch
@@ -181,6 +184,52 @@ def test_corrupt_onnx_in_pack(tmp_path):
         f.truncate(300)
     with pytest.raises(ModelFileError, match="corrupt or incompletely downloaded"):
         backend.load_analyzer(pack, "CPU")
+
+
+@contextlib.contextmanager
+def released_if_opened(fifo, seconds=20.0):
+    """Opening ``fifo`` for reading blocks until a writer comes: if the code under test does that, a writer comes
+    after ``seconds`` and the list this yields records it, so the test fails instead of hanging."""
+    released = []
+
+    def release():
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.lstat(fifo).st_mode):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # fails (ENXIO) unless a reader waits
+                released.append(fifo)
+
+    timer = threading.Timer(seconds, release)
+    timer.start()
+    try:
+        yield released
+    finally:
+        timer.cancel()
+
+
+NOT_A_REGULAR_FILE = [
+    # (id, what makes the path, what the message says it is)
+    ("symlink-to-dev-zero", lambda path: os.symlink("/dev/zero", path),
+     "is not a regular file: it is a symbolic link to '/dev/zero', which is a character device (never opened"),
+    ("fifo", os.mkfifo, "is not a regular file: it is a named pipe (FIFO) (never opened"),
+    ("folder", os.mkdir, "is not a regular file: it is a folder;"),
+    ("dangling-symlink", lambda path: os.symlink(path + ".gone", path),
+     "is a dangling symbolic link: it points to '{path}.gone', which does not exist"),
+]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs, /dev/zero and symbolic links as POSIX has them")
+@pytest.mark.parametrize("make,what", [c[1:] for c in NOT_A_REGULAR_FILE], ids=[c[0] for c in NOT_A_REGULAR_FILE])
+def test_pack_file_that_is_not_a_regular_file_is_named_and_never_opened(tmp_path, make, what):
+    pack = make_pack(str(tmp_path), "odd")
+    rec = os.path.join(pack, "rec.onnx")
+    os.remove(rec)
+    make(rec)
+    with released_if_opened(rec) as released, pytest.raises(ModelFileError) as caught:
+        backend.load_analyzer(pack, "CPU")
+    assert not released, "rec.onnx was opened for reading"
+    message = str(caught.value)
+    assert message.startswith(f"face model {rec} "), message
+    assert what.format(path=rec) in message and "Download the pack again" in message, message
 
 
 def test_list_packs(insightface_root, tmp_path):

@@ -86,3 +86,15 @@ def test_the_patch_chains_to_another_packs_and_leaves_it_alone(work):
     assert result["chained"] and result["others_unchained"]
     assert result["input_model_keeps_its_own"] and result["patcher_in_models"]
     assert result["scale_zero_patches"] == 0
+
+
+def test_named_ganspace_edit_and_workflows_saved_before_it(tmp_path):
+    result = run_check(make_work_dir(tmp_path / "work"), "wplus_named_ganspace_edit", {})
+    assert result["named_rows"] == [4] and result["named_is_official"]  # big_smile: component 19, row 4, target 20
+    assert result["saved_before_rows"] == list(range(18)) and result["saved_before_unchanged"]
+    # saved workflows hold widget values by position: the inputs they have keep their order, the new one comes last
+    assert result["required"] == ["wplus", "direction", "strength", "sweep", "start_layer", "end_layer",
+                                  "ganspace_component", "ganspace_mode"]
+    kind, options = result["optional"]["ganspace_edit"]
+    assert kind == "COMBO" and options["default"] == "custom"
+    assert options["options"][0] == "custom" and "big_smile" in options["options"]

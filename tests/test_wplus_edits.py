@@ -298,7 +298,7 @@ def test_pt_loader_refuses_wrong_shapes_and_nan(tmp_path, content, message):
 def test_pt_loader_never_unpickles_code(tmp_path):
     marker = tmp_path / "marker"
     torch.save({"mean": WritesMarker(marker)}, tmp_path / "evil.pt")
-    with pytest.raises(ModelFileError, match="the pickle names posix.system.*refused without running it"):
+    with pytest.raises(ModelFileError, match="the pickle names posix.system.*refused on purpose"):
         edits.load_direction(str(tmp_path / "evil.pt"))
     assert not marker.exists()
     (tmp_path / "big.pt").write_bytes(b"\0" * (edits.MAX_DIRECTION_BYTES + 1))
@@ -320,6 +320,65 @@ def test_ganspace_configs_csv(tmp_path):
     path.write_text("bald\t21\tx\t5\t20\n")
     with pytest.raises(ModelFileError, match="with integers"):
         edits.load_ganspace_configs(str(path))
+
+
+def test_the_official_named_ganspace_edits():
+    table = edits.GANSPACE_EDITS
+    assert len(table) == 42  # the rows of ganspace_configs.csv as released with the W+ adapter
+    # rows of the released table, and the five e4e's editing examples apply
+    assert table["big_smile"] == edits.GanSpaceEdit(19, 4, 5, 20.0)
+    assert table["show_front_teeth"] == edits.GanSpaceEdit(59, 4, 5, 40.0)
+    assert table["disgusted"] == edits.GanSpaceEdit(43, 6, 8, -30.0)
+    assert table["overexposed"] == edits.GanSpaceEdit(27, 8, 18, 15.0)
+    assert table["boyishness"] == edits.GanSpaceEdit(8, 2, 5, 20.0)
+    for name, row in {"eye_openness": (54, 7, 8, 20.0), "smile": (46, 4, 5, -20.0), "trimmed_beard": (58, 7, 9, 20.0),
+                      "white_hair": (57, 7, 10, -24.0), "lipstick": (34, 10, 11, 20.0)}.items():
+        assert table[name] == edits.GanSpaceEdit(*row)
+    assert all(0 <= e.index < 80 and 0 <= e.start < e.end <= 18 for e in table.values())  # ffhq_pca.pt: 80
+    assert edits.CUSTOM_EDIT not in table
+
+
+def ffhq_sized_pca(seed=3):
+    """A PCA of ffhq_pca.pt's size (80 orthonormal components)."""
+    return pca_of(hand_made_pca(count=80, seed=seed))
+
+
+def test_big_smile_moves_only_its_official_row_by_the_official_strength_times_the_component():
+    pca = ffhq_sized_pca()
+    component, stdev = pca.components[19], pca.stdev[19]
+    w = code(4).double()
+    along = component / (component @ component)  # the components are unit vectors to float32 precision
+    w[0, 0] -= ((w[0, 0] - pca.mean) @ component) * along  # row 0 at coordinate 0 along component 19
+    assert abs(edits.ganspace_coordinate(w, pca, 19).item()) < 1e-12
+    out = edits.apply_named_ganspace(w, pca, "big_smile")
+    untouched = [r for r in range(18) if r != 4]
+    assert torch.equal(out[:, untouched], w[:, untouched])
+    torch.testing.assert_close(out[0, 4] - w[0, 4], 20.0 * stdev * component, rtol=0, atol=1e-12)
+    # strength: a multiple of the official one; the official target is absolute (measured on row 0)
+    torch.testing.assert_close(edits.apply_named_ganspace(w, pca, "big_smile", -0.5)[0, 4] - w[0, 4],
+                               -10.0 * stdev * component, rtol=0, atol=1e-12)
+    w[0, 0] += 3.0 * stdev * along  # now at coordinate 3
+    torch.testing.assert_close(edits.apply_named_ganspace(w, pca, "big_smile")[0, 4] - w[0, 4],
+                               (20.0 - 3.0) * stdev * component, rtol=0, atol=1e-12)
+    torch.testing.assert_close(edits.apply_named_ganspace(w, pca, "big_smile", relative=True)[0, 4] - w[0, 4],
+                               20.0 * stdev * component, rtol=0, atol=1e-12)
+    # the rows can be overridden; another edit uses its own component, rows and strength
+    assert torch.equal(edits.apply_named_ganspace(w, pca, "big_smile", start=2, end=8),
+                       edits.apply_ganspace(w, pca, 19, 20.0, 2, 8))
+    assert torch.equal(edits.apply_named_ganspace(w, pca, "white_hair", 0.5),
+                       edits.apply_ganspace(w, pca, 57, -12.0, 7, 10))
+
+
+def test_named_ganspace_edit_refusals():
+    pca, w = ffhq_sized_pca(), code()
+    with pytest.raises(ConfigError, match="unknown GANSpace edit 'biggest_smile'; the named edits are"):
+        edits.apply_named_ganspace(w, pca, "biggest_smile")
+    with pytest.raises(ConfigError, match="needs GANSpace's ffhq_pca.pt as the direction, got an InterFaceGAN"):
+        edits.apply_named_ganspace(w, edits.Direction(unit(1).double()), "big_smile")
+    with pytest.raises(ConfigError, match="uses principal component 19, but this PCA has 6 components"):
+        edits.apply_named_ganspace(w, pca_of(hand_made_pca()), "big_smile")
+    with pytest.raises(ConfigError, match="strength must be a finite number"):
+        edits.apply_named_ganspace(w, pca, "big_smile", float("nan"))
 
 
 # ---- W+ code files

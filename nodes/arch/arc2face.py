@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ModelFileError
 from . import adaface
-from .files import check_shapes
+from .files import check_regular_file, check_shapes, read_tensors_only
 
 CONFIG_NAME = "config.json"
 WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")  # what transformers writes (the release has the .bin)
@@ -52,14 +52,14 @@ def _encoder_files(path: str) -> tuple[str, str]:
     """(config.json, weights file) of an encoder folder or of a weights file inside one."""
     if os.path.isdir(path):
         folder = path
-        weights = next((os.path.join(path, n) for n in WEIGHT_NAMES if os.path.isfile(os.path.join(path, n))), None)
+        # lexists: a weights file that is something else (a folder, a FIFO) is named as such when read
+        weights = next((os.path.join(path, n) for n in WEIGHT_NAMES if os.path.lexists(os.path.join(path, n))), None)
         if weights is None:
             raise ModelFileError(f"{path} holds no {' or '.join(WEIGHT_NAMES)}: expected the Arc2Face ID encoder's "
                                  f"folder. {_FIX}")
-    elif os.path.isfile(path):
-        folder, weights = os.path.dirname(path), path
     else:
-        raise ModelFileError(f"Arc2Face ID encoder not found: {path}. {_FIX}")
+        check_regular_file(path, "Arc2Face ID encoder", _FIX)
+        folder, weights = os.path.dirname(path), path
     config = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config):
         raise ModelFileError(f"{folder or '.'} has no {CONFIG_NAME} (the encoder's sizes, next to its weights "
@@ -104,6 +104,7 @@ def _weights_file(path: str) -> Iterator[tuple[dict[str, tuple], Callable[[str],
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
+        check_regular_file(path, "Arc2Face ID encoder weights", _FIX)
         try:
             handle_context = safe_open(path, framework="pt")
         except Exception as exc:
@@ -112,12 +113,7 @@ def _weights_file(path: str) -> Iterator[tuple[dict[str, tuple], Callable[[str],
         with handle_context as handle:
             yield {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}, handle.get_tensor
         return
-    try:
-        # weights_only: no code in the pickle runs; mmap: tensors stay in the file until read
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # a truncated or legacy-format file, or a pickle naming something else than tensors
-        raise ModelFileError(f"{path} cannot be read as a tensors-only PyTorch file ({type(exc).__name__}: "
-                             f"{str(exc)[:300]}). {_FIX}") from exc
+    state = read_tensors_only(path, "Arc2Face ID encoder weights", _FIX)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise ModelFileError(f"{path} holds a {type(state).__name__}, expected a state dict (names -> tensors). "

@@ -10,8 +10,8 @@ pure torch: a face image -> a StyleGAN2 W+ code [B, 18, 512], what the W+ adapte
   The output is an offset from ``latent_avg``: W+ = ``encoder(x) + latent_avg``.
 - :func:`normalize_for_e4e` / :func:`encode_wplus`: images in [0, 1] -> W+ (e4e's preprocessing, §4.3).
 - :func:`load_official_e4e`: the released pSp-framework checkpoint, read with ``torch.load(weights_only=True,
-  mmap=True)``: nothing in the pickle runs, and the tensors stay in the file until every name and shape has been
-  compared with a ``meta``-device module. The decoder is ignored.
+  mmap=True)`` (``files.read_tensors_only``): nothing in the pickle runs, and the tensors stay in the file until
+  every name and shape has been compared with a ``meta``-device module. The decoder is ignored.
 - File format ``e4e/1`` (:func:`save_e4e`, :func:`load_e4e`, :func:`convert_official_e4e`): safetensors whose
   ``__metadata__`` holds ``format`` (``e4e/1``), ``family`` (``ffhq``: the encoder inverts the FFHQ 1024 StyleGAN2,
   18 styles) and ``config``, the JSON of :class:`E4EConfig`::
@@ -43,8 +43,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
-import zipfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,7 +52,8 @@ from torch import nn
 from ..errors import ConfigError, ImageInputError, ModelFileError
 from .adaface import materialized
 from .ffhq_align import align_ffhq
-from .files import check_shapes, first_few, looks_like_safetensors, open_safetensors, write_safetensors
+from .files import (check_shapes, first_few, looks_like_safetensors, open_safetensors, read_tensors_only,
+                    write_safetensors)
 
 FORMAT = "e4e/1"
 FAMILY = "ffhq"
@@ -391,43 +390,13 @@ def load_e4e(path: str) -> E4EWeights:
 
 def _read_official(path: str) -> dict:
     """The unpickled official checkpoint, tensors memory-mapped (nothing read yet)."""
-    if not os.path.isfile(path):
-        raise ModelFileError(f"official e4e checkpoint not found: {path}. {_OFFICIAL_FIX}")
-    try:
-        with open(path, "rb"):  # tells a permission problem apart from the rest
-            pass
-    except PermissionError as exc:
-        raise ModelFileError(f"cannot read {path}: permission denied; give the user running ComfyUI read access "
-                             f"(e.g. chmod a+r)") from exc
-    if not zipfile.is_zipfile(path):
-        raise ModelFileError(
-            f"{path} is not a PyTorch zip checkpoint: a truncated or damaged download, not a .pt file at all, or a "
-            f"file in the legacy format of PyTorch < 1.6, which cannot be read memory-mapped. {_OFFICIAL_FIX}; a "
-            f"legacy-format copy can be re-saved once with a current PyTorch: torch.save(torch.load(old, "
-            f"weights_only=True), new)")
-    try:
-        # weights_only: nothing the pickle names runs; mmap: the tensors stay in the file until read
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as exc:  # what weights_only raises for a global outside its allow-list
-        raise ModelFileError(
-            f"{path} names Python objects other than tensors and plain data, so it was refused unread "
-            f"({_unpickling_reason(exc)}); the released e4e checkpoint holds only tensors, numbers and "
-            f"strings: this is another file, or one re-saved with objects in it. {_OFFICIAL_FIX}") from exc
-    except Exception as exc:  # a truncated or corrupt zip, a record that does not add up
-        raise ModelFileError(f"{path} cannot be read as a tensors-only PyTorch file ({type(exc).__name__}: "
-                             f"{str(exc)[:300]}): a truncated or damaged download? {_OFFICIAL_FIX}") from exc
+    fix = (f"{_OFFICIAL_FIX}: its tensors-only layout reads as it is; or an e4e/1 safetensors file written by "
+           f"{_WRITER}")
+    checkpoint = read_tensors_only(path, "official e4e checkpoint", fix)
     if not isinstance(checkpoint, dict):
         raise ModelFileError(f"{path} holds a {type(checkpoint).__name__}, expected the pSp-framework checkpoint "
                              f"dict {{'state_dict', 'opts', 'latent_avg'}}. {_OFFICIAL_FIX}")
     return checkpoint
-
-
-def _unpickling_reason(exc: Exception) -> str:
-    """The line of torch's weights_only refusal that says what was refused (e.g. "unsupported GLOBAL posix.system"),
-    without its advice to retry with weights_only=False, which would run the file's code."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    reasons = [line for line in lines if not line.startswith(("Weights only load failed", "Check the documentation"))]
-    return (reasons[0] if reasons else type(exc).__name__)[:300]
 
 
 def _check_opts(path: str, checkpoint: dict) -> None:

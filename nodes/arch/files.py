@@ -1,5 +1,6 @@
-"""Safetensors files of this pack: written atomically, read with the checks every loader needs; and the
-fingerprints that name the model file a file's values came from.
+"""Safetensors files of this pack: written atomically, read with the checks every loader needs; the check every
+model path gets before anything opens it (:func:`check_regular_file`) and the one way PyTorch files are read
+(:func:`read_tensors_only`); and the fingerprints that name the model file a file's values came from.
 
 Reading goes in two steps on one open file: the header (format, metadata, tensor shapes) first, so that a loader
 can refuse a file whose shapes do not fit before anything is allocated, then the tensor data, refusing NaN and
@@ -12,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
+import re
 import stat
+import zipfile
 from typing import Iterator
 
 import torch
@@ -109,8 +113,7 @@ def open_safetensors(path: str, expected_format: str, what: str, writer: str) ->
     """
     from safetensors import safe_open
 
-    if not os.path.isfile(path):
-        raise ModelFileError(f"{what} not found: {path}")
+    check_regular_file(path, what)
     try:
         # safe_open reports every failure to open a file as FileNotFoundError; open() tells a permission apart
         with open(path, "rb"):
@@ -133,6 +136,91 @@ def open_safetensors(path: str, expected_format: str, what: str, writer: str) ->
                 f"({what}, written by {writer})"
             )
         yield SafetensorsReader(path, handle, meta, what, writer)
+
+
+_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_regular_file(path: str, what: str, fix: str = "") -> None:
+    """Refuses ``path`` unless it is a regular file or a symbolic link to one, from its metadata alone: a FIFO would
+    block the reader and a device such as /dev/zero would feed it without end, so neither is ever opened. ``what``
+    names the file in messages ("face model"), ``fix`` says how to get a good one."""
+    fix = f" {fix}" if fix else ""
+    link = os.readlink(path) if os.path.islink(path) else None
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if link is not None:
+            raise ModelFileError(f"{what} {path} is a dangling symbolic link: it points to {link!r}, which does not "
+                                 f"exist; link it to the model file itself, or put the file there.{fix}") from None
+        raise ModelFileError(f"{what} not found: {path}.{fix}") from None
+    except (OSError, ValueError) as exc:  # a loop of links, a name too long, a folder on the way without access
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ModelFileError(f"cannot look at {what} {path}: {reason}.{fix}") from None
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a file")
+    through = f"a symbolic link to {link!r}, which is " if link is not None else ""
+    never_opened = "" if stat.S_ISDIR(mode) else " (never opened here: reading it would block or never end)"
+    raise ModelFileError(f"{what} {path} is not a regular file: it is {through}{kind}{never_opened}; put the model "
+                         f"file itself at this path.{fix}")
+
+
+_LEGACY_RESAVE = "torch.save(torch.load(old, weights_only=True), new)"
+
+
+def read_tensors_only(path: str, what: str, fix: str, mmap: bool = True):
+    """``torch.load(path, weights_only=True)`` on the CPU, every failure a ModelFileError in the pack's own words.
+
+    Nothing the pickle names runs (``weights_only``). With ``mmap`` the tensors stay in the file until read, which
+    only the zip format allows (the legacy format of PyTorch < 1.6 would allocate every storage the pickle
+    declares before anything is checked), so other files are refused. torch's refusal text advises loading the
+    file again with ``weights_only=False``, which would run whatever code the file carries: only the name of what
+    was refused is passed on, never that text. ``what`` names the file ("W+ adapter file"), ``fix`` says what a
+    good file is."""
+    check_regular_file(path, what, fix)
+    try:
+        with open(path, "rb"):  # tells a permission problem apart from the rest
+            pass
+    except PermissionError:
+        raise ModelFileError(f"cannot read {path} ({what}): permission denied; give the user running ComfyUI "
+                             f"read access (e.g. chmod a+r)") from None
+    if mmap and not zipfile.is_zipfile(path):
+        raise ModelFileError(
+            f"{path} is not a PyTorch zip checkpoint: a truncated or damaged download, not a PyTorch file at all, or "
+            f"a file in the legacy format of PyTorch < 1.6, which cannot be read memory-mapped. {fix}; a "
+            f"legacy-format copy can be re-saved once with a current PyTorch: {_LEGACY_RESAVE}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:  # weights_only met something other than tensors and plain data
+        refused = _refused_by_weights_only(str(exc))
+    except Exception as exc:  # a truncated or corrupt archive, a record that does not add up
+        raise ModelFileError(f"{path} cannot be read as a tensors-only PyTorch file ({_first_line(exc)}): a "
+                             f"truncated or damaged download? {fix}") from exc
+    # raised outside the except block, so that torch's text (and its advice) is not chained onto ours
+    raise ModelFileError(
+        f"{path} was refused unread: {refused}. Only tensors-only PyTorch files are read (tensors, numbers, strings, "
+        f"lists, dicts): a file that needs code of its own to load is refused on purpose, since loading it would "
+        f"run that code. {fix}")
+
+
+def _refused_by_weights_only(text: str) -> str:
+    """What weights_only refused, in a few words: the global the pickle names, or else torch's reason, never a part
+    of its text that advises allowing more."""
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return f"the pickle names {named.group(1)}, which is neither a tensor nor plain data"
+    reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    sentence = reason.group(1).split(". ")[0].strip().rstrip(".") if reason else ""
+    if sentence and not re.search(r"weights_only|safe_globals|trust", sentence):
+        return f"the pickle holds something other than tensors and plain data ({sentence[:200]})"
+    return "the pickle holds something other than tensors and plain data"
+
+
+def _first_line(exc: Exception) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip() and "weights_only" not in line]
+    return f"{type(exc).__name__}: {lines[0].strip()[:300]}" if lines else type(exc).__name__
 
 
 def looks_like_safetensors(path: str) -> bool:

@@ -13,7 +13,6 @@ Output: the unnormalised 512-d identity embedding (L2-normalise it to compare id
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ImageInputError, ModelFileError
+from .files import read_tensors_only
 from .onnx_files import load_onnx_graph
 from .transfer import host_to_device
 
@@ -189,15 +189,9 @@ def iresnet_from_state_dict(state_dict: dict) -> IResNet:
 
 def load_arcface_torch(path: str) -> IResNet:
     """Loads an arcface_torch ``backbone.pth`` (a tensors-only pickle: read with weights_only=True)."""
-    if not os.path.isfile(path):
-        raise ModelFileError(f"ArcFace backbone not found: {path}")
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated file, or a pickle with code in it
-        raise ModelFileError(
-            f"could not read {path} as a tensors-only PyTorch file ({type(exc).__name__}: {exc}); "
-            "expected an arcface_torch backbone.pth state dict"
-        ) from exc
+    # not memory-mapped: arcface_torch backbones may be in the legacy format, and the whole state is used anyway
+    state_dict = read_tensors_only(path, "ArcFace backbone", "Expected an arcface_torch backbone.pth state dict",
+                                   mmap=False)
     if not isinstance(state_dict, dict):
         raise ModelFileError(f"{path} holds a {type(state_dict).__name__}, expected a state dict")
     return iresnet_from_state_dict(state_dict)

@@ -9,9 +9,8 @@ every ONNX file with external data instead of trying to judge where each locatio
 
 from __future__ import annotations
 
-import os
-
 from ..errors import MissingDependencyError, ModelFileError
+from .files import check_regular_file
 
 
 def _import_onnx():
@@ -73,8 +72,7 @@ def load_onnx_graph(path: str, what: str = "model"):
     """The ModelProto of ``path`` without reading any other file; ModelFileError for unreadable files and for
     files that keep tensor data elsewhere."""
     onnx = _import_onnx()
-    if not os.path.isfile(path):
-        raise ModelFileError(f"{what} not found: {path}")
+    check_regular_file(path, what)
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, truncated files, OSError

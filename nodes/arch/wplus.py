@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelFileError
-from .files import check_shapes, first_few, looks_like_safetensors, open_safetensors, write_safetensors
+from .files import (check_shapes, first_few, looks_like_safetensors, open_safetensors, read_tensors_only,
+                    write_safetensors)
 from .idadapter import FAMILIES, Attention, BlockKey, BlockSpec, CastLayerNorm, CastLinear, block_name, sdpa_attention
 
 FORMAT = "wplus/1"
@@ -393,32 +394,13 @@ def _official_shapes(path: str, state) -> dict[str, tuple]:
     return shapes
 
 
-def load_error_detail(exc: Exception) -> str:
-    """What went wrong in ``torch.load(weights_only=True)``, short: the global a refused pickle names, else the
-    first line of the error."""
-    text = str(exc)
-    named = re.search(r"GLOBAL ([\w.]+)", text)
-    if named:
-        return f"the pickle names {named.group(1)}, which is not a tensor type; refused without running it"
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    return f"{type(exc).__name__}: {first[:300]}"
-
-
 def load_official_wplus(path: str) -> WPlusAdapterWeights:
     """An official ``wplus_adapter.bin`` / ``wplus_adapter_stage1.bin`` as the pack's modules (SD1.5, float32).
 
     Nothing in the pickle runs (``weights_only``); tensors stay memory-mapped in the file until every name, index
     and per-layer width has been compared with :data:`OFFICIAL_SD15_LAYERS`.
     """
-    if not os.path.isfile(path):
-        raise ModelFileError(f"W+ adapter file not found: {path}")
-    try:
-        # weights_only: no code in the pickle runs; mmap: tensors stay in the file until read (zip-format files
-        # only: the legacy format would allocate every storage the pickle declares before anything is checked)
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # truncated, legacy format, not a torch file, or a pickle naming something else
-        raise ModelFileError(f"{path} cannot be read as a tensors-only PyTorch file ({load_error_detail(exc)}). "
-                             f"{_OFFICIAL_FIX}") from exc
+    state = read_tensors_only(path, "W+ adapter file", _OFFICIAL_FIX)
     shapes = _official_shapes(path, state)
     cfg = official_sd15_config()
     names = official_names(cfg)

@@ -7,22 +7,25 @@ them (reference/official-checkpoints.md §3.5 and §5; script/utils_direction.py
 - Latent directions (``w_direction/latent_directions/*.npy``, float64 [18, 512]): ``w' = w + k * d`` on the first
   8 rows only, the other rows unchanged (:func:`apply_latent_direction`; the row range can be changed).
 - GANSpace (``ffhq_pca.pt`` = ``{'mean': [1, 512], 'comp': [80, 1, 512], 'std': [80]}``; ``ganspace_configs.csv``
-  = name, pca index, start row, end row, strength): the official ``get_delta``::
+  = name, pca index, start row, end row, strength, held here as :data:`GANSPACE_EDITS`): the official
+  ``get_delta``::
 
       coord = sum((w[0] - mean) * comp[c]) / std[c]        # row 0's coordinate along component c, in std units
       delta = (strength - coord) * comp[c] * std[c]          # added to rows start:end
 
   so ``strength`` is the absolute target coordinate (measured on row 0), not a step; ``relative=True`` gives the
   plain step ``delta = strength * std[c] * comp[c]`` instead (zero strength = no change).
+  :func:`apply_named_ganspace` applies a named edit of the table: its component, rows and (scaled) strength.
 - :func:`interpolate`: ``(1 - t) * a + t * b`` (exactly a at t = 0 and b at t = 1).
 
 Sums are formed in float64 (the official latent directions are float64, so the official notebook's sums are too)
 and rounded once to the code's dtype.
 
 Direction files are read without unpickling anything: ``.npy`` through numpy with ``allow_pickle=False`` after the
-header (dtype, shape) has been checked, ``.pt`` through ``torch.load(weights_only=True)``. Shapes are checked and
-NaN or infinite values refused. W+ codes are saved as safetensors (format ``wplus-code/1``, one tensor ``wplus``
-[B, 18, 512] float32); the official e4e outputs (``test_data/e4e/*.pth``, a tensor [1, 18, 512]) load too.
+header (dtype, shape) has been checked, ``.pt`` through ``torch.load(weights_only=True)``
+(``files.read_tensors_only``). Shapes are checked and NaN or infinite values refused. W+ codes are saved as
+safetensors (format ``wplus-code/1``, one tensor ``wplus`` [B, 18, 512] float32); the official e4e outputs
+(``test_data/e4e/*.pth``, a tensor [1, 18, 512]) load too.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelFileError
-from .files import open_safetensors, write_safetensors
-from .wplus import W_DIM, W_ROWS, load_error_detail
+from .files import check_regular_file, open_safetensors, read_tensors_only, write_safetensors
+from .wplus import W_DIM, W_ROWS
 
 FORMAT = "wplus-code/1"
 LATENT_DIRECTION_LAYERS = (0, 8)  # the official notebook: id_noise[:, :8] = (id_noise0 + i * direction)[:, :8]
@@ -72,12 +75,63 @@ class GanSpace:
 
 @dataclass(frozen=True)
 class GanSpaceEdit:
-    """One row of ``ganspace_configs.csv``. The official code ignores the CSV's ``strength`` (the caller gives it)."""
+    """One named GANSpace edit: principal component ``index``, W+ rows ``start``..``end - 1`` and ``strength``, the
+    target coordinate (in standard deviations along the component) e4e's editing code applies it with. The W+
+    adapter's ``get_direction_from_ganspace`` reads the same table but takes the strength from its caller."""
 
     index: int
     start: int
     end: int
     strength: float
+
+
+# The named edits of GANSpace's FFHQ table (``ganspace_configs.csv``, released with the W+ adapter under
+# ``w_direction/``; e4e's editing examples use the same rows), for GANSpace's ``ffhq_pca.pt`` (80 components).
+GANSPACE_EDITS = {
+    "frizzy_hair":             GanSpaceEdit(31,  2,  6,  20.0),
+    "background_blur":         GanSpaceEdit(49,  6,  9,  20.0),
+    "bald":                    GanSpaceEdit(21,  2,  5,  20.0),
+    "big_smile":               GanSpaceEdit(19,  4,  5,  20.0),
+    "caricature_smile":        GanSpaceEdit(26,  3,  8,  13.0),
+    "scary_eyes":              GanSpaceEdit(33,  6,  8,  20.0),
+    "curly_hair":              GanSpaceEdit(47,  3,  6,  20.0),
+    "dark_bg_shiny_hair":      GanSpaceEdit(13,  8,  9,  20.0),
+    "dark_hair_and_light_pos": GanSpaceEdit(14,  8,  9,  20.0),
+    "dark_hair":               GanSpaceEdit(16,  8,  9,  20.0),
+    "disgusted":               GanSpaceEdit(43,  6,  8, -30.0),
+    "displeased":              GanSpaceEdit(36,  4,  7,  20.0),
+    "eye_openness":            GanSpaceEdit(54,  7,  8,  20.0),
+    "eye_wrinkles":            GanSpaceEdit(28,  6,  8,  20.0),
+    "eyebrow_thickness":       GanSpaceEdit(37,  8,  9,  20.0),
+    "face_roundness":          GanSpaceEdit(37,  0,  5,  20.0),
+    "fearful_eyes":            GanSpaceEdit(54,  4, 10,  20.0),
+    "hairline":                GanSpaceEdit(21,  4,  5, -20.0),
+    "happy_frizzy_hair":       GanSpaceEdit(30,  0,  8,  20.0),
+    "happy_elderly_lady":      GanSpaceEdit(27,  4,  7,  20.0),
+    "head_angle_up":           GanSpaceEdit(11,  1,  4,  20.0),
+    "huge_grin":               GanSpaceEdit(28,  4,  6,  20.0),
+    "in_awe":                  GanSpaceEdit(23,  3,  6, -15.0),
+    "wide_smile":              GanSpaceEdit(23,  3,  6,  20.0),
+    "large_jaw":               GanSpaceEdit(22,  3,  6,  20.0),
+    "light_lr":                GanSpaceEdit(15,  8,  9,  10.0),
+    "lipstick_and_age":        GanSpaceEdit(34,  6, 11,  20.0),
+    "lipstick":                GanSpaceEdit(34, 10, 11,  20.0),
+    "mascara_vs_beard":        GanSpaceEdit(41,  6,  9,  20.0),
+    "nose_length":             GanSpaceEdit(51,  4,  5, -20.0),
+    "elderly_woman":           GanSpaceEdit(34,  6,  7,  20.0),
+    "overexposed":             GanSpaceEdit(27,  8, 18,  15.0),
+    "screaming":               GanSpaceEdit(35,  3,  7, -15.0),
+    "short_face":              GanSpaceEdit(32,  2,  6, -20.0),
+    "show_front_teeth":        GanSpaceEdit(59,  4,  5,  40.0),
+    "smile":                   GanSpaceEdit(46,  4,  5, -20.0),
+    "straight_bowl_cut":       GanSpaceEdit(20,  4,  5, -20.0),
+    "sunlight_in_face":        GanSpaceEdit(10,  8,  9,  10.0),
+    "trimmed_beard":           GanSpaceEdit(58,  7,  9,  20.0),
+    "white_hair":              GanSpaceEdit(57,  7, 10, -24.0),
+    "wrinkles":                GanSpaceEdit(20,  6,  7, -18.0),
+    "boyishness":              GanSpaceEdit( 8,  2,  5,  20.0),
+}
+CUSTOM_EDIT = "custom"  # the W+ Edit node's choice for a component and rows of the user's own
 
 
 # ---- checks of what a node or trainer passes in
@@ -209,6 +263,27 @@ def apply_ganspace(w: torch.Tensor, pca: GanSpace, index: int, strength: float, 
     return _add_on_rows(w, delta.unsqueeze(-2), start, end)
 
 
+def apply_named_ganspace(w: torch.Tensor, pca, name: str, scale: float = 1.0, start: int | None = None,
+                         end: int | None = None, relative: bool = False) -> torch.Tensor:
+    """The named edit ``name`` of :data:`GANSPACE_EDITS`: its component on its rows (``start``/``end`` override
+    them), with ``scale`` times its strength (1: the edit as e4e applies it; -1: towards the other side). ``pca``
+    must be GANSpace's PCA (what ``load_direction`` gives for ``ffhq_pca.pt``)."""
+    edit = GANSPACE_EDITS.get(name)
+    if edit is None:
+        raise ConfigError(f"unknown GANSpace edit {name!r}; the named edits are {sorted(GANSPACE_EDITS)}")
+    if not isinstance(pca, GanSpace):
+        given = "an InterFaceGAN or latent direction" if isinstance(pca, Direction) else type(pca).__name__
+        raise ConfigError(f"the GANSpace edit {name!r} needs GANSpace's ffhq_pca.pt as the direction, got {given}: "
+                          f"choose ffhq_pca.pt, or the edit 'custom' for other directions")
+    if edit.index >= pca.components.shape[0]:
+        raise ConfigError(f"the GANSpace edit {name!r} uses principal component {edit.index}, but this PCA has "
+                          f"{pca.components.shape[0]} components; the named edits are for GANSpace's FFHQ "
+                          f"ffhq_pca.pt (80 components)")
+    strength = _finite_number("strength", scale) * edit.strength
+    return apply_ganspace(w, pca, edit.index, strength, edit.start if start is None else start,
+                          edit.end if end is None else end, relative)
+
+
 def interpolate(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """``(1 - t) * a + t * b``, exactly ``a`` at t = 0 and ``b`` at t = 1 (t outside 0..1 extrapolates)."""
     check_wplus(a, "first W+ code")
@@ -226,8 +301,7 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def _file_size(path: str, limit: int, what: str) -> int:
-    if not os.path.isfile(path):
-        raise ModelFileError(f"{what} not found: {path}")
+    check_regular_file(path, what)
     size = os.path.getsize(path)
     if size > limit:
         raise ModelFileError(f"{path} is {size} bytes, more than a {what} can be ({limit}). {_DIRECTION_FIX}")
@@ -283,15 +357,6 @@ def load_npy_direction(path: str) -> Direction:
     return _direction_from(path, torch.from_numpy(np.ascontiguousarray(array)), npy=True)
 
 
-def _torch_load(path: str, what: str, fix: str):
-    try:
-        # weights_only: no code in the pickle runs; mmap: tensors stay in the file until read
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # truncated, legacy format, not a torch file, or a pickle naming something else
-        raise ModelFileError(f"{path} cannot be read as a tensors-only PyTorch {what} ({load_error_detail(exc)}). "
-                             f"{fix}") from exc
-
-
 def _ganspace_from(path: str, data: Mapping) -> GanSpace:
     missing = [k for k in ("mean", "comp", "std") if k not in data]
     if missing:
@@ -325,7 +390,7 @@ def _ganspace_from(path: str, data: Mapping) -> GanSpace:
 def load_pt_direction(path: str) -> Direction | GanSpace:
     """A ``.pt`` direction (a tensor: InterFaceGAN [1, 512], e4e's pose [1, 18, 512]) or GANSpace PCA (a dict)."""
     _file_size(path, MAX_DIRECTION_BYTES, "direction file")
-    data = _torch_load(path, "direction file", _DIRECTION_FIX)
+    data = read_tensors_only(path, "direction file", _DIRECTION_FIX)
     if isinstance(data, torch.Tensor):
         return _direction_from(path, data.detach(), npy=False)
     if isinstance(data, Mapping):
@@ -389,7 +454,7 @@ def load_wplus_code(path: str) -> torch.Tensor:
     if os.path.splitext(path)[1].lower() in (".pt", ".pth"):
         fix = "Expected a W+ code saved by e4e (torch.save of a [1, 18, 512] tensor)"
         _file_size(path, MAX_CODES * W_ROWS * W_DIM * 8 + (1 << 20), "W+ code file")
-        data = _torch_load(path, "W+ code file", fix)
+        data = read_tensors_only(path, "W+ code file", fix)
         if not isinstance(data, torch.Tensor):
             raise ModelFileError(f"{path} holds a {type(data).__name__}, expected a tensor {expected}. {fix}")
         w = data.detach()

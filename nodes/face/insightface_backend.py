@@ -19,7 +19,7 @@ import torch
 
 from ..arch import face_embeds as fe
 from ..arch.face_embeds import FACE_SELECTIONS, FaceEmbeds
-from ..arch.files import file_fingerprint
+from ..arch.files import check_regular_file, file_fingerprint
 from ..arch.onnx_files import graph_input_shape, load_onnx_graph
 from ..errors import (ConfigError, ImageInputError, MissingDependencyError, ModelFileError, ModelFolderError,
                       NoFaceError, PackError)
@@ -42,6 +42,7 @@ PROVIDERS = {
 PROVIDER_CHOICES = ("auto", *PROVIDERS)
 NO_FACE_POLICIES = ("error", "skip")
 CROP_SIZE = 112
+_PACK_FILE_FIX = "Download the pack again, or move what is not a model file out of the pack folder"
 
 
 def import_insightface():
@@ -240,6 +241,8 @@ def load_analyzer(pack_dir: str, provider: str = "auto", det_size: int = 640) ->
     FaceAnalysis, _ = import_insightface()
     providers = resolve_providers(provider)
     files = _onnx_files(pack_dir)
+    for path in files:  # before anything opens them (a FIFO or a device would block or read without end)
+        check_regular_file(path, "face model", _PACK_FILE_FIX)
     key = (pack_dir, tuple((f, os.path.getmtime(f), os.path.getsize(f)) for f in files), tuple(providers), det_size)
     with _cache_lock:
         if key in _cache:

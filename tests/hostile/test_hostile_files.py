@@ -1,8 +1,10 @@
 """Hostile and careless files (issue 10): every one is a clear ModelFileError naming the file and the field or
 tensor, found from the header before any tensor data is read where the header tells, and without allocating what
 a config merely claims. Files the pack writes get the umask's mode; a save node's filename_prefix that cannot name a
-new file in the output folder is a clear ConfigError, and nothing is written (issue 25)."""
+new file in the output folder is a clear ConfigError, and nothing is written. PyTorch files that need code to load
+are refused in the pack's words (issue 25)."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -12,14 +14,14 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from comfyui_idadapter.nodes.arch import files
+from comfyui_idadapter.nodes.arch import arc2face, e4e, files, iresnet, wplus, wplus_edits
 from comfyui_idadapter.nodes.arch import idadapter as ida
-from comfyui_idadapter.nodes.arch import wplus_edits
 from comfyui_idadapter.nodes.arch.face_embeds import FaceEmbeds, load_face_embeds, save_face_embeds
 from comfyui_idadapter.nodes.arch.output_files import save_to_new_file
 from comfyui_idadapter.nodes.errors import ConfigError, ModelFileError
@@ -452,3 +454,129 @@ def test_careless_filename_prefix_is_a_clear_error(tmp_path, save, prefix, setup
         save_to_new_file(str(output), prefix, write)
     assert fragment.format(output=output) in str(caught.value)
     assert _tree(tmp_path) == before, "a refused prefix writes nothing"
+
+
+# ---- PyTorch files, read tensors-only (issue 25): a refused pickle is refused in the pack's words. torch's own text
+# advises loading the file again with weights_only=False, which would run its code: it never reaches the user, not
+# even chained onto the error.
+
+TORCH_ADVICE = re.compile(r"weights_only(` set to `|\s*=\s*)False|safe_globals|trusted source|trust the source")
+
+
+class _RunsACommand:
+    """What a file carrying code pickles: a call of os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _TrainingOptions:
+    """An object of a script's own class, as a checkpoint saved with a training script's options object holds."""
+
+    def __init__(self):
+        self.learning_rate = 1e-4
+
+
+def _arc2face_weights(tmp_path):
+    """Arc2Face's encoder folder as transformers 4.x wrote it: config.json beside pytorch_model.bin."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "encoder"
+    transformers.CLIPTextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, max_position_embeddings=32).save_pretrained(folder)
+    return folder / "pytorch_model.bin"
+
+
+TORCH_LOADERS = [
+    # (id, where the file goes, loader, what the message says a good file is)
+    ("official-e4e", lambda tmp: tmp / "e4e_ffhq_encode.pt", e4e.load_official_e4e,
+     "e4e_ffhq_encode.pt (omertov/encoder4editing 'FFHQ Inversion'"),
+    ("official-wplus-adapter", lambda tmp: tmp / "wplus_adapter.bin", wplus.load_official_wplus,
+     "Use the released wplus_adapter.bin or wplus_adapter_stage1.bin"),
+    ("direction", lambda tmp: tmp / "smile.pt", wplus_edits.load_direction, "an InterFaceGAN .pt [1, 512]"),
+    ("wplus-code", lambda tmp: tmp / "1.pth", wplus_edits.load_wplus_code, "a W+ code saved by e4e"),
+    ("arc2face-encoder", _arc2face_weights, arc2face.load_arc2face_encoder, "FoivosPar/Arc2Face"),
+    ("arcface-backbone", lambda tmp: tmp / "backbone.pth", iresnet.load_arcface_torch, "arcface_torch backbone.pth"),
+]
+
+REFUSED_PICKLES = [
+    # (id, what is pickled given a marker file, what the message names)
+    ("runs-a-command", lambda marker: {"weight": _RunsACommand(marker)}, r"the pickle names \w+\.system, which"),
+    ("object-of-a-script-class", lambda marker: {"opts": _TrainingOptions()},
+     r"the pickle names [\w.]*_TrainingOptions, which is neither a tensor nor plain data"),
+    ("numpy-array", lambda marker: {"latent_avg": np.zeros((18, 512), np.float32)},
+     r"the pickle names numpy\.[\w.]*_reconstruct, which is neither a tensor nor plain data"),
+]
+
+
+def _raised_chain(exc):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+@pytest.mark.parametrize("where,load,good_file", [c[1:] for c in TORCH_LOADERS], ids=[c[0] for c in TORCH_LOADERS])
+@pytest.mark.parametrize("payload,named", [c[1:] for c in REFUSED_PICKLES], ids=[c[0] for c in REFUSED_PICKLES])
+def test_refused_pickle_is_refused_in_our_words(tmp_path, where, load, good_file, payload, named):
+    marker = tmp_path / "marker"
+    path = where(tmp_path)
+    torch.save(payload(marker), path)
+    with pytest.raises(ModelFileError) as caught:
+        load(str(path))
+    message = str(caught.value)
+    assert message.startswith(f"{path} was refused unread: "), message
+    assert re.search(named, message) and good_file in message, message
+    assert "a file that needs code of its own to load is refused on purpose" in message
+    assert not any(TORCH_ADVICE.search(str(e)) for e in _raised_chain(caught.value)), message
+    assert not marker.exists()
+
+
+def test_official_e4e_refusal_says_what_the_file_must_be(tmp_path):
+    path = tmp_path / "e4e_ffhq_encode.pt"
+    torch.save({"state_dict": {}, "opts": _TrainingOptions(), "latent_avg": torch.zeros(18, 512)}, path)
+    with pytest.raises(ModelFileError, match=r"refused on purpose.*e4e_ffhq_encode\.pt.*tensors-only layout reads as "
+                                             r"it is; or an e4e/1 safetensors file"):
+        e4e.load_official_e4e(str(path))
+
+
+def test_legacy_format_backbone_carrying_code_is_refused_in_our_words(tmp_path):
+    """arcface_torch backbones are read without memory-mapping, so the legacy (pre-1.6) format reaches the
+    unpickler too."""
+    marker = tmp_path / "marker"
+    path = tmp_path / "backbone.pth"
+    torch.save({"conv1.weight": _RunsACommand(marker)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelFileError, match=r"was refused unread: the pickle names \w+\.system") as caught:
+        iresnet.load_arcface_torch(str(path))
+    assert not any(TORCH_ADVICE.search(str(e)) for e in _raised_chain(caught.value))
+    assert not marker.exists()
+
+
+def _convert_wplus_tool():
+    """tools/convert_wplus.py as a module of this process (the pack it imports is the one already imported)."""
+    spec = importlib.util.spec_from_file_location("pack_tools.convert_wplus", TESTS.parent / "tools" / "convert_wplus.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flag", ["--e4e", "--adapter"])
+def test_converter_prints_our_refusal(tmp_path, capsys, flag):
+    marker = tmp_path / "marker"
+    path = tmp_path / "official.pt"
+    torch.save({"weight": _RunsACommand(marker)}, path)
+    assert _convert_wplus_tool().cli([flag, str(path), "--out", str(tmp_path / "out.safetensors")]) == 1
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f"error: {path} was refused unread: the pickle names "), printed.err
+    assert not TORCH_ADVICE.search(printed.out + printed.err)
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs as POSIX has them")
+@pytest.mark.parametrize("where,load,good_file", [c[1:] for c in TORCH_LOADERS], ids=[c[0] for c in TORCH_LOADERS])
+def test_fifo_in_place_of_a_pytorch_file_is_named_and_never_opened(tmp_path, where, load, good_file):
+    path = where(tmp_path)
+    os.mkfifo(path)  # opening it for reading would wait for a writer for ever
+    with pytest.raises(ModelFileError, match=r"is not a regular file: it is a named pipe \(FIFO\) \(never opened"):
+        load(str(path))
