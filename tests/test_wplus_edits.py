@@ -308,20 +308,6 @@ def test_pt_loader_never_unpickles_code(tmp_path):
         edits.load_direction(str(tmp_path / "d.csv"))
 
 
-def test_ganspace_configs_csv(tmp_path):
-    path = tmp_path / "ganspace_configs.csv"
-    path.write_text("frizzy_hair\t31\t2\t6\t20\ndisgusted\t43\t6\t8\t-30\n\noverexposed\t27\t8\t18\t15\n")
-    configs = edits.load_ganspace_configs(str(path))
-    assert configs["disgusted"] == edits.GanSpaceEdit(43, 6, 8, -30.0)
-    assert list(configs) == ["frizzy_hair", "disgusted", "overexposed"]
-    path.write_text("bald\t21\t5\t2\t20\n")
-    with pytest.raises(ModelFileError, match="line 1"):
-        edits.load_ganspace_configs(str(path))
-    path.write_text("bald\t21\tx\t5\t20\n")
-    with pytest.raises(ModelFileError, match="with integers"):
-        edits.load_ganspace_configs(str(path))
-
-
 def test_the_official_named_ganspace_edits():
     table = edits.GANSPACE_EDITS
     assert len(table) == 42  # the rows of ganspace_configs.csv as released with the W+ adapter

@@ -30,8 +30,6 @@ safetensors (format ``wplus-code/1``, one tensor ``wplus`` [B, 18, 512] float32)
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 from collections.abc import Mapping
@@ -47,7 +45,6 @@ from .wplus import W_DIM, W_ROWS
 FORMAT = "wplus-code/1"
 LATENT_DIRECTION_LAYERS = (0, 8)  # the official notebook: id_noise[:, :8] = (id_noise0 + i * direction)[:, :8]
 MAX_DIRECTION_BYTES = 16 << 20  # ffhq_pca.pt is ~165 KB, an [18, 512] float64 direction 74 KB
-MAX_CONFIG_BYTES = 1 << 20
 MAX_CODES = 4096  # W+ codes in one file
 _CODE_WRITER = "save_wplus_code (the W+ Encode node)"
 _DIRECTION_FIX = ("Use a direction file as released with the W+ adapter or e4e: an InterFaceGAN .pt [1, 512], a "
@@ -407,30 +404,6 @@ def load_direction(path: str) -> Direction | GanSpace:
     if extension in (".pt", ".pth"):
         return load_pt_direction(path)
     raise ModelFileError(f"{path}: direction files end in .npy, .pt or .pth. {_DIRECTION_FIX}")
-
-
-def load_ganspace_configs(path: str) -> dict[str, GanSpaceEdit]:
-    """``ganspace_configs.csv`` (tab-separated: name, pca index, start row, end row, strength) -> name -> edit."""
-    _file_size(path, MAX_CONFIG_BYTES, "GANSpace config file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{path} is not a UTF-8 text file ({type(exc).__name__})") from exc
-    edits = {}
-    for number, row in enumerate(csv.reader(io.StringIO(text), delimiter="\t"), start=1):
-        if not row or not "".join(row).strip():
-            continue
-        try:
-            name, index, start, end, strength = (row[0].strip(), *(int(v) for v in row[1:]))
-        except ValueError as exc:
-            raise ModelFileError(f"{path} line {number}: expected 'name<TAB>pca index<TAB>start<TAB>end<TAB>"
-                                 f"strength' with integers, got {row[:6]}") from exc
-        if not name or not 0 <= index < W_DIM or not 0 <= start < end <= W_ROWS:
-            raise ModelFileError(f"{path} line {number}: {row[:5]} needs a name, 0 <= pca index < {W_DIM} and "
-                                 f"0 <= start < end <= {W_ROWS}")
-        edits[name] = GanSpaceEdit(index, start, end, float(strength))
-    return edits
 
 
 # ---- W+ code files
