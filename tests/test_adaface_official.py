@@ -612,6 +612,19 @@ def test_tensor_storages_are_checked_against_the_archive(tmp_path):
         safe_pickle.load_restricted(path)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs and /dev/zero as POSIX has them")
+@pytest.mark.parametrize("make,kind", [
+    (os.mkfifo, r"a named pipe \(FIFO\) \(never opened"),
+    (lambda path: os.symlink("/dev/zero", path), r"a symbolic link to '/dev/zero', which is a character device"),
+    (os.mkdir, "a folder"),
+], ids=["fifo", "link-to-dev-zero", "folder"])
+def test_a_checkpoint_path_that_is_no_file_is_named_and_never_opened(tmp_path, make, kind):
+    path = str(tmp_path / "adaface.pt")
+    make(path)  # a FIFO opened for reading would wait for a writer for ever; /dev/zero never ends
+    with pytest.raises(ModelFileError, match=f"AdaFace checkpoint {path} is not a regular file: it is {kind}"):
+        read_official_adaface(path)
+
+
 def test_truncated_or_corrupt_files_are_refused(tmp_path):
     generator = official_classes("adaface")(16, [2, 1])
     path = tmp_path / "adaface.pt"

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelFileError
+from .files import check_regular_file
 
 # Objects built plus items put into containers. Generous for the official files (the two CLIP tokenizers of a joint
 # checkpoint take about 0.8 million: vocabulary, decoder and BPE ranks), small enough that a hostile pickle is
@@ -297,10 +298,9 @@ def load_restricted(path: str) -> Any:
     Raises ModelFileError for anything else: a legacy (non-zip) or corrupt file, a global outside the allow-list,
     a missing or mis-sized storage, or a pickle exceeding the object or nesting limits.
     """
+    check_regular_file(path, "AdaFace checkpoint", "Put the official AdaFace .pt file there.")
     try:
         archive = zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise ModelFileError(f"AdaFace checkpoint not found: {path}") from None
     except (zipfile.BadZipFile, OSError) as exc:
         raise ModelFileError(f"{path} is not a torch zip checkpoint ({exc}); official AdaFace .pt files are. "
                              "Re-download the file.") from None
