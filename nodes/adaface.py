@@ -247,12 +247,13 @@ class SaveAdaFaceEmbedding(io.ComfyNode):
                               "e.g. adaface_anna")
         folder = folder_paths.get_folder_paths("embeddings")[0]
         path = os.path.join(folder, name + ".safetensors")
-        if os.path.exists(path) and not overwrite:
-            raise ConfigError(f"{path} exists: choose another name or turn on overwrite")
         vectors = identity_vectors(adaface, face_embeds, strength).float().contiguous()
         os.makedirs(folder, exist_ok=True)
-        write_safetensors({key: vectors.clone() for key in EMBEDDING_KEYS}, path,
-                          {"format": "adaface-embedding/1", "family": adaface.family})
+        try:  # without overwrite, the file goes in place only if nothing has that name, even a save racing this one
+            write_safetensors({key: vectors.clone() for key in EMBEDDING_KEYS}, path,
+                              {"format": "adaface-embedding/1", "family": adaface.family}, replace=overwrite)
+        except FileExistsError:
+            raise ConfigError(f"{path} exists: choose another name or turn on overwrite") from None
         return io.NodeOutput(f"embedding:{name}")
 
 
