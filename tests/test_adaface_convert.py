@@ -351,10 +351,10 @@ def test_encoder_config_that_is_not_a_json_object_is_refused(encoder_folder):
 
 def test_huge_layer_count_is_refused_before_anything_is_built(encoder_folder):
     edit_config(encoder_folder, num_hidden_layers=10 ** 9)
-    start = time.monotonic()
+    start = time.thread_time()  # this thread's CPU time: other processes' load does not count
     with pytest.raises(ModelFileError, match="'num_hidden_layers' is 1000000000, expected an integer from 1 to 64"):
         load_arc2face_encoder(str(encoder_folder))
-    assert time.monotonic() - start < 1
+    assert time.thread_time() - start < 1
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -574,19 +574,19 @@ def write_checkpoint(path, data_pkl, storages=None):
 def test_pickle_bombs_fail_fast(tmp_path, bomb):
     path = str(tmp_path / "bomb.pt")
     write_checkpoint(path, bomb)
-    start = time.monotonic()
+    start = time.thread_time()  # this thread's CPU time: other processes' load does not count
     with pytest.raises(ModelFileError, match="more than"):
         safe_pickle.load_restricted(path)
-    assert time.monotonic() - start < 2
+    assert time.thread_time() - start < 2
 
 
 def test_deep_tuple_chain_is_not_mistaken_for_a_checkpoint(tmp_path):
     path = str(tmp_path / "chain.pt")
     write_checkpoint(path, b"\x80\x02N" + b"\x85" * 10**6 + b".")
-    start = time.monotonic()
+    start = time.thread_time()  # this thread's CPU time: other processes' load does not count
     with pytest.raises(ModelFileError, match="string_to_subj_basis_generator_dict"):
         read_official_adaface(path)
-    assert time.monotonic() - start < 2
+    assert time.thread_time() - start < 2
 
 
 def tensor_pickle(key, numel, size):

@@ -3,7 +3,7 @@ fake callables: no model is timed."""
 
 import importlib.util
 import json
-import time
+import types
 
 import torch
 
@@ -29,10 +29,15 @@ def test_interleaved_rotates_the_order_and_keeps_no_warm_up_round():
     assert {name: len(values) for name, values in seconds.items()} == {"a": 3, "b": 3, "c": 3}
 
 
-def test_interleaved_times_each_call():
-    seconds = common.interleaved({"fast": lambda: None, "slow": lambda: time.sleep(0.05)}, 2, torch.device("cpu"))
-    assert all(s >= 0.05 for s in seconds["slow"])
-    assert all(s < 0.05 for s in seconds["fast"])  # a busy CI machine may pause a no-op, but not for that long
+def test_interleaved_times_each_call(monkeypatch):
+    now = [0.0]  # a clock that only the timed calls move: the machine's load cannot blur the figures
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def slow():
+        now[0] += 0.25  # exact in binary: the differences come out exact
+
+    seconds = common.interleaved({"fast": lambda: None, "slow": slow}, 2, torch.device("cpu"))
+    assert seconds == {"fast": [0.0, 0.0], "slow": [0.25, 0.25]}
 
 
 def test_summary_medians_spreads_ratio_and_overlaps():

@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -88,26 +87,44 @@ def test_resume_is_exact(tmp_path, tiny_assets):
         assert torch.equal(a.kv_deltas[name]["to_k"], b.kv_deltas[name]["to_k"])
 
 
+# The trainer's command line in a process that kills itself (SIGKILL: no cleanup runs) once the checkpoint of
+# step argv[2] is fully written into its *.tmp folder, just before the rename that would complete it.
+KILLED_BEFORE_RENAMING = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import pack_import
+from comfyui_idadapter.training import checkpoint, train_idadapter
+
+kill_at, save_main = int(sys.argv[2]), checkpoint.save_main
+
+def save_main_then_die(folder, task, optimizer, scheduler, ema, scaler, step, *rest):
+    save_main(folder, task, optimizer, scheduler, ema, scaler, step, *rest)
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.save_main = save_main_then_die
+sys.exit(train_idadapter.cli(sys.argv[3:]))
+"""
+
+
 def test_killed_process_loses_only_steps_since_the_checkpoint(tmp_path, tiny_assets):
     out = run_dir(tmp_path, tiny_assets, "killed")
     args = ["--max_steps", "8", "--checkpoint_every", "2"]
-    cmd = [sys.executable, os.path.join(REPO, "training", "train_idadapter.py"), "--preset", "tiny", "--output_dir",
-           str(out), *args, *QUIET]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    survivors = loop.checkpoints(str(out))  # complete checkpoints only; a half-written one is still *.tmp
-    assert survivors and all(os.path.isfile(os.path.join(c, loop.TRAINABLE_FILE)) for c in survivors)
+    killed = subprocess.run([sys.executable, "-c", KILLED_BEFORE_RENAMING, os.path.join(REPO, "tests"), "4",
+                             "--preset", "tiny", "--output_dir", str(out), *args, *QUIET],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (out / "checkpoint-4.tmp" / loop.TRAINABLE_FILE).is_file()  # written whole, never renamed
+    survivors = loop.checkpoints(str(out))  # complete checkpoints only
+    assert [os.path.basename(c) for c in survivors] == ["checkpoint-2"]
+    assert os.path.isfile(os.path.join(survivors[0], loop.TRAINABLE_FILE))
     assert not (out / "idadapter.safetensors").exists()
     # resume from what survived: the same weights as a run that was never interrupted
     _, resumed = train(out, *args, "--resume", "latest")
     _, straight = train(run_dir(tmp_path, tiny_assets, "straight"), *args)
     a, b = ida.load_idadapter(straight), ida.load_idadapter(resumed)
     assert all(torch.equal(v, b.adapter.state_dict()[k]) for k, v in a.adapter.state_dict().items())
+    assert not (out / "checkpoint-4.tmp").exists()  # the resumed run wrote checkpoint-4 over it
 
 
 def test_prefetched_photos_are_decoded_off_the_step_and_train_the_same(tmp_path, tiny_assets, monkeypatch):
