@@ -189,10 +189,12 @@ def test_mixed_precision_still_applies_after_the_expansion(tmp_path, fresh_accel
 
 
 def test_an_arc2face_folder_of_another_layout_is_named_before_anything_loads(tmp_path):
-    folders = {name: tmp_path / name for name in ("base", "arc2face", "pack", "faces")}
+    folders = {name: tmp_path / name for name in ("arc2face", "pack", "faces")}
     for folder in folders.values():
         folder.mkdir()
     (folders["arc2face"] / "unet").mkdir()  # not Arc2Face's layout (arc2face/ + encoder/)
+    folders["base"] = tmp_path / "sd15.safetensors"  # a single-file base: never read, the check comes first
+    folders["base"].write_bytes(b"")
     config = parse_args(AdaFaceTrainConfig, [
         "--base_model", str(folders["base"]), "--arc2face", str(folders["arc2face"]), "--insightface_pack",
         str(folders["pack"]), "--dataset", str(folders["faces"]), "--output_dir", str(tmp_path / "out"), *QUIET])

@@ -16,6 +16,7 @@ from ..nodes.arch.idadapter import CONFIG_LIMITS, DEFAULT_IDENTIFIER, FACE_CROP_
 from ..nodes.errors import ConfigError, PackError
 from .face_gate import GATES
 from .id_decode import DECODES
+from .model_folders import LAYOUT_CHECKS
 
 __all__ = ["ConfigError", "IDAdapterEvalConfig", "IDAdapterTrainConfig", "TrainConfig", "parse_args"]
 
@@ -82,6 +83,8 @@ class CommandOptions:
             value = getattr(self, name)
             if value and not os.path.exists(value):
                 problems.append(f"--{name} {value!r} does not exist")
+            elif value and name in LAYOUT_CHECKS:
+                problems.extend(LAYOUT_CHECKS[name](value))
         return problems
 
     @classmethod

@@ -30,6 +30,7 @@ from . import diffusers_binding, face_gate, id_decode
 from .config import ConfigError, IDAdapterTrainConfig
 from .diffusion import predicted_x0, training_target
 from .loop import step_generator
+from .model_folders import base_model_problems
 from .prompts import PromptEncoder
 
 
@@ -85,10 +86,9 @@ def load_base_model(base: str) -> dict:
 
     second = {}  # SDXL's second tokenizer and text encoder (OpenCLIP bigG, with the pooled projection)
     if os.path.isdir(base):
-        if not os.path.isfile(os.path.join(base, "model_index.json")):
-            raise ConfigError(f"--base_model {base!r} is a folder without model_index.json: expected a diffusers "
-                              "Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL "
-                              "also text_encoder_2/, tokenizer_2/)")
+        problems = base_model_problems(base)
+        if problems:
+            raise ConfigError(problems[0])
         tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
         if os.path.isdir(os.path.join(base, "text_encoder_2")):

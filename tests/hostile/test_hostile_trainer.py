@@ -1,7 +1,10 @@
 """Hostile and careless inputs to training/train_idadapter.py (issue 10, items 5, 7, 8, 12 and left-over temporary
-files): every row is (options or setup, expected error class or outcome, message fragment).
+files; issue 25, items 7 and 8) and, where the trainers share the code, to train_wplus.py and train_adaface.py:
+every row is (options or setup, expected error class or outcome, message fragment).
 
 - options: every option of IDAdapterTrainConfig is checked up front, all problems in one message, no model loaded;
+- model folders: --base_model and --clip_vision of the wrong kind or incomplete are named up front, saying what the
+  folder must hold (every trainer for --base_model);
 - output folder: one run per folder (a second is refused, naming the first's pid), an unwritable folder is a clear
   error before anything heavy, and at a checkpoint too; interrupted runs' temporary files are removed;
 - resume: a corrupt newest checkpoint falls back to the previous one, `--resume latest` with nothing to resume says
@@ -21,8 +24,9 @@ import pytest
 
 from comfyui_idadapter.nodes.errors import ConfigError, PackError
 from comfyui_idadapter.training import checkpoint as ckpt
-from comfyui_idadapter.training import outdir
-from comfyui_idadapter.training.config import LR_SCHEDULERS, IDAdapterTrainConfig, parse_args
+from comfyui_idadapter.training import outdir, tiny
+from comfyui_idadapter.training.config import (LR_SCHEDULERS, AdaFaceTrainConfig, IDAdapterEvalConfig,
+                                               IDAdapterTrainConfig, WPlusTrainConfig, parse_args)
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report_to", "none", "--validation_every", "0"]
@@ -143,6 +147,139 @@ def test_lr_scheduler_choices_are_diffusers_names():
     from diffusers.optimization import SchedulerType
 
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+# ---- model folders: (name, option, the folder or file given, message fragments); ConfigError from parse_args, from
+# the files alone (no model loads)
+
+
+@pytest.fixture(scope="module")
+def model_folders(tmp_path_factory):
+    """A complete diffusers Stable Diffusion folder and a CLIP vision folder, as save_pretrained writes them."""
+    from diffusers import StableDiffusionPipeline
+
+    root = tmp_path_factory.mktemp("model_folders")
+    tokenizer = tiny.tiny_tokenizer(str(root / "tokenizer_files"))
+    StableDiffusionPipeline(vae=tiny.tiny_vae(), text_encoder=tiny.tiny_text_encoder(len(tokenizer)),
+                            tokenizer=tokenizer, unet=tiny.tiny_unet(), scheduler=tiny.tiny_scheduler(),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(root / "sd")
+    tiny.tiny_clip_vision().save_pretrained(root / "clip_vision")
+    return root
+
+
+def sd_copy(model_folders, tmp_path, change):
+    """A copy of the SD folder with ``change(folder)`` applied."""
+    folder = tmp_path / "sd"
+    shutil.copytree(model_folders / "sd", folder)
+    change(folder)
+    return folder
+
+
+def random_file(model_folders, tmp_path):
+    path = tmp_path / "CLIP-ViT-H-14.safetensors"  # what ComfyUI's models/clip_vision holds, by name
+    path.write_bytes(os.urandom(4096))
+    return path
+
+
+def vision_without_weights(model_folders, tmp_path):
+    folder = tmp_path / "clip_vision"
+    shutil.copytree(model_folders / "clip_vision", folder)
+    os.remove(folder / "model.safetensors")
+    return folder
+
+
+def without_max_length(folder):
+    path = folder / "tokenizer" / "tokenizer_config.json"
+    settings = json.loads(path.read_text())
+    del settings["model_max_length"]
+    path.write_text(json.dumps(settings))
+
+
+EXPECTED_VISION = "expected a transformers CLIP vision model folder (config.json of model_type clip_vision_model or clip"
+EXPECTED_SD = "a diffusers Stable Diffusion folder holds model_index.json, unet/, vae/ and text_encoder/"
+CLIP_VISION_ROWS = [
+    ("SD folder", lambda m, t: m / "sd",
+     ["is a Stable Diffusion folder (model_index.json), not a CLIP vision model", EXPECTED_VISION]),
+    ("random file", random_file,
+     ["CLIP-ViT-H-14.safetensors' is a file: " + EXPECTED_VISION, "pass the folder the file came from"]),
+    ("unet folder", lambda m, t: m / "sd" / "unet",
+     ["holds a UNet2DConditionModel (its config.json), not a CLIP vision model", EXPECTED_VISION]),
+    ("text_encoder folder", lambda m, t: m / "sd" / "text_encoder",
+     ["holds a clip_text_model (its config.json), not a CLIP vision model"]),
+    ("folder without weights", vision_without_weights,
+     ["has no weights (model.safetensors or pytorch_model.bin)", EXPECTED_VISION]),
+]
+BASE_MODEL_ROWS = [
+    ("no tokenizer_config.json",
+     lambda m, t: sd_copy(m, t, lambda f: os.remove(f / "tokenizer" / "tokenizer_config.json")),
+     ["is not a complete diffusers folder (no tokenizer/tokenizer_config.json)", EXPECTED_SD,
+      "Download the missing files again"]),
+    ("tokenizer_config.json without model_max_length", lambda m, t: sd_copy(m, t, without_max_length),
+     ["tokenizer/tokenizer_config.json sets no usable model_max_length (77 for Stable Diffusion's CLIP tokenizers)"]),
+    ("no tokenizer folder", lambda m, t: sd_copy(m, t, lambda f: shutil.rmtree(f / "tokenizer")),
+     ["is not a complete diffusers folder (no tokenizer/)"]),
+    ("no unet weights",
+     lambda m, t: sd_copy(m, t, lambda f: os.remove(f / "unet" / "diffusion_pytorch_model.safetensors")),
+     ["(no weights in unet/ (e.g. diffusion_pytorch_model.safetensors))"]),
+    ("no vae and no scheduler config",
+     lambda m, t: sd_copy(m, t, lambda f: (shutil.rmtree(f / "vae"),
+                                           os.remove(f / "scheduler" / "scheduler_config.json"))),
+     ["(no vae/; no scheduler/scheduler_config.json)"]),
+    ("unet folder", lambda m, t: m / "sd" / "unet",
+     ["is the unet/ part of the Stable Diffusion folder", "pass that folder as --base_model"]),
+    ("CLIP vision folder", lambda m, t: m / "clip_vision",
+     ["is a folder without model_index.json, not a diffusers Stable Diffusion folder", EXPECTED_SD]),
+]
+TRAINERS = {"idadapter": IDAdapterTrainConfig, "wplus": WPlusTrainConfig, "adaface": AdaFaceTrainConfig}  # by name
+
+
+@pytest.mark.parametrize("name,make,fragments", CLIP_VISION_ROWS, ids=[r[0] for r in CLIP_VISION_ROWS])
+@pytest.mark.parametrize("config_cls", [IDAdapterTrainConfig, IDAdapterEvalConfig], ids=lambda c: c.__name__)
+def test_clip_vision_of_another_kind_is_named_up_front(model_folders, tmp_path, config_cls, name, make, fragments):
+    with pytest.raises(ConfigError) as info:
+        parse_args(config_cls, ["--preset", "tiny", "--clip_vision", str(make(model_folders, tmp_path))])
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("name,make,fragments", BASE_MODEL_ROWS, ids=[r[0] for r in BASE_MODEL_ROWS])
+@pytest.mark.parametrize("config_cls", [*TRAINERS.values(), IDAdapterEvalConfig], ids=lambda c: c.__name__)
+def test_incomplete_base_folder_is_named_up_front(model_folders, tmp_path, config_cls, name, make, fragments):
+    with pytest.raises(ConfigError) as info:
+        parse_args(config_cls, ["--preset", "tiny", "--base_model", str(make(model_folders, tmp_path))])
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_complete_folders_pass_and_load(model_folders, tmp_path):
+    """The checks ask for no more than the loaders read: save_pretrained's folders, and the tokenizer layout of
+    Stable Diffusion's published folders (vocab.json + merges.txt beside tokenizer_config.json)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    from comfyui_idadapter.training.idadapter_task import load_base_model
+
+    def vocab_files(folder):
+        os.remove(folder / "tokenizer" / "tokenizer.json")
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(model_folders / "tokenizer_files" / name, folder / "tokenizer" / name)
+
+    published = sd_copy(model_folders, tmp_path, vocab_files)
+    for base in (model_folders / "sd", published):
+        parse_args(IDAdapterTrainConfig, ["--preset", "tiny", "--base_model", str(base),
+                                          "--clip_vision", str(model_folders / "clip_vision")])
+        tokenizer = load_base_model(str(base))["tokenizer"]
+        assert tokenizer.model_max_length == 77 and len(tokenizer("a photo of sks").input_ids) == 6
+    assert CLIPVisionModelWithProjection.from_pretrained(model_folders / "clip_vision").config.hidden_size == 48
+
+
+def test_cli_prints_a_model_folder_error_on_one_line(model_folders, tmp_path, capsys):
+    from comfyui_idadapter.training import train_idadapter
+
+    assert train_idadapter.cli(["--preset", "tiny", "--output_dir", str(tmp_path), "--clip_vision",
+                                str(model_folders / "sd"), *QUIET]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid training configuration:\n  --clip_vision ") and "Traceback" not in err
 
 
 # ---- the output folder: (setup, expected error class, message fragment) through the CLI's main(), in-process
