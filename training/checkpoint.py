@@ -15,7 +15,8 @@ system every node sees)::
     optimizer.safetensors   the optimiser's per-parameter tensors; param groups and scalars as JSON metadata
     ema.safetensors         the EMA shadow parameters and its scalars (with --use_ema)
     rng-<rank>.safetensors  each process's torch / CUDA / numpy / python RNG state
-    state.json              step, number of processes, LR schedule, gradient scaler (fp16), the run's options
+    state.json              step, number of processes, LR schedule, gradient scaler (fp16), the run's options, the
+                            trainer's name
 
 Resuming first checks a folder cheaply (``check``: state.json parses, every safetensors header is whole and covers
 the file, as safetensors verifies on opening), so a truncated or garbled newest checkpoint is skipped for the
@@ -89,7 +90,9 @@ def check(folder: str) -> dict:
 
 
 def save_main(folder: str, task, optimizer, scheduler, ema, scaler, step: int, processes: int,
-              accelerator_step: int, config: dict | None = None) -> None:
+              accelerator_step: int, config: dict | None = None, trainer: str | None = None) -> None:
+    """Writes the main process's part; ``config`` is the run's options and ``trainer`` the trainer's name (a resume
+    by another trainer is refused naming it)."""
     _write(task.trainable_state(), os.path.join(folder, TRAINABLE_FILE), {})
 
     opt = optimizer.state_dict()
@@ -109,7 +112,7 @@ def save_main(folder: str, task, optimizer, scheduler, ema, scaler, step: int, p
 
     state = {"format": FORMAT, "step": step, "processes": processes, "accelerator_step": accelerator_step,
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-             "config": config}
+             "config": config, "trainer": trainer}
     try:
         text = json.dumps(state, indent=1)
     except TypeError as exc:

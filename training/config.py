@@ -101,6 +101,10 @@ class TrainConfig(CommandOptions):
     """The options every trainer has (optimisation, precision, checkpoints, validation, logging); a trainer's config
     adds its inputs and its method's options, and may give these other defaults."""
 
+    # class-level: the trainer's name (its script training/train_<name>.py, its TensorBoard folder logs/<name>/, and
+    # recorded in its checkpoints) and what messages call it
+    trainer: ClassVar[str] = ""
+    title: ClassVar[str] = ""
     # class-level: the options that decide the trained tensors' shapes or the models they were trained against (a
     # resume must keep the checkpoint's values; every other option may change, the new value applying from there on)
     architecture_options: ClassVar[tuple[str, ...]] = ("preset",)
@@ -190,6 +194,8 @@ def _compile_backends() -> list[str]:
 
 @dataclass
 class IDAdapterTrainConfig(TrainConfig):
+    trainer: ClassVar[str] = "idadapter"
+    title: ClassVar[str] = "IDAdapter"
     architecture_options: ClassVar[tuple[str, ...]] = (
         "num_tokens", "mff_width", "mff_heads", "embed_dim", "textual_hidden", "num_images", "preset")
     path_options: ClassVar[tuple[str, ...]] = (
@@ -346,11 +352,20 @@ def resume_changes(config, saved: dict) -> tuple[list[str], list[str]]:
 
 
 def check_resume_config(config, folder: str) -> list[str]:
-    """Compares this run's options with those saved in a checkpoint: a changed architecture option is a
-    ConfigError naming it; the other changes are returned (this run's values win, the trainer prints them)."""
+    """Compares this run's options with those saved in a checkpoint: a checkpoint of another trainer or a changed
+    architecture option is a ConfigError naming it; the other changes are returned (this run's values win, the
+    trainer prints them)."""
     from .checkpoint import read_state
 
-    saved = read_state(folder).get("config")
+    state = read_state(folder)
+    written_by = checkpoint_trainer(state)
+    if written_by is not None and written_by != config.trainer:
+        other = TRAINER_CONFIGS[written_by].title if written_by in TRAINER_CONFIGS else repr(written_by)
+        raise ConfigError(f"--resume {folder}: a checkpoint of the {other} trainer (training/train_{written_by}.py), "
+                          f"not of this {config.title} trainer: resume it with training/train_{written_by}.py, or "
+                          f"pass a checkpoint of the {config.title} trainer (or a new --output_dir to start from "
+                          "step 0)")
+    saved = state.get("config")
     if not isinstance(saved, dict):  # a checkpoint written before options were saved in it: shapes are checked later
         return []
     arch, other = resume_changes(config, saved)
@@ -361,8 +376,23 @@ def check_resume_config(config, folder: str) -> list[str]:
     return other
 
 
+def checkpoint_trainer(state: dict) -> str | None:
+    """The name of the trainer that wrote a checkpoint (``state``: its state.json): recorded there, or, in a
+    checkpoint written before it was, the trainer whose inputs its saved options name (None: no options saved)."""
+    if isinstance(state.get("trainer"), str):
+        return state["trainer"]
+    saved = state.get("config")
+    if isinstance(saved, dict):
+        for name, config_cls in TRAINER_CONFIGS.items():
+            if set(config_cls.required_inputs) <= set(saved):
+                return name
+    return None
+
+
 def parse_args(config_cls, argv=None, description: str = ""):
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # each option's help states its default itself (the parser's defaults are None: "not given", so that a preset's
+    # value applies); the description, the script's docstring, keeps its example commands' lines
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = config_cls()
     for f in dataclasses.fields(config_cls):
         default = getattr(defaults, f.name)
@@ -426,6 +456,9 @@ STAGES = ("face", "composition")
 class AdaFaceTrainConfig(TrainConfig):
     """AdaFace's face distillation (the paper's stage 1) with dynamic model expansion, or with ``--stage
     composition`` its composition distillation (stage 2)."""
+
+    trainer: ClassVar[str] = "adaface"
+    title: ClassVar[str] = "AdaFace"
 
     # the K/V multipliers grow during a run and are read back from a checkpoint's shapes; these decide the rest
     architecture_options: ClassVar[tuple[str, ...]] = ("preset", "inverter_init", "optimizer")
@@ -633,6 +666,9 @@ class WPlusTrainConfig(TrainConfig):
     """The W+ adapter's stage I (aligning W+ with the UNet on aligned faces) or, with ``--stage 2``, its stage II
     (in-the-wild photos with captions, the mapping frozen, the disentanglement and regularisation losses)."""
 
+    trainer: ClassVar[str] = "wplus"
+    title: ClassVar[str] = "W+ adapter"
+
     architecture_options: ClassVar[tuple[str, ...]] = ("preset", "stage")
     path_options: ClassVar[tuple[str, ...]] = (
         "base_model", "e4e", "insightface_pack", "dataset", "heldout_dataset", "adapter_init")
@@ -736,6 +772,10 @@ class WPlusTrainConfig(TrainConfig):
             problems.append(f"--synthetic_identities must be at least 2 and --synthetic_images at least 1, got "
                             f"{self.synthetic_identities} and {self.synthetic_images}")
         return problems
+
+
+# every trainer's options by the trainer's name
+TRAINER_CONFIGS = {c.trainer: c for c in (IDAdapterTrainConfig, WPlusTrainConfig, AdaFaceTrainConfig)}
 
 
 @dataclass

@@ -266,8 +266,8 @@ def _run(task, config, accelerator) -> str:
             with open(os.path.join(config.output_dir, "config.json"), "w") as f:
                 f.write(config.to_json())
         if config.report_to != "none":
-            accelerator.init_trackers("idadapter", config={k: v for k, v in vars(config).items()
-                                                           if isinstance(v, (int, float, str, bool))})
+            accelerator.init_trackers(config.trainer, config={k: v for k, v in vars(config).items()  # logs/<trainer>/
+                                                              if isinstance(v, (int, float, str, bool))})
 
     options = json.loads(config.to_json())
 
@@ -292,7 +292,7 @@ def _run(task, config, accelerator) -> str:
         ckpt.save_rng(tmp, rank)
         if accelerator.is_main_process:
             ckpt.save_main(tmp, task, optimizer, scheduler, ema, accelerator.scaler, step, processes, accelerator.step,
-                           options)
+                           options, config.trainer)
         accelerator.wait_for_everyone()  # every process has finished writing: rename once
         if accelerator.is_main_process:
             missing = [ckpt.rng_file(r) for r in range(processes) if not os.path.isfile(os.path.join(tmp, ckpt.rng_file(r)))]

@@ -5,6 +5,8 @@ every row is (options or setup, expected error class or outcome, message fragmen
 - options: every option of IDAdapterTrainConfig is checked up front, all problems in one message, no model loaded;
 - model folders: --base_model and --clip_vision of the wrong kind or incomplete are named up front, saying what the
   folder must hold (every trainer for --base_model);
+- --help states each option's default once; each trainer logs under logs/<its name>/;
+- a checkpoint of another trainer given to --resume is refused naming that trainer, for every pair;
 - output folder: one run per folder (a second is refused, naming the first's pid), an unwritable folder is a clear
   error before anything heavy, and at a checkpoint too; interrupted runs' temporary files are removed;
 - resume: a corrupt newest checkpoint falls back to the previous one, `--resume latest` with nothing to resume says
@@ -24,7 +26,7 @@ import pytest
 
 from comfyui_idadapter.nodes.errors import ConfigError, PackError
 from comfyui_idadapter.training import checkpoint as ckpt
-from comfyui_idadapter.training import outdir, tiny
+from comfyui_idadapter.training import loop, outdir, tiny
 from comfyui_idadapter.training.config import (LR_SCHEDULERS, AdaFaceTrainConfig, IDAdapterEvalConfig,
                                                IDAdapterTrainConfig, WPlusTrainConfig, parse_args)
 
@@ -282,6 +284,15 @@ def test_cli_prints_a_model_folder_error_on_one_line(model_folders, tmp_path, ca
     assert err.startswith("error: invalid training configuration:\n  --clip_vision ") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("config_cls", [*TRAINERS.values(), IDAdapterEvalConfig], ids=lambda c: c.__name__)
+def test_help_states_each_default_once(config_cls, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(config_cls, ["--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text
+    assert text.count("(default: ") == len(dataclasses.fields(config_cls))
+
+
 # ---- the output folder: (setup, expected error class, message fragment) through the CLI's main(), in-process
 
 
@@ -530,3 +541,122 @@ def test_folder_unwritable_at_a_checkpoint(tmp_path, tiny_assets, monkeypatch):
     assert "the checkpoints already there are intact (none yet)" in message and "--resume latest" in message
     assert not (out / "checkpoint-1.tmp").exists() and not (out / "checkpoint-1").exists()
     assert isinstance(info.value, PackError)
+
+
+# ---- each trainer's own logs and checkpoints: the shared loop run with each trainer's options
+
+
+class LoopContractTask:
+    """The least a task gives ``training.loop`` (its documented contract): one linear layer, a quadratic loss. The
+    loop writes its logs and checkpoints (state.json with the trainer's options and name) as for the real task."""
+
+    comfyui_folder = "none"
+
+    def __init__(self):
+        import torch
+
+        self.trainable = torch.nn.Linear(2, 1)
+
+    def setup(self, accelerator):
+        pass
+
+    def param_groups(self):
+        return [{"params": list(self.trainable.parameters())}]
+
+    def trainable_state(self):
+        return {k: v.detach() for k, v in self.trainable.state_dict().items()}
+
+    def load_trainable_state(self, state):
+        self.trainable.load_state_dict(state)
+
+    def loss(self, model, step):
+        import torch
+
+        loss = model(torch.ones(1, 2)).square().sum()
+        return loss, {"loss": loss.detach()}
+
+    def heldout_check(self):
+        return None
+
+    def export(self, path):
+        from safetensors.torch import save_file
+
+        save_file(self.trainable_state(), path)
+
+    def describe_export(self):
+        return "a linear layer"
+
+
+@pytest.fixture(scope="module")
+def loop_runs(tmp_path_factory):
+    """trainer name -> the output folder of a 1-step run with that trainer's tiny options and TensorBoard logs."""
+    runs = {}
+    for trainer, config_cls in TRAINERS.items():
+        out = tmp_path_factory.mktemp(trainer)
+        config = parse_args(config_cls, ["--preset", "tiny", "--output_dir", str(out), "--max_steps", "1",
+                                         "--checkpoint_every", "1", "--log_every", "1", "--validation_every", "0",
+                                         "--report_to", "tensorboard"])
+        loop.run(LoopContractTask(), config)
+        runs[trainer] = out
+    return runs
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_each_trainer_logs_under_its_own_name(loop_runs, trainer):
+    logs = loop_runs[trainer] / "logs"
+    assert os.listdir(logs) == [trainer]
+    assert list((logs / trainer).rglob("events.out.tfevents.*"))
+
+
+def without_recorded_trainer(folder):  # a checkpoint written before state.json named its trainer
+    state = json.loads((folder / ckpt.STATE_FILE).read_text())
+    del state["trainer"]
+    (folder / ckpt.STATE_FILE).write_text(json.dumps(state))
+
+
+def nothing_changed(folder):
+    pass
+
+
+# (name, the trainer whose checkpoint is given, the trainer resuming, how the checkpoint is changed, fragments)
+CROSS_RESUME_ROWS = [
+    ("W+ checkpoint to AdaFace", "wplus", AdaFaceTrainConfig, nothing_changed,
+     ["a checkpoint of the W+ adapter trainer (training/train_wplus.py), not of this AdaFace trainer",
+      "resume it with training/train_wplus.py, or pass a checkpoint of the AdaFace trainer"]),
+    ("AdaFace checkpoint to W+", "adaface", WPlusTrainConfig, nothing_changed,
+     ["a checkpoint of the AdaFace trainer (training/train_adaface.py), not of this W+ adapter trainer"]),
+    ("IDAdapter checkpoint to W+", "idadapter", WPlusTrainConfig, nothing_changed,
+     ["a checkpoint of the IDAdapter trainer (training/train_idadapter.py), not of this W+ adapter trainer"]),
+    ("IDAdapter checkpoint to AdaFace", "idadapter", AdaFaceTrainConfig, nothing_changed,
+     ["a checkpoint of the IDAdapter trainer (training/train_idadapter.py), not of this AdaFace trainer"]),
+    ("W+ checkpoint to IDAdapter", "wplus", IDAdapterTrainConfig, nothing_changed,
+     ["a checkpoint of the W+ adapter trainer (training/train_wplus.py), not of this IDAdapter trainer"]),
+    ("AdaFace checkpoint to IDAdapter", "adaface", IDAdapterTrainConfig, nothing_changed,
+     ["a checkpoint of the AdaFace trainer (training/train_adaface.py), not of this IDAdapter trainer"]),
+    ("written before the trainer was recorded", "wplus", AdaFaceTrainConfig, without_recorded_trainer,
+     ["a checkpoint of the W+ adapter trainer (training/train_wplus.py)"]),
+]
+
+
+@pytest.mark.parametrize("name,source,config_cls,change,fragments", CROSS_RESUME_ROWS,
+                         ids=[r[0] for r in CROSS_RESUME_ROWS])
+@pytest.mark.parametrize("resume", ["folder", "latest"])
+def test_checkpoint_of_another_trainer_is_named(loop_runs, tmp_path, resume, name, source, config_cls, change,
+                                                fragments):
+    out = tmp_path / "run"  # for latest: the other trainer's output folder given to this one
+    shutil.copytree(loop_runs[source], out, ignore=shutil.ignore_patterns("logs"))
+    change(out / "checkpoint-1")
+    args = ["--resume", str(out / "checkpoint-1") if resume == "folder" else "latest"]
+    with pytest.raises(ConfigError) as info:
+        parse_args(config_cls, ["--preset", "tiny", "--output_dir", str(out), *args])
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    assert "or a new --output_dir to start from step 0" in str(info.value)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_each_trainer_resumes_its_own_checkpoint(loop_runs, trainer):
+    state = json.loads((loop_runs[trainer] / "checkpoint-1" / ckpt.STATE_FILE).read_text())
+    assert state["trainer"] == trainer
+    config = parse_args(TRAINERS[trainer], ["--preset", "tiny", "--output_dir", str(loop_runs[trainer]), "--resume", "latest"])
+    assert config.resume == "latest"
