@@ -66,13 +66,24 @@ def with_mask_batch(prompt, apply_node, latent_node, masks, images):
     return prompt
 
 
-def assert_mask_batch_refused(run, masks, images):
+def _assert_mask_batch_refused(run, masks, images):
     """A run that stopped at sampling with the pack's error naming both batch sizes."""
     assert run["valid"] and run["success"] is False, run
     (error,) = run["errors"]
     assert error["exception_type"].endswith("ImageInputError"), error
     assert (f"attn_mask is a batch of {masks} masks and the latent batch has {images} images: give one mask for all "
             "images, or one per image") in error["exception_message"], error
+
+
+def check_mask_batch_rule(work, graph, apply_node, latent_node):
+    """Runs ``graph(prefix=...)`` with 2 masks for 3 latents, 3 for 2, 2 for 2 and 1 for 3: the first two stop at
+    sampling with the pack's error, the others sample (their outputs are saved as masks2_2 and masks1_3)."""
+    runs = [with_mask_batch(graph(prefix=f"masks{m}_{n}"), apply_node, latent_node, m, n)
+            for m, n in ((2, 3), (3, 2), (2, 2), (1, 3))]
+    two_for_three, three_for_two, per_image, one_for_all = run_check(work, "run_prompts", runs)["runs"]
+    _assert_mask_batch_refused(two_for_three, 2, 3)
+    _assert_mask_batch_refused(three_for_two, 3, 2)
+    assert per_image["success"] and one_for_all["success"], (per_image, one_for_all)
 
 
 def make_work_dir(work):
