@@ -58,7 +58,7 @@ OFFICIAL_NAMES_PICKLE = types.SimpleNamespace(__name__="official_names_pickle", 
 
 
 # ---- The tokenizer each official generator carries: `self.tokenizer`, the transformers 4.x slow CLIPTokenizer that
-# `CLIPTokenizer.from_pretrained("openai/clip-vit-large-patch14")` made. The stand-ins below give it the layout that
+# the official code loads as CLIP ViT-L/14's tokenizer. The stand-ins below give it the layout that
 # transformers 4.41.2 (tokenizers 0.19.1, regex 2024.5.15) gives it, attribute for attribute and in that order, with and
 # without ftfy installed; only the vocabulary is small. How that layout was observed: see REAL_TOKENIZER_GLOBALS.
 
