@@ -113,17 +113,10 @@ def open_safetensors(path: str, expected_format: str, what: str, writer: str) ->
     """
     from safetensors import safe_open
 
-    check_regular_file(path, what)
+    # safe_open reports every failure to open a file as FileNotFoundError: a permission problem is told apart first
+    check_readable_file(path, what)
     try:
-        # safe_open reports every failure to open a file as FileNotFoundError; open() tells a permission apart
-        with open(path, "rb"):
-            pass
         handle_context = safe_open(path, framework="pt")
-    except PermissionError as exc:
-        raise ModelFileError(
-            f"cannot read {path}: permission denied; expected a {what} readable by the user running ComfyUI "
-            f"(give it read access, e.g. chmod a+r)"
-        ) from exc
     except Exception as exc:
         raise ModelFileError(
             f"{path} is not a readable safetensors file ({type(exc).__name__}); expected a {what} written by {writer}"
@@ -167,6 +160,17 @@ def check_regular_file(path: str, what: str, fix: str = "") -> None:
                          f"file itself at this path.{fix}")
 
 
+def check_readable_file(path: str, what: str, fix: str = "") -> None:
+    """:func:`check_regular_file`, then a permission problem told apart from what a reader would report."""
+    check_regular_file(path, what, fix)
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise ModelFileError(f"cannot read {path}: permission denied; expected a {what} readable by the user running "
+                             f"ComfyUI (give it read access, e.g. chmod a+r)") from None
+
+
 _LEGACY_RESAVE = "torch.save(torch.load(old, weights_only=True), new)"
 
 
@@ -179,13 +183,7 @@ def read_tensors_only(path: str, what: str, fix: str, mmap: bool = True):
     file again with ``weights_only=False``, which would run whatever code the file carries: only the name of what
     was refused is passed on, never that text. ``what`` names the file ("W+ adapter file"), ``fix`` says what a
     good file is."""
-    check_regular_file(path, what, fix)
-    try:
-        with open(path, "rb"):  # tells a permission problem apart from the rest
-            pass
-    except PermissionError:
-        raise ModelFileError(f"cannot read {path} ({what}): permission denied; give the user running ComfyUI "
-                             f"read access (e.g. chmod a+r)") from None
+    check_readable_file(path, what, fix)
     if mmap and not zipfile.is_zipfile(path):
         raise ModelFileError(
             f"{path} is not a PyTorch zip checkpoint: a truncated or damaged download, not a PyTorch file at all, or "
