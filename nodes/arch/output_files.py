@@ -52,8 +52,6 @@ def save_to_new_file(output_dir: str, filename_prefix: str, write: Callable[[str
             if not os.path.lexists(path):
                 raise
             counter += 1
-        except ConfigError:
-            raise
         except OSError as exc:
             raise ConfigError(f"cannot write {path}: {exc.strerror or exc}. Expected a writable output folder with "
                               f"free space; check its permissions and free space, or choose another "
