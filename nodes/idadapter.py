@@ -190,7 +190,6 @@ class ApplyIDAdapter(io.ComfyNode):
             sigma_start=sampling.percent_to_sigma(start_percent),
             sigma_end=sampling.percent_to_sigma(end_percent),
             mask=attn_mask,
-            attention=patches.comfy_attention(),
             block_weights=per_block,
         )
         patches.add_idadapter(patched, patch, idadapter.kv_deltas, weight, per_block)

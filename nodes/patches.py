@@ -72,11 +72,21 @@ def run_loaded(patcher, *args):
     return torch.func.functional_call(module, {**params, **buffers}, args, strict=True, tie_weights=False)
 
 
-def comfy_attention():
-    """ComfyUI's current attention kernel in the (q, k, v, heads) form the arch modules take."""
+def comfy_attention(extra_options: dict):
+    """ComfyUI's current attention kernel for one block call, in the (q, k, v, heads) form the arch modules take.
+
+    It gets the block's ``attn_precision`` (SD2.x asks for float32: its fp16 attention logits overflow) and the
+    call's transformer options, as the block's own attention does, so an ``optimized_attention_override`` that a
+    node put in the MODEL's transformer options (an attention-backend switch) runs for the adapter's attention too.
+    """
     from comfy.ldm.modules.attention import optimized_attention
 
-    return lambda q, k, v, heads: optimized_attention(q, k, v, heads)
+    precision = extra_options.get("attn_precision")
+
+    def attention(q, k, v, heads):
+        return optimized_attention(q, k, v, heads, attn_precision=precision, transformer_options=extra_options)
+
+    return attention
 
 
 class PerDeviceMemo:
@@ -204,6 +214,32 @@ class BlockMask:
 
         return self._resized.get((like.device, like.dtype, h, w, rows), resized)
 
+    def cropped(self, regions, source_width: int, source_height: int, target_width: int,
+                target_height: int) -> BlockMask:
+        """The mask of each tile of tiled sampling: for each (left, top, right, bottom) region in pixels of the
+        ``source_width`` x ``source_height`` image, that part of the mask (0 outside the image), resized to
+        ``target_width`` x ``target_height``; tile i of the batch gets region i's mask. A batch of masks (one per
+        image) cannot follow the tiles of one image and is refused."""
+        if self.mask.shape[0] != 1:
+            raise ImageInputError(f"attn_mask is a batch of {self.mask.shape[0]} masks and the sampler tiles the image: "
+                                  "tiled sampling takes one mask for the whole image (or sample without tiles)")
+        sizes = (source_width, source_height, target_width, target_height)
+        if not all(isinstance(n, int) and n > 0 for n in sizes) or not regions or not all(
+                len(r) == 4 and all(isinstance(n, int) for n in r) and r[0] < r[2] and r[1] < r[3] for r in regions):
+            raise PackError(f"tiled sampling gave regions {list(regions)[:4]} of a {source_width}x{source_height} image "
+                            f"for {target_width}x{target_height} tiles: expected (left, top, right, bottom) pixel "
+                            "rectangles and positive sizes")
+        image = F.interpolate(self.mask.unsqueeze(1), size=(source_height, source_width), mode="bilinear",
+                              align_corners=False)[0, 0]
+        tiles = []
+        for left, top, right, bottom in regions:
+            inside = image[max(top, 0):min(bottom, source_height), max(left, 0):min(right, source_width)]
+            tile = F.pad(inside, (max(-left, 0), max(right - source_width, 0), max(-top, 0),
+                                  max(bottom - source_height, 0)))
+            tiles.append(F.interpolate(tile[None, None], size=(target_height, target_width), mode="bilinear",
+                                       align_corners=False)[0, 0])
+        return BlockMask(torch.stack(tiles))
+
     def release_accelerator_values(self) -> None:
         self._resized.release_accelerator_values()
 
@@ -234,10 +270,16 @@ class IdentityResidual:
         tokens = self._tokens.get((like.device, like.dtype), lambda: self.tokens.to(like.device, like.dtype))
         if tokens.shape[0] != y.shape[0]:
             tokens = tokens[:1].expand(y.shape[0], -1, -1)
-        out = self.patcher.model[name].residual(y, tokens, **({"attention": attention} if attention else {})) * weight
+        out = self.patcher.model[name].residual(y, tokens, attention=attention) * weight
         if self.mask is not None:
             out = out * self.mask.for_rows(extra_options, images, y.shape[0], y.shape[1], like)
         return out
+
+    def with_mask(self, mask: BlockMask):
+        """This identity with another mask (this one stays as it is)."""
+        identity = copy.copy(self)
+        identity.mask, identity._tokens = mask, PerDeviceMemo()
+        return identity
 
     def release_accelerator_values(self) -> None:
         self._tokens.release_accelerator_values()
@@ -253,10 +295,28 @@ class IdentitiesPatch:
 
     def joined(self, other):
         """A new patch with this patch's identities and then ``other``'s (both stay as they are)."""
+        return self._replace(identities=self.identities + other.identities)
+
+    def _replace(self, **changes):
+        """A copy of this patch with ``changes`` (attribute: value); this one stays as it is."""
         patch = copy.copy(self)
-        patch.identities = self.identities + other.identities
+        patch.__dict__.update(changes)
         patch._sigma = StepSigma()
         return patch
+
+    def spatial_crop_inputs(self, *, regions, source_width: int, source_height: int, target_width: int,
+                            target_height: int, **kwargs):
+        """ComfyUI's protocol for tiled sampling: a patch for tiles cut out of the image. ``regions`` are the tiles'
+        (left, top, right, bottom) rectangles in pixels of the ``source_width`` x ``source_height`` image, tile i
+        being image i of the tiled batch, each resized to ``target_width`` x ``target_height``. Each identity's mask
+        becomes each tile's part of it (:meth:`BlockMask.cropped`); without masks the patch is the same for every
+        tile and comes back as it is. This patch stays as it is."""
+        crop = (regions, source_width, source_height, target_width, target_height)
+        if all(identity.mask is None for identity in self.identities):
+            return self
+        return self._replace(identities=tuple(identity.with_mask(identity.mask.cropped(*crop))
+                                              if identity.mask is not None else identity
+                                              for identity in self.identities))
 
     def __deepcopy__(self, memo):
         return self  # immutable once attached: clones share it (and its patchers)
@@ -283,7 +343,8 @@ class IDAdapterMiddlePatch(IdentitiesPatch):
     ``patcher`` is the ComfyUI model patcher of the adapter's gated-attention modules (:func:`adapter_patcher`);
     the patch reads the modules through its ``.model`` at call time, wherever ComfyUI has put them.
     ``block_weights`` ({block name: weight}, missing = 1) multiply ``weight`` per block; a block where every
-    identity is at 0 gets ``x`` back untouched.
+    identity is at 0 gets ``x`` back untouched. ``attention`` replaces ComfyUI's kernel (:func:`comfy_attention`),
+    for tests outside ComfyUI.
     """
 
     def __init__(
@@ -325,11 +386,12 @@ class IDAdapterMiddlePatch(IdentitiesPatch):
             return x
         rows = conditional_rows(extra_options.get("cond_or_uncond"), x.shape[0])
         images = images_per_chunk(extra_options, x.shape[0])
+        attention = self.attention or comfy_attention(extra_options)
 
         def residual(y, _rows):
             total = None
             for identity, weight in active:
-                out = identity.residual(y, name, weight, extra_options, x, self.attention, images)
+                out = identity.residual(y, name, weight, extra_options, x, attention, images)
                 total = out if total is None else total + out
             return total
 
@@ -417,7 +479,13 @@ def add_kv_patches(model, kv_deltas: dict[str, dict[str, torch.Tensor]], weight:
         if strength != 0:
             by_strength.setdefault(strength, {}).update(kv_weight_patches({name: deltas}))
     for strength, entries in by_strength.items():
-        model.add_patches(entries, strength_patch=strength)
+        applied = model.add_patches(entries, strength_patch=strength)
+        missing = [] if applied is None else sorted(set(entries) - set(applied))  # None: a patcher that cannot say
+        if missing:  # ComfyUI skips keys its model does not have, without a word
+            raise PackError(f"the MODEL has no weights {missing[:2]}{' ...' if len(missing) > 2 else ''} "
+                            f"({len(missing)} of the adapter's {len(entries)} cross-attention weights): its UNet is "
+                            "not laid out as the SD1.5/SD2.x/SDXL UNet the adapter was trained for; load the "
+                            "checkpoint with a standard loader (Load Checkpoint)")
 
 
 @dataclass(frozen=True)
@@ -561,6 +629,12 @@ class WPlusIdentity:
         return torch.cat([rows(self.uncond_tokens if c == 1 else self.tokens) for c in chunks]).to(like.device,
                                                                                                   like.dtype)
 
+    def with_mask(self, mask: BlockMask):
+        """This identity with another mask (this one stays as it is)."""
+        identity = copy.copy(self)
+        identity.mask, identity._tokens = mask, PerDeviceMemo()
+        return identity
+
     def release_accelerator_values(self) -> None:
         self._tokens.release_accelerator_values()
         if self.mask is not None:
@@ -577,6 +651,7 @@ class WPlusAttn2Replace(IdentitiesPatch):
     Several Apply W+ Adapter nodes (one code and mask each) share one patch per block (:meth:`joined`): every
     code's residual is computed from the same ``h`` and the residuals are summed.
     ``patcher`` owns the adapter's modules (memory manager); they are read through ``patcher.model`` per call.
+    ``attention`` replaces ComfyUI's kernel (:func:`comfy_attention`), for tests outside ComfyUI.
     """
 
     def __init__(self, patcher, block: str, tokens: torch.Tensor, uncond_tokens: torch.Tensor, scale: float,
@@ -585,7 +660,7 @@ class WPlusAttn2Replace(IdentitiesPatch):
         self.block = block
         self.identities = (WPlusIdentity(patcher, tokens, uncond_tokens, scale, sigma_start, sigma_end, mask),)
         self.previous = previous
-        self.attention = attention or comfy_attention()
+        self.attention = attention
         self._sigma = StepSigma()
 
     def models(self) -> list:
@@ -593,14 +668,27 @@ class WPlusAttn2Replace(IdentitiesPatch):
         return [*self._patchers(), *earlier]
 
     def to(self, device_or_dtype, **kwargs):
-        if hasattr(self.previous, "to"):
-            self.previous = self.previous.to(device_or_dtype, **kwargs)
+        """As :meth:`IDAdapterMiddlePatch.to`, and the patch it wraps is moved too. This patch is never changed (every
+        clone and every multi-GPU thread shares it): where the wrapped patch's ``to`` gives another object, the
+        result is a copy of this patch around that one."""
         self._release_if_cpu(device_or_dtype)
-        return self
+        previous = self.previous.to(device_or_dtype, **kwargs) if hasattr(self.previous, "to") else self.previous
+        return self if previous is self.previous else self._replace(previous=previous)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    def spatial_crop_inputs(self, **crop):
+        """As :meth:`IdentitiesPatch.spatial_crop_inputs`, and the wrapped patch is cropped too where it can be."""
+        patch = super().spatial_crop_inputs(**crop)
+        if hasattr(self.previous, "spatial_crop_inputs"):
+            previous = self.previous.spatial_crop_inputs(**crop)
+            if previous is not self.previous:
+                patch = patch._replace(previous=previous)
+        return patch
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict,
+                 **kwargs) -> torch.Tensor:
         heads = extra_options["n_heads"]
-        h = self.previous(q, k, v, extra_options) if self.previous is not None else self.attention(q, k, v, heads)
+        attention = self.attention or comfy_attention(extra_options)
+        h = self.previous(q, k, v, extra_options) if self.previous is not None else attention(q, k, v, heads)
         sigmas = extra_options.get("sigmas")
         sigma = None if sigmas is None else self._sigma.get(sigmas)
         active = [identity for identity in self.identities if identity.active_at(sigma)]
@@ -608,7 +696,7 @@ class WPlusAttn2Replace(IdentitiesPatch):
             return h
         total = None
         for identity in active:
-            out = identity.residual(self.block, h, extra_options, self.attention, heads)
+            out = identity.residual(self.block, h, extra_options, attention, heads)
             total = out if total is None else total + out
         return h + total
 

@@ -332,14 +332,13 @@ class ApplyWPlusAdapter(io.ComfyNode):
         with torch.no_grad():
             tokens, uncond = adapter.tokens(codes.float().cpu()), adapter.uncond_tokens(codes.float().cpu()[:1])
         sampling = model.get_model_object("model_sampling")
-        attention = patches.comfy_attention()
         for name in config.blocks:
             if per_block[name] == 0:  # no patch: the block runs whatever was installed there before
                 continue
             patches.add_wplus(patched, patches.WPlusAttn2Replace(
                 wplus_adapter.patcher, name, tokens, uncond, scale * per_block[name],
                 sigma_start=sampling.percent_to_sigma(start_percent), sigma_end=sampling.percent_to_sigma(end_percent),
-                mask=attn_mask, attention=attention))
+                mask=attn_mask))
         return io.NodeOutput(patched)
 
 

@@ -1033,7 +1033,7 @@ def two_identities_add_up(work, payload):
     def attn2_probe(q, k, v, extra_options):
         seen_attn2[patches.block_name((*extra_options["block"], extra_options["block_index"]))] = (
             q.clone(), k.clone(), v.clone(), dict(extra_options))
-        return patches.comfy_attention()(q, k, v, extra_options["n_heads"])
+        return patches.comfy_attention(extra_options)(q, k, v, extra_options["n_heads"])
 
     probed.set_model_patch(middle_probe, "middle_patch")
     for name in unet_blocks:
@@ -1056,7 +1056,7 @@ def two_identities_add_up(work, payload):
         q, k, v, extra_options = seen_attn2[name]
         patch = patcher.model_options["transformer_options"]["patches_replace"]["attn2"][patches.block_key(name)]
         with torch.no_grad():
-            return patch(q, k, v, extra_options) - patches.comfy_attention()(q, k, v, extra_options["n_heads"])
+            return patch(q, k, v, extra_options) - patches.comfy_attention(extra_options)(q, k, v, extra_options["n_heads"])
 
     def outside(mask, residual, name, seen):
         extra_options = seen[name][-1]
@@ -1134,4 +1134,57 @@ def attn_masks_checked_at_apply(work, payload):
                          *options["transformer_options"].get("patches_replace", {}).get("attn2", {}).values()]
         held = torch.stack([identity.mask.mask for p in patch_objects for identity in p.identities])
         result[method] = {"nan_error": nan_error, "held_min": float(held.min()), "held_max": float(held.max())}
+    return result
+
+
+def attention_options_reach_the_kernel(work, payload):
+    """Apply IDAdapter and Apply W+ Adapter on the tiny checkpoint whose transformer blocks ask for float32 attention
+    (as SD2.x's config does), with an ``optimized_attention_override`` in the MODEL's transformer options that
+    records each call's key length and ``attn_precision``. A forward of each patched MODEL against one of the plain
+    MODEL with the same override: the calls only the patched one made are the adapter's own attention, and none of
+    the plain MODEL's calls may be missing (a W+ block computes the text attention itself)."""
+    import collections
+
+    import comfy.model_management
+    import nodes
+
+    pack, patches = _pack_modules()
+    wplus = _wplus_module()
+    model, _, unet_blocks = _tiny_model(work)
+    for module in model.get_model_object("diffusion_model").modules():  # each block and its two attentions
+        if hasattr(module, "attn_precision"):
+            module.attn_precision = torch.float32
+    gen = torch.Generator().manual_seed(23)
+    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
+    idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
+    embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
+    adapter = _random_wplus(wplus, unet_blocks, 24)
+    loaded_wplus = wplus.LoadedModel(patches.module_patcher(adapter), adapter.config)
+    code = torch.randn(1, 18, 512, generator=gen)
+
+    def calls_of(patched):
+        seen = []
+
+        def record(func, *args, **kwargs):
+            seen.append((int(args[1].shape[1]), str(kwargs.get("attn_precision"))))
+            return func(*args, **kwargs)
+
+        options = patched.model_options["transformer_options"]
+        comfy.model_management.load_models_gpu([patched], force_patch_weights=True)
+        with torch.no_grad():
+            patched.model.diffusion_model(x, timesteps=torch.tensor([500, 500]), context=text, transformer_options={
+                "patches": options.get("patches", {}), "patches_replace": options.get("patches_replace", {}),
+                "cond_or_uncond": [1, 0], "sigmas": torch.tensor([1.0]), "optimized_attention_override": record})
+        return collections.Counter(seen)
+
+    plain = calls_of(model)
+    result = {"plain": sorted(plain)}
+    for method, patched in (
+            ("idadapter", nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(model, idadapter, embeds, 0.7, 0.0,
+                                                                                  1.0).result[0]),
+            ("wplus", nodes.NODE_CLASS_MAPPINGS["IDA_ApplyWPlusAdapter"].execute(model, loaded_wplus, code, 0.8, 0.0,
+                                                                                 1.0).result[0])):
+        calls = calls_of(patched)
+        result[method] = {"added": sorted((calls - plain).elements()), "lost": sorted((plain - calls).elements())}
+    comfy.model_management.load_models_gpu([model], force_patch_weights=True)
     return result

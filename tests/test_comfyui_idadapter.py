@@ -227,3 +227,16 @@ def test_mff_embed_shows_clip_what_the_trainer_shows_it(work):
         assert run["shape"] == [4, 3, 224, 224] and run["copies_equal"], run  # one photo copied up to N = 4
         assert run["max_diff"] <= 1e-6, run  # the node's CLIP input is the trainer's, to the pixel
     assert faces["differs_from_whole_photo"] > 0.1 and photo["differs_from_whole_photo"] == 0.0
+
+
+def test_adapter_attention_keeps_the_blocks_precision_and_attention_override(work):
+    """The adapters' own attention runs ComfyUI's kernel as the block's does: with the block's attn_precision (float32
+    here, as SD2.x asks) and through an optimized_attention_override put in the MODEL's transformer options. IDAdapter
+    adds one self-attention over the block's tokens and its 4 identity tokens per block; W+ adds one attention over
+    its 4 W+ tokens per block and still computes the block's text attention (77 tokens) through the kernel."""
+    result = run_check(work, "attention_options_reach_the_kernel", {})
+    assert result["plain"] and all(precision == "torch.float32" for _, precision in result["plain"]), result["plain"]
+    for method in ("idadapter", "wplus"):
+        r = result[method]
+        assert len(r["added"]) >= 7 and r["lost"] == [], (method, r)  # at least one call per transformer block
+        assert all(precision == "torch.float32" for _, precision in r["added"]), (method, r)

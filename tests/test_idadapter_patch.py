@@ -411,21 +411,25 @@ def test_joining_leaves_both_patches_as_they_were():
 
 
 class StandInModel:
-    """What add_idadapter uses of a ModelPatcher: model_options, set_model_patch, add_patches, clone."""
+    """What add_idadapter uses of a ModelPatcher: model_options, set_model_patch, add_patches, clone. As ComfyUI's,
+    ``add_patches`` keeps only the keys its model's state dict has (by default every key) and returns those."""
 
-    def __init__(self, model_options=None, calls=()):
+    def __init__(self, model_options=None, calls=(), weight_keys=None):
         self.model_options = model_options or {"transformer_options": {}}
         self.kv_calls = list(calls)
+        self.weight_keys = weight_keys
 
-    def clone(self):
-        return StandInModel(copy.deepcopy(self.model_options), self.kv_calls)  # as ModelPatcher.clone in 0.3.x
+    def clone(self):  # as ModelPatcher.clone in 0.3.x
+        return StandInModel(copy.deepcopy(self.model_options), self.kv_calls, self.weight_keys)
 
     def set_model_patch(self, patch, name):
         to = self.model_options["transformer_options"].setdefault("patches", {})
         to[name] = to.get(name, []) + [patch]
 
-    def add_patches(self, entries, strength_patch=1.0):
-        self.kv_calls.append((sorted(entries), strength_patch))
+    def add_patches(self, entries, strength_patch=1.0, strength_model=1.0):
+        applied = [key for key in entries if self.weight_keys is None or key in self.weight_keys]
+        self.kv_calls.append((sorted(applied), strength_patch))
+        return applied
 
 
 def test_an_adapter_files_kv_deltas_are_added_once_at_the_first_applys_weight():
@@ -449,3 +453,57 @@ def test_an_adapter_files_kv_deltas_are_added_once_at_the_first_applys_weight():
     assert middle(two)[0] == "another pack's patch" and middle(two)[1].identities == first.identities + second.identities
     assert middle(three)[1].identities == middle(two)[1].identities + other_file.identities
     assert len(middle(one)[1].identities) == 1
+
+
+def test_kv_deltas_that_do_not_land_on_the_model_are_an_error():
+    """ComfyUI's add_patches skips keys its model lacks without a word: a UNet laid out otherwise would sample with
+    the gated attention and without the K/V deltas."""
+    patch, weights = make_patch()
+    keys = sorted(patches.kv_weight_patches(weights.kv_deltas))
+    patches.add_idadapter(StandInModel(weight_keys=set(keys)), patch, weights.kv_deltas, 0.8)  # all land: fine
+    with pytest.raises(PackError, match=r"the MODEL has no weights \['diffusion_model.input_blocks.1.1.transformer_"
+                       r"blocks.0.attn2.to_k.weight', .* \(2 of the adapter's 6 cross-attention weights\): its UNet "
+                       "is not laid out as the SD1.5/SD2.x/SDXL UNet"):
+        patches.add_idadapter(StandInModel(weight_keys=set(keys[2:])), patch, weights.kv_deltas, 0.8)
+
+
+def halves_mask(side=64):
+    """One MASK [1, side, side]: the left half."""
+    mask = torch.zeros(1, side, side)
+    mask[..., : side // 2] = 1
+    return mask
+
+
+def test_tiled_sampling_gets_each_tiles_part_of_the_mask():
+    """ComfyUI's spatial_crop_inputs: the left and right halves of a 64x64 image sampled as a batch of two 32x64
+    tiles; the left-half mask becomes all ones on tile 0 and all zeros on tile 1, and the cropped patch gives tile 0
+    the whole residual and tile 1 none. The attached patch stays as it was."""
+    plain, _ = make_patch()
+    patch = masked_like(plain, halves_mask())
+    (identity,) = patch.identities
+    tiled = patch.spatial_crop_inputs(regions=[(0, 0, 32, 64), (32, 0, 64, 64)], source_width=64, source_height=64,
+                                      target_width=32, target_height=64)
+    assert tiled is not patch and patch.identities == (identity,) and identity.mask.mask.shape == (1, 64, 64)
+    assert tiled.identities[0].mask.mask.tolist() == [[[1.0] * 32] * 64, [[0.0] * 32] * 64]
+    x = torch.randn(4, 32, 32)  # [uncond, cond] x 2 tiles of a 4x8 token grid
+    opts = options(cond_or_uncond=(1, 0), latent=(8, 4), batch=2)
+    residual = plain(x, opts) - x
+    out = tiled(x, opts) - x
+    torch.testing.assert_close(out[2], residual[2], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[3], torch.zeros_like(out[3])) and torch.equal(out[:2], torch.zeros_like(out[:2]))
+    # a region partly outside the image is 0 there; a tile with no mask comes back as the same patch
+    (outside,) = patch.spatial_crop_inputs(regions=[(-32, 0, 32, 64)], source_width=64, source_height=64,
+                                           target_width=64, target_height=64).identities[0].mask.mask
+    assert outside[:, :32].abs().max() == 0 and outside[:, 32:].min() == 1
+    assert plain.spatial_crop_inputs(regions=[(0, 0, 32, 64)], source_width=64, source_height=64, target_width=32,
+                                     target_height=64) is plain
+
+
+def test_tiled_sampling_refuses_a_mask_batch_and_bad_regions():
+    plain, _ = make_patch()
+    crop = dict(source_width=64, source_height=64, target_width=32, target_height=64)
+    with pytest.raises(ImageInputError, match="attn_mask is a batch of 2 masks and the sampler tiles the image"):
+        masked_like(plain, image_masks([0.5, 1.0])).spatial_crop_inputs(regions=[(0, 0, 32, 64)], **crop)
+    for regions in ([], [(32, 0, 0, 64)], [(0, 0, 32)], [(0.5, 0, 32, 64)]):
+        with pytest.raises(PackError, match="expected \\(left, top, right, bottom\\) pixel rectangles"):
+            masked_like(plain, halves_mask()).spatial_crop_inputs(regions=regions, **crop)

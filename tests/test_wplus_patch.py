@@ -176,3 +176,45 @@ def test_a_second_apply_joins_the_first_ones_patch_and_keeps_the_other_packs(ada
     installed = model.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
     assert installed.identities == first.identities + second.identities and installed.previous is other_pack
     assert installed.models() == [first.identities[0].patcher, second.identities[0].patcher]
+
+
+class MovablePatch:
+    """Another pack's attn2 replace patch whose ``to`` gives a new object per device (as a patch holding tensors
+    does) and which has masks of its own for tiles."""
+
+    def __init__(self, device="cpu"):
+        self.device = device
+
+    def __call__(self, q, k, v, extra_options, **kwargs):
+        return sdpa_attention(q, k, v, extra_options["n_heads"])
+
+    def to(self, device_or_dtype, **kwargs):
+        return MovablePatch(str(device_or_dtype))
+
+    def spatial_crop_inputs(self, **crop):
+        return MovablePatch(f"{self.device} cropped")
+
+
+def test_moving_the_patch_never_changes_it_and_gives_a_copy_only_when_the_wrapped_patch_moved(adapter):
+    """Every clone and every multi-GPU thread shares the attached patch: ``to`` must not change it."""
+    wrapped = MovablePatch()
+    patch = patch_for(adapter, 1.0, previous=wrapped)
+    moved = patch.to(torch.device("meta"))
+    assert patch.previous is wrapped and moved is not patch and moved.previous.device == "meta"
+    assert moved.identities == patch.identities
+    alone = patch_for(adapter, 1.0, previous=lambda q, k, v, extra_options: sdpa_attention(q, k, v, HEADS))
+    assert alone.to(torch.float16) is alone
+    q, k, v = qkv()
+    assert torch.equal(patch(q, k, v, OPTIONS, future_argument=1), moved(q, k, v, OPTIONS))  # ComfyUI may add some
+
+
+def test_tiles_crop_the_mask_and_the_wrapped_patch(adapter):
+    mask = torch.zeros(1, 4, 4)
+    mask[..., :2] = 1
+    wrapped = MovablePatch()
+    patch = patch_for(adapter, 1.0, mask=mask, previous=wrapped)
+    tiled = patch.spatial_crop_inputs(regions=[(0, 0, 2, 4), (2, 0, 4, 4)], source_width=4, source_height=4,
+                                      target_width=2, target_height=4)
+    assert patch.previous is wrapped and patch.identities[0].mask.mask.shape == (1, 4, 4)
+    assert tiled.previous.device == "cpu cropped"
+    assert tiled.identities[0].mask.mask.tolist() == [[[1.0, 1.0]] * 4, [[0.0, 0.0]] * 4]
