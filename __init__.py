@@ -1,6 +1,10 @@
-"""comfyui-idadapter: ComfyUI entry point (V3 node API) and model-folder registration. Nothing else."""
+"""comfyui-idadapter: ComfyUI entry point (V3 node API), model-folder registration and the web folder. Nothing
+else."""
 
 import os
+
+# served by ComfyUI under /extensions/<this folder>/: its docs/<node id>.md are the nodes' help pages
+WEB_DIRECTORY = "./web"
 
 try:
     import folder_paths

@@ -1,4 +1,4 @@
-"""The Markdown tables of the README's "Measured" section, made from what the benches wrote to bench/results/.
+"""The Markdown tables of bench/README.md, made from what the benches wrote to bench/results/.
 
     python bench/report.py                                    # every bench/results/*.json
     python bench/report.py bench/results/unet_overhead-*.json # some

@@ -101,8 +101,8 @@ def scene(vae, latent_size: int, cells):
 
 
 @pytest.mark.parametrize("which, cells, bounds", [
-    # measured: tiny (README "Training IDAdapter") 19.8 %, loss 0.1211 -> 0.1175, gradient cosine 0.51; SD-size on
-    # the README's first face only (14 s instead of 28 s): 18.3 %, 0.1589 -> 0.1537, 0.68
+    # measured (docs/idadapter.md, "What the identity loss decodes"): tiny 19.8 %, loss 0.1211 -> 0.1175, gradient
+    # cosine 0.51; SD-size on the documented first face only (14 s instead of 28 s): 18.3 %, 0.1589 -> 0.1537, 0.68
     ("tiny", [(1, 2), (3, 0)], dict(face_max_diff=0.22, loss=0.05, grad_cosine=0.45)),
     ("sd-size", [(1, 2)], dict(face_max_diff=0.20, loss=0.05, grad_cosine=0.6)),
 ])
