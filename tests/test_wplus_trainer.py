@@ -100,12 +100,23 @@ def test_stage_two_keeps_the_mapping_bit_identical_and_trains_the_residual_atten
         assert not changed(second["frozen"][module], state), module
 
 
+def check_w_plus_was_learned(before, after):
+    """The held-out check before and after stage I. Untrained, the code hardly matters (the own code's loss within
+    1.5 % of another person's); trained, the own code denoises clearly better (by more than 3 %) and better than
+    before training (by more than 1 %). Measured on the tiny run (seeds 0, 1, 2, and seed 0 with one or two intra-op
+    threads, which build different tiny models): untrained 0.001 to 0.44 %; trained 7.0 to 9.9 % and 3.9 to 15.5 %
+    below the untrained loss, so each bound has a margin of two or more."""
+    (own_before, other_before, _), (own, other, _) = before, after
+    assert abs(1 - own_before / other_before) < 0.015, (own_before, other_before)
+    assert own < 0.97 * other, (own, other)
+    assert own < 0.99 * own_before, (own, own_before)
+
+
 def test_learning_is_real_on_held_out_photos(stages):
     first, _ = stages
-    (own_before, other_before, _), (own, other, _) = first["before"], first["after"]
-    assert abs(own_before - other_before) < 0.005 * own_before  # untrained, the code hardly matters
-    assert own < 0.95 * other, (own, other)  # trained: the photo's own code denoises it clearly better
-    assert own < 0.98 * own_before, (own, own_before)
+    check_w_plus_was_learned(first["before"], first["after"])
+    with pytest.raises(AssertionError):  # a run that learned nothing stays at the untrained figures and fails
+        check_w_plus_was_learned(first["before"], first["before"])
 
 
 def test_after_stage_two_a_w_plus_swap_moves_the_background_less(stages):
