@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from .arch import block_weights as block_weights_arch
 from .arch.adaface import expand_placeholder
-from .arch.idadapter import BlockSpec, IDAdapter, add_on_rows, block_name, identifier_token
+from .arch.idadapter import IDAdapter, identifier_token
+from .arch.unet_blocks import BlockSpec, add_on_rows, block_name
 from .errors import ConfigError, ImageInputError, PackError
 
 

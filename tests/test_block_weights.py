@@ -7,7 +7,8 @@ from diffusers import UNet2DConditionModel
 
 from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch import block_weights as bw
-from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention
+from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig
+from comfyui_idadapter.nodes.arch.unet_blocks import sdpa_attention
 from comfyui_idadapter.nodes.arch.wplus import WPlusAdapter, WPlusAdapterConfig
 from comfyui_idadapter.nodes.errors import ConfigError
 from comfyui_idadapter.training import diffusers_binding

@@ -5,7 +5,8 @@ import torch
 
 from idadapter_helpers import StandInPatcher
 from comfyui_idadapter.nodes import patches
-from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention
+from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig
+from comfyui_idadapter.nodes.arch.unet_blocks import sdpa_attention
 
 diffusers = pytest.importorskip("diffusers")
 from comfyui_idadapter.training import diffusers_binding  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 
 from idadapter_helpers import StandInPatcher, tiny_adapter
 from comfyui_idadapter.nodes import patches
-from comfyui_idadapter.nodes.arch.idadapter import sdpa_attention
+from comfyui_idadapter.nodes.arch.unet_blocks import sdpa_attention
 from comfyui_idadapter.nodes.errors import ConfigError, ImageInputError, PackError
 
 

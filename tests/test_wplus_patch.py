@@ -5,7 +5,7 @@ import torch
 
 from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch import wplus
-from comfyui_idadapter.nodes.arch.idadapter import BlockSpec, sdpa_attention
+from comfyui_idadapter.nodes.arch.unet_blocks import BlockSpec, sdpa_attention
 from comfyui_idadapter.nodes.errors import ImageInputError, PackError
 from idadapter_helpers import StandInPatcher
 
