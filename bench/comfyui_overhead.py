@@ -72,7 +72,7 @@ def main():
     apply_wplus = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyWPlusAdapter"]
     pack = sys.modules[apply_idadapter.__module__]
     wplus = sys.modules[apply_wplus.__module__]
-    patches = pack.patches
+    patches = sys.modules[apply_idadapter.__module__.rsplit(".", 1)[0] + ".patches"]  # the node modules loaded its submodules
 
     torch.manual_seed(0)
     model = comfy.model_detection.model_config_from_unet_config(SD15_UNET_CONFIG).get_model({})
@@ -82,18 +82,18 @@ def main():
     device = comfy.model_management.get_torch_device()
     base = comfy.model_patcher.ModelPatcher(model, load_device=device,
                                             offload_device=comfy.model_management.unet_offload_device())
-    blocks = patches.unet_transformer_blocks(model.diffusion_model)
+    blocks = patches.unet_layout.unet_transformer_blocks(model.diffusion_model)
     adapter = pack.ida.IDAdapter(pack.ida.IDAdapterConfig(family="sd15", blocks=blocks, num_tokens=16)).eval()
     with torch.no_grad():
         for gated in adapter.adapters.values():
             gated.gamma.fill_(0.5)
-    loaded = pack.LoadedIDAdapter(adapter, {}, "", patcher=patches.adapter_patcher(adapter))
+    loaded = pack.LoadedIDAdapter(adapter, {}, "", patcher=patches.idadapter_patch.adapter_patcher(adapter))
     embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 16, adapter.config.embed_dim), {"l": torch.zeros(768)}, "sd15")
     w_adapter = wplus.wplus_arch.WPlusAdapter(wplus.wplus_arch.official_sd15_config()).eval()
     with torch.no_grad():
         for p in w_adapter.parameters():
             p.normal_(0, 0.02)
-    loaded_wplus = wplus.LoadedModel(patches.module_patcher(w_adapter), w_adapter.config)
+    loaded_wplus = wplus.LoadedModel(patches.memory.module_patcher(w_adapter), w_adapter.config)
 
     models = {"base": base,
               "idadapter": apply_idadapter.execute(base, loaded, embeds, 1.0, 0.0, 1.0).result[0],

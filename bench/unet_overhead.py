@@ -35,7 +35,8 @@ import torch
 # bench/common.py (the script's own folder) first: importing it imports the pack as `comfyui_idadapter`
 from common import DTYPES, SD15_UNET, comparison, comparison_lines, device_name, interleaved, write_results
 from comfyui_idadapter.nodes.arch import block_weights
-from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention
+from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig
+from comfyui_idadapter.nodes.arch.unet_blocks import sdpa_attention
 from comfyui_idadapter.nodes.arch.wplus import W_DIM, W_ROWS, WPlusAdapter, official_sd15_config
 from comfyui_idadapter.training import diffusers_binding
 

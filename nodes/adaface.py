@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import folder_paths
 from comfy_api.latest import io
 
-from . import patches
 from .arch import adaface as ada
 from .arch import adaface_official
 from .arch.arc2face import load_arc2face_encoder
@@ -20,6 +19,8 @@ from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
 from .arch.files import write_safetensors
 from .errors import ConfigError, ModelFolderError, PackError
 from .face_nodes import CATEGORY, FaceEmbeds
+from .patches.identity_words import IdentityWord, tokenize_with_identities
+from .patches.memory import module_patcher, run_loaded
 from .resident import ResidentFile
 from .shared_inputs import IdentityWordsType, chained_words, identity_words_input
 
@@ -88,7 +89,7 @@ def load_cached(inverter_path: str, encoder_folder: str | None) -> LoadedAdaFace
                 "models/adaface/ and choose it as arc2face_encoder, or convert the inverter with "
                 "tools/convert_adaface.py --arc2face_encoder to bundle it")
         module = ada.AdaFaceEncoder(weights, encoder)
-        return LoadedAdaFace(weights.config, ada.FAMILY, patches.module_patcher(module),
+        return LoadedAdaFace(weights.config, ada.FAMILY, module_patcher(module),
                              weights.pad_embeddings is not None)
 
     encoder_config = () if encoder_folder is None else (os.path.join(encoder_folder, ENCODER_CONFIG),)
@@ -134,7 +135,7 @@ def identity_vectors(adaface: LoadedAdaFace, face_embeds, strength: float):
     if strength != 1.0 and not adaface.has_pad_embeddings:
         raise ConfigError("a strength other than 1 mixes the tokens with the padding prompt's embeddings, which "
                           "this AdaFace file does not hold: use strength 1")
-    return patches.run_loaded(adaface.patcher, face_embeds.embeds, strength).cpu()
+    return run_loaded(adaface.patcher, face_embeds.embeds, strength).cpu()
 
 
 def _family_of(clip) -> str:
@@ -171,7 +172,7 @@ class AdaFaceEncode(io.ComfyNode):
     def execute(cls, clip, adaface, face_embeds, text, placeholder, strength, identity_words=None) -> io.NodeOutput:
         check_clip_family(clip, adaface)
         own = adaface_word(adaface, face_embeds, placeholder, strength, append_if_missing=True)
-        tokens = patches.tokenize_with_identities(clip, text, [own, *(identity_words or [])])
+        tokens = tokenize_with_identities(clip, text, [own, *(identity_words or [])])
         return io.NodeOutput(clip.encode_from_tokens_scheduled(tokens))
 
 
@@ -184,11 +185,11 @@ def check_clip_family(clip, adaface: LoadedAdaFace) -> None:
 
 
 def adaface_word(adaface: LoadedAdaFace, face_embeds, placeholder: str, strength: float,
-                 append_if_missing: bool = False) -> patches.IdentityWord:
+                 append_if_missing: bool = False) -> IdentityWord:
     """The face's 16 AdaFace tokens on ``placeholder`` (SD1.5's CLIP-L)."""
-    return patches.IdentityWord(ada.check_placeholder(placeholder.strip()),
-                                {SD15_ENCODER: identity_vectors(adaface, face_embeds, strength)}, "AdaFace",
-                                append_if_missing=append_if_missing)
+    return IdentityWord(ada.check_placeholder(placeholder.strip()),
+                        {SD15_ENCODER: identity_vectors(adaface, face_embeds, strength)}, "AdaFace",
+                        append_if_missing=append_if_missing)
 
 
 class AdaFaceIdentityWord(io.ComfyNode):

@@ -8,7 +8,6 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from . import patches
 from .arch import idadapter as ida
 from .arch.face_embeds import FaceEmbeds as FaceEmbedsValue
 from .arch.face_embeds import check_made_from, largest_face_of_each_image
@@ -16,6 +15,10 @@ from .errors import PackError
 from .face import insightface_backend
 from .face.images import rgb_images
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
+from .patches.idadapter_patch import IDAdapterMiddlePatch, adapter_patcher, add_idadapter
+from .patches.identity_words import IdentityWord, tokenize_with_identities
+from .patches.shared import check_attn_mask
+from .patches.unet_layout import unet_block_weights, unet_transformer_blocks
 from .resident import ResidentFile
 from .shared_inputs import IdentityWordsType, attn_mask_input, block_weight_inputs, chained_words, identity_words_input
 
@@ -26,7 +29,7 @@ IDAdapterEmbedsType = io.Custom("IDADAPTER_EMBEDS")
 @dataclass
 class LoadedIDAdapter(ida.IDAdapterWeights):
     """IDADAPTER: an idadapter/1 file's weights and the ComfyUI model patcher that owns their gated-attention
-    modules (:func:`patches.adapter_patcher`).
+    modules (:func:`adapter_patcher`).
 
     Made and dropped together: ComfyUI's memory manager can only unload modules whose patcher is alive, so the
     patcher must live as long as the modules it may have put on the GPU.
@@ -42,7 +45,7 @@ def load_cached(path: str) -> LoadedIDAdapter:
     def load():
         weights = ida.load_idadapter(path)
         return LoadedIDAdapter(weights.adapter, weights.kv_deltas, weights.recognizer,
-                               patcher=patches.adapter_patcher(weights.adapter))
+                               patcher=adapter_patcher(weights.adapter))
 
     return _resident.get((path,), load)
 
@@ -174,16 +177,16 @@ class ApplyIDAdapter(io.ComfyNode):
             )
         if start_percent > end_percent:
             raise PackError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
-        attn_mask = patches.check_attn_mask(attn_mask)
+        attn_mask = check_attn_mask(attn_mask)
         unet = model.get_model_object("diffusion_model")
-        ida.check_unet_compatible(idadapter.config, patches.unet_transformer_blocks(unet))
-        per_block = patches.unet_block_weights(unet, idadapter.config.family, idadapter.adapter.adapters,
-                                               block_preset, block_weights)
+        ida.check_unet_compatible(idadapter.config, unet_transformer_blocks(unet))
+        per_block = unet_block_weights(unet, idadapter.config.family, idadapter.adapter.adapters,
+                                       block_preset, block_weights)
         patched = model.clone()
         if weight == 0:
             return io.NodeOutput(patched)
         sampling = model.get_model_object("model_sampling")
-        patch = patches.IDAdapterMiddlePatch(
+        patch = IDAdapterMiddlePatch(
             idadapter.patcher,
             embeds.tokens,
             weight,
@@ -192,7 +195,7 @@ class ApplyIDAdapter(io.ComfyNode):
             mask=attn_mask,
             block_weights=per_block,
         )
-        patches.add_idadapter(patched, patch, idadapter.kv_deltas, weight, per_block)
+        add_idadapter(patched, patch, idadapter.kv_deltas, weight, per_block)
         return io.NodeOutput(patched)
 
 
@@ -227,14 +230,14 @@ class IDAdapterTextEncode(io.ComfyNode):
             for word in words:
                 if word.class_noun:
                     text = ida.identity_prompt(text, word.class_noun, word.word)
-        return io.NodeOutput(clip.encode_from_tokens_scheduled(patches.tokenize_with_identities(clip, text, words)))
+        return io.NodeOutput(clip.encode_from_tokens_scheduled(tokenize_with_identities(clip, text, words)))
 
 
-def identity_word(embeds, identifier: str, class_noun: str) -> patches.IdentityWord:
+def identity_word(embeds, identifier: str, class_noun: str) -> IdentityWord:
     """The identity text token E_c of ``embeds`` (one vector per text encoder) on ``identifier``."""
-    return patches.IdentityWord(ida.check_identifier(identifier.strip()),
-                                {key: vector.detach().float().reshape(1, -1) for key, vector in embeds.text.items()},
-                                "IDAdapter", class_noun=class_noun.strip())
+    return IdentityWord(ida.check_identifier(identifier.strip()),
+                        {key: vector.detach().float().reshape(1, -1) for key, vector in embeds.text.items()},
+                        "IDAdapter", class_noun=class_noun.strip())
 
 
 class IDAdapterIdentityWord(io.ComfyNode):

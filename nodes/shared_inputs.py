@@ -6,7 +6,8 @@ from comfy_api.latest import io
 
 from .arch import block_weights as block_weights_arch
 
-# a list of patches.IdentityWord: more people's words for one prompt (IDAdapter / AdaFace Identity Word nodes)
+# a list of patches.identity_words.IdentityWord: more people's words for one prompt (IDAdapter / AdaFace Identity
+# Word nodes)
 IdentityWordsType = io.Custom("IDENTITY_WORDS")
 
 
@@ -23,7 +24,7 @@ def chained_words(identity_words, word) -> list:
 
 
 def attn_mask_input(what: str):
-    """An apply node's optional region mask (checked by ``patches.check_attn_mask`` and ``BlockMask``)."""
+    """An apply node's optional region mask (checked by ``patches.shared.check_attn_mask`` and ``BlockMask``)."""
     return io.Mask.Input("attn_mask", optional=True,
                          tooltip=f"where {what} goes (white). Values outside 0..1 are clamped; NaN is an error. One "
                          "mask for every image of the latent batch, or one per image (another count is an error)")

@@ -14,7 +14,6 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from . import patches
 from .arch import e4e as e4e_arch
 from .arch import wplus as wplus_arch
 from .arch import wplus_edits
@@ -25,6 +24,10 @@ from .errors import ConfigError, PackError
 from .face import insightface_backend
 from .face.images import rgb_images
 from .face_nodes import CATEGORY, FaceEmbeds, InsightFace
+from .patches.memory import module_patcher, run_loaded
+from .patches.shared import check_attn_mask
+from .patches.unet_layout import unet_block_weights, unet_transformer_blocks
+from .patches.wplus_patch import WPlusAttn2Replace, add_wplus
 from .resident import ResidentFile
 from .shared_inputs import attn_mask_input, block_weight_inputs
 
@@ -84,7 +87,7 @@ class LoadE4EEncoder(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("wplus", file)
 
         def load(path):
-            return LoadedModel(patches.module_patcher(e4e_arch.WPlusEncoder(e4e_arch.load_e4e_file(path)).eval()))
+            return LoadedModel(module_patcher(e4e_arch.WPlusEncoder(e4e_arch.load_e4e_file(path)).eval()))
 
         return io.NodeOutput(load_cached("e4e", path, load))
 
@@ -124,7 +127,7 @@ class WPlusEncode(io.ComfyNode):
                                            "landmarks")
         aligned = torch.stack([e4e_arch.align_for_e4e(images[index].movedim(-1, 0), face_embeds.landmarks[face])
                                for index, face in enumerate(faces)])
-        codes = patches.run_loaded(e4e.patcher, aligned).float().cpu()
+        codes = run_loaded(e4e.patcher, aligned).float().cpu()
         return io.NodeOutput(codes, aligned.movedim(1, -1))
 
 
@@ -277,7 +280,7 @@ class LoadWPlusAdapter(io.ComfyNode):
 
         def load(path):
             weights = wplus_arch.load_wplus_file(path)
-            return LoadedModel(patches.module_patcher(weights.adapter), weights.config)
+            return LoadedModel(module_patcher(weights.adapter), weights.config)
 
         return io.NodeOutput(load_cached("adapter", path, load))
 
@@ -314,17 +317,17 @@ class ApplyWPlusAdapter(io.ComfyNode):
         if start_percent > end_percent:
             raise PackError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
         codes = wplus_edits.check_wplus(wplus)
-        attn_mask = patches.check_attn_mask(attn_mask)
+        attn_mask = check_attn_mask(attn_mask)
         config = wplus_adapter.config
         unet = model.get_model_object("diffusion_model")
-        blocks = patches.unet_transformer_blocks(unet)
+        blocks = unet_transformer_blocks(unet)
         missing = sorted(set(config.blocks) - set(blocks))
         if missing or any(blocks[n].channels != s.channels or blocks[n].context_dim != s.context_dim
                           for n, s in config.blocks.items() if n in blocks):
             raise PackError(f"this W+ adapter was made for a {config.family} UNet (blocks {sorted(config.blocks)[:3]}..., "
                             f"context {config.context_dim}); the MODEL's blocks differ"
                             + (f" (it has no {missing[:3]})" if missing else "") + ": use an SD1.5 checkpoint")
-        per_block = patches.unet_block_weights(unet, config.family, config.blocks, block_preset, block_weights)
+        per_block = unet_block_weights(unet, config.family, config.blocks, block_preset, block_weights)
         patched = model.clone()
         if scale == 0:
             return io.NodeOutput(patched)
@@ -335,7 +338,7 @@ class ApplyWPlusAdapter(io.ComfyNode):
         for name in config.blocks:
             if per_block[name] == 0:  # no patch: the block runs whatever was installed there before
                 continue
-            patches.add_wplus(patched, patches.WPlusAttn2Replace(
+            add_wplus(patched, WPlusAttn2Replace(
                 wplus_adapter.patcher, name, tokens, uncond, scale * per_block[name],
                 sigma_start=sampling.percent_to_sigma(start_percent), sigma_end=sampling.percent_to_sigma(end_percent),
                 mask=attn_mask))

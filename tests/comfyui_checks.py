@@ -123,12 +123,18 @@ def _load_checkpoint(work):
     return comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)[:2]
 
 
-def _pack_modules():
+def _pack_module(name: str):
+    """The pack's module ``name`` under nodes/ (``"idadapter"``, ``"arch.unet_blocks"``), as ComfyUI loaded it."""
     import nodes
 
-    apply = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"]
-    pack = __import__("sys").modules[apply.__module__]  # the pack's nodes/idadapter.py as ComfyUI loaded it
-    return pack, __import__("sys").modules[apply.__module__.rsplit(".", 1)[0] + ".patches"]
+    package = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].__module__.rsplit(".", 1)[0]
+    return __import__("sys").modules[f"{package}.{name}"]
+
+
+def _pack_modules():
+    """The pack's nodes/idadapter.py and its nodes/patches package (each job's module an attribute: the node
+    modules imported them all)."""
+    return _pack_module("idadapter"), _pack_module("patches")
 
 
 def make_idadapters(work, payload):
@@ -138,7 +144,7 @@ def make_idadapters(work, payload):
     pack, patches = _pack_modules()
     ida = pack.ida
     model, _ = _load_checkpoint(work)
-    blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+    blocks = patches.unet_layout.unet_transformer_blocks(model.get_model_object("diffusion_model"))
     out = {"blocks": sorted(blocks), "model_class": type(model.model).__name__,
            "model_config": type(model.model.model_config).__name__}
     tiny_recognizer = pack.insightface_backend.file_fingerprint(
@@ -421,7 +427,7 @@ def trainer_parity_sdxl(work, payload):
         {mapping[k]: v for k, v in unet.state_dict().items()}, strict=False)
     assert not missing and not unexpected, (missing[:5], unexpected[:5])
     patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
-    blocks = patches.unet_transformer_blocks(model.diffusion_model)
+    blocks = patches.unet_layout.unet_transformer_blocks(model.diffusion_model)
     torch.manual_seed(4)
     cfg = ida.IDAdapterConfig(family="sdxl", blocks=blocks, clip_vision_dim=1280, width=32, mff_heads=2, num_tokens=4,
                               embed_dim=64, textual_hidden=32)
@@ -470,7 +476,7 @@ def _tiny_model(work):
     _, patches = _pack_modules()
     model, _ = _load_checkpoint(work)
     base = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
-    return model, base, patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+    return model, base, patches.unet_layout.unet_transformer_blocks(model.get_model_object("diffusion_model"))
 
 
 def block_weights_leave_zero_blocks_plain(work, payload):
@@ -494,7 +500,7 @@ def block_weights_leave_zero_blocks_plain(work, payload):
     idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
     embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
     adapter = _random_wplus(wplus, unet_blocks, 13)
-    loaded_wplus = wplus.LoadedModel(patches.module_patcher(adapter), adapter.config)
+    loaded_wplus = wplus.LoadedModel(patches.memory.module_patcher(adapter), adapter.config)
     codes = torch.randn(1, 18, 512, generator=gen)
     methods = {
         "idadapter": lambda **kw: nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(
@@ -511,7 +517,7 @@ def block_weights_leave_zero_blocks_plain(work, payload):
                    "cond_or_uncond": [1, 0], "sigmas": torch.tensor([1.0])}
         hooks = []
         if records is not None:
-            for name, block, _ in patches._walk_transformer_blocks(dm):
+            for name, block, _ in patches.unet_layout._walk_transformer_blocks(dm):
                 def record(module, args, kwargs, output, name=name):
                     records[name] = (args[0].clone(), kwargs["context"], dict(kwargs["transformer_options"]),
                                      output.clone())
@@ -523,7 +529,8 @@ def block_weights_leave_zero_blocks_plain(work, payload):
             for hook in hooks:
                 hook.remove()
 
-    result = {"downscales_comfyui": patches.unet_block_downscales(model.get_model_object("diffusion_model")),
+    layout = patches.unet_layout
+    result = {"downscales_comfyui": layout.unet_block_downscales(model.get_model_object("diffusion_model")),
               "downscales_binding": diffusers_binding.block_downscales(_tiny_diffusers_unet())}
     for method, apply in methods.items():
         records = {}
@@ -533,12 +540,12 @@ def block_weights_leave_zero_blocks_plain(work, payload):
         restored = all(torch.equal(v, base[k]) for k, v in model.model.state_dict().items())
         untouched = []
         with torch.no_grad():
-            for name, block, _ in patches._walk_transformer_blocks(dm):
+            for name, block, _ in layout._walk_transformer_blocks(dm):
                 y, context, options, patched_out = records[name]
                 plain_options = {k: v for k, v in options.items() if k not in ("patches", "patches_replace")}
                 if torch.equal(block(y, context=context, transformer_options=plain_options), patched_out):
                     untouched.append(name)
-        zero = sorted(n for n, w in patches.unet_block_weights(dm, "sd15", unet_blocks, "speed", "middle: 0.5")
+        zero = sorted(n for n, w in layout.unet_block_weights(dm, "sd15", unet_blocks, "speed", "middle: 0.5")
                       .items() if w == 0)
         default, ones = forward(apply()), forward(apply(block_preset="paper", block_weights="64: 1, 32: 1"))
         result[method] = {"untouched": sorted(untouched), "zero_weight": zero, "plain_weights_restored": restored,
@@ -844,7 +851,7 @@ def make_wplus_assets(work, payload):
     module = _wplus_module()
     _, patches = _pack_modules()
     model, _ = _load_checkpoint(work)
-    blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+    blocks = patches.unet_layout.unet_transformer_blocks(model.get_model_object("diffusion_model"))
     folder = os.path.join(work, "models", "wplus")
     os.makedirs(os.path.join(folder, "directions"), exist_ok=True)
     adapter = _random_wplus(module, blocks, 5)
@@ -944,7 +951,7 @@ def wplus_trainer_parity_sd15(work, payload):
     module = _wplus_module()
     _, patches = _pack_modules()
     model, _ = _load_checkpoint(work)
-    blocks = patches.unet_transformer_blocks(model.get_model_object("diffusion_model"))
+    blocks = patches.unet_layout.unet_transformer_blocks(model.get_model_object("diffusion_model"))
     folder = os.path.join(work, "models", "wplus")
     os.makedirs(folder, exist_ok=True)
     adapter_path = os.path.join(folder, "parity_wplus.safetensors")
@@ -1005,6 +1012,7 @@ def two_identities_add_up(work, payload):
     import nodes
 
     pack, patches = _pack_modules()
+    layout, shared, unet_blocks_arch = patches.unet_layout, patches.shared, _pack_module("arch.unet_blocks")
     wplus = _wplus_module()
     model, base, unet_blocks = _tiny_model(work)
     gen = torch.Generator().manual_seed(21)
@@ -1016,7 +1024,7 @@ def two_identities_add_up(work, payload):
     embeds = [pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
               for _ in range(2)]
     adapter = _random_wplus(wplus, unet_blocks, 22)
-    loaded_wplus = wplus.LoadedModel(patches.module_patcher(adapter), adapter.config)
+    loaded_wplus = wplus.LoadedModel(patches.memory.module_patcher(adapter), adapter.config)
     codes = [torch.randn(1, 18, 512, generator=gen) for _ in range(2)]
     apply_ida = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute
     apply_wplus = nodes.NODE_CLASS_MAPPINGS["IDA_ApplyWPlusAdapter"].execute
@@ -1026,18 +1034,18 @@ def two_identities_add_up(work, payload):
     probed = model.clone()
 
     def middle_probe(h, extra_options):
-        seen_middle[patches.block_name((*extra_options["block"], extra_options["block_index"]))] = (
+        seen_middle[unet_blocks_arch.block_name((*extra_options["block"], extra_options["block_index"]))] = (
             h.clone(), dict(extra_options))
         return h
 
     def attn2_probe(q, k, v, extra_options):
-        seen_attn2[patches.block_name((*extra_options["block"], extra_options["block_index"]))] = (
+        seen_attn2[unet_blocks_arch.block_name((*extra_options["block"], extra_options["block_index"]))] = (
             q.clone(), k.clone(), v.clone(), dict(extra_options))
-        return patches.comfy_attention(extra_options)(q, k, v, extra_options["n_heads"])
+        return shared.comfy_attention(extra_options)(q, k, v, extra_options["n_heads"])
 
     probed.set_model_patch(middle_probe, "middle_patch")
     for name in unet_blocks:
-        probed.set_model_attn2_replace(attn2_probe, *patches.block_key(name))
+        probed.set_model_attn2_replace(attn2_probe, *layout.block_key(name))
     comfy.model_management.load_models_gpu([probed], force_patch_weights=True)
     given = probed.model_options["transformer_options"]
     with torch.no_grad():
@@ -1048,21 +1056,21 @@ def two_identities_add_up(work, payload):
     def middle_residual(patcher, name):
         h, extra_options = seen_middle[name]
         (patch,) = [p for p in patcher.model_options["transformer_options"]["patches"]["middle_patch"]
-                    if isinstance(p, patches.IDAdapterMiddlePatch)]
+                    if isinstance(p, patches.idadapter_patch.IDAdapterMiddlePatch)]
         with torch.no_grad():
             return patch(h, extra_options) - h
 
     def attn2_residual(patcher, name):
         q, k, v, extra_options = seen_attn2[name]
-        patch = patcher.model_options["transformer_options"]["patches_replace"]["attn2"][patches.block_key(name)]
+        patch = patcher.model_options["transformer_options"]["patches_replace"]["attn2"][layout.block_key(name)]
         with torch.no_grad():
-            return patch(q, k, v, extra_options) - patches.comfy_attention(extra_options)(q, k, v, extra_options["n_heads"])
+            return patch(q, k, v, extra_options) - shared.comfy_attention(extra_options)(q, k, v, extra_options["n_heads"])
 
     def outside(mask, residual, name, seen):
         extra_options = seen[name][-1]
         h = seen[name][0]
-        images = patches.images_per_chunk(extra_options, h.shape[0])
-        block_mask = patches.BlockMask(mask).for_rows(extra_options, images, h.shape[0], h.shape[1], h)
+        images = shared.images_per_chunk(extra_options, h.shape[0])
+        block_mask = shared.BlockMask(mask).for_rows(extra_options, images, h.shape[0], h.shape[1], h)
         return float((residual * (1 - block_mask)).abs().max())
 
     result = {}
@@ -1085,7 +1093,7 @@ def two_identities_add_up(work, payload):
         kv_diff = 0.0
         for name, deltas in idadapter.kv_deltas.items():
             for proj, delta in deltas.items():
-                key = patches.attn2_weight_key(name, proj)
+                key = layout.attn2_weight_key(name, proj)
                 expected = base[key] + (0.7 * delta.float() if method == "idadapter" else 0)
                 kv_diff = max(kv_diff, float((state[key].float() - expected).abs().max()))
         first_options = first.model_options["transformer_options"]
@@ -1113,7 +1121,7 @@ def attn_masks_checked_at_apply(work, payload):
     idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
     embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
     adapter = _random_wplus(wplus, unet_blocks, 32)
-    loaded_wplus = wplus.LoadedModel(patches.module_patcher(adapter), adapter.config)
+    loaded_wplus = wplus.LoadedModel(patches.memory.module_patcher(adapter), adapter.config)
     codes = torch.randn(1, 18, 512, generator=gen)
     methods = {
         "idadapter": lambda mask: nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(
@@ -1159,7 +1167,7 @@ def attention_options_reach_the_kernel(work, payload):
     idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
     embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
     adapter = _random_wplus(wplus, unet_blocks, 24)
-    loaded_wplus = wplus.LoadedModel(patches.module_patcher(adapter), adapter.config)
+    loaded_wplus = wplus.LoadedModel(patches.memory.module_patcher(adapter), adapter.config)
     code = torch.randn(1, 18, 512, generator=gen)
 
     def calls_of(patched):

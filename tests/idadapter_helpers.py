@@ -2,7 +2,8 @@
 
 import torch
 
-from comfyui_idadapter.nodes.arch.idadapter import FAMILIES, BlockSpec, IDAdapter, IDAdapterConfig, IDAdapterWeights
+from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, IDAdapterWeights
+from comfyui_idadapter.nodes.arch.unet_blocks import FAMILIES, BlockSpec
 
 TINY_BLOCKS = {
     "input_1_0": BlockSpec(32, 2, 768),

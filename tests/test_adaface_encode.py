@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch import adaface as ada
 from comfyui_idadapter.nodes.errors import ConfigError
+from comfyui_idadapter.nodes.patches import identity_words
 from test_adaface_arch import HIDDEN, POSITIONS, random_model, tiny_text_config
 
 CLIP_VOCAB = 49408  # the templates use CLIP ViT-L/14's ids, up to its end token
@@ -102,7 +102,7 @@ def test_vectors_replace_the_placeholder_entries_in_reading_order_across_rows():
             [(49406, 1.0, 0), (z, 1.0, 5), (z, 1.0, 6), (49407, 1.0, 0)]]
     vectors = torch.arange(16.0).reshape(2, 8)
 
-    placed_tokens, placed = patches.place_identity_vectors({"l": rows}, "l", z, vectors)
+    placed_tokens, placed = identity_words.place_identity_vectors({"l": rows}, "l", z, vectors)
 
     out = placed_tokens["l"]
     assert placed == 4

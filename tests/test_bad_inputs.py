@@ -11,7 +11,6 @@ import threading
 import pytest
 import torch
 
-from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch import e4e
 from comfyui_idadapter.nodes.arch import face_embeds as fe
 from comfyui_idadapter.nodes.arch import idadapter as ida
@@ -19,6 +18,7 @@ from comfyui_idadapter.nodes.errors import (ConfigError, ImageInputError, Missin
                                             ModelFolderError, PackError)
 from comfyui_idadapter.nodes.face import insightface_backend as backend
 from comfyui_idadapter.nodes.face.images import rgb_images, to_bgr_uint8
+from comfyui_idadapter.nodes.patches import shared
 from tiny_face_models import expected_box, expected_landmarks, face_image, make_pack
 
 IMAGE_ROWS = [
@@ -123,7 +123,7 @@ def test_bad_attn_masks(mask, message):
     """Apply IDAdapter's and Apply W+ Adapter's attn_mask, checked when the node runs (the batch count is checked
     at sampling: test_idadapter_patch.py, test_wplus_patch.py)."""
     with pytest.raises(ImageInputError, match=message):
-        patches.check_attn_mask(mask)
+        shared.check_attn_mask(mask)
 
 
 def test_rgba_and_grey_images_convert(analyzer):

@@ -5,11 +5,12 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch import block_weights as bw
-from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention
+from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig
+from comfyui_idadapter.nodes.arch.unet_blocks import sdpa_attention
 from comfyui_idadapter.nodes.arch.wplus import WPlusAdapter, WPlusAdapterConfig
 from comfyui_idadapter.nodes.errors import ConfigError
+from comfyui_idadapter.nodes.patches import idadapter_patch, unet_layout
 from comfyui_idadapter.training import diffusers_binding
 from idadapter_helpers import StandInPatcher, tiny_adapter
 from test_idadapter_patch import options
@@ -98,8 +99,8 @@ def test_unknown_preset():
 def make_patch(block_weights=None, weight=1.0):
     weights = tiny_adapter(gamma=0.5)
     torch.manual_seed(4)
-    return patches.IDAdapterMiddlePatch(StandInPatcher(weights.adapter.adapters), torch.randn(1, 4, 24), weight,
-                                        attention=sdpa_attention, block_weights=block_weights), weights
+    return idadapter_patch.IDAdapterMiddlePatch(StandInPatcher(weights.adapter.adapters), torch.randn(1, 4, 24), weight,
+                                                attention=sdpa_attention, block_weights=block_weights), weights
 
 
 def identity_of(patch):
@@ -113,16 +114,16 @@ def test_a_block_at_zero_gets_its_input_back_and_all_ones_is_todays_output():
     channels = {name: spec.channels for name, spec in weights.adapter.config.blocks.items()}
     for block, name in ((("input", 1), "input_1_0"), (("middle", 0), "middle_0_0")):
         x = torch.randn(2, 64, channels[name])
-        zero = patches.IDAdapterMiddlePatch(*identity_of(plain), 1.0, attention=sdpa_attention,
-                                            block_weights={name: 0.0})
+        zero = idadapter_patch.IDAdapterMiddlePatch(*identity_of(plain), 1.0, attention=sdpa_attention,
+                                                    block_weights={name: 0.0})
         assert zero(x, options(block=block)) is x
-        ones = patches.IDAdapterMiddlePatch(*identity_of(plain), 1.0, attention=sdpa_attention,
-                                            block_weights={name: 1.0})
+        ones = idadapter_patch.IDAdapterMiddlePatch(*identity_of(plain), 1.0, attention=sdpa_attention,
+                                                    block_weights={name: 1.0})
         assert torch.equal(ones(x, options(block=block)), plain(x, options(block=block)))
         assert not torch.equal(plain(x, options(block=block)), x)
     # the zero weight is per block: another block still runs
-    zero_input = patches.IDAdapterMiddlePatch(*identity_of(plain), 1.0, attention=sdpa_attention,
-                                              block_weights={"input_1_0": 0.0})
+    zero_input = idadapter_patch.IDAdapterMiddlePatch(*identity_of(plain), 1.0, attention=sdpa_attention,
+                                                      block_weights={"input_1_0": 0.0})
     x = torch.randn(2, 64, channels["middle_0_0"])
     assert torch.equal(zero_input(x, options(block=("middle", 0))), plain(x, options(block=("middle", 0))))
 
@@ -130,8 +131,8 @@ def test_a_block_at_zero_gets_its_input_back_and_all_ones_is_todays_output():
 @pytest.mark.parametrize("block_weight", [0.5, -1.0, 2.5])
 def test_block_weights_scale_the_residual_linearly(block_weight):
     plain, _ = make_patch(weight=0.8)
-    scaled = patches.IDAdapterMiddlePatch(*identity_of(plain), 0.8, attention=sdpa_attention,
-                                          block_weights={"input_1_0": block_weight})
+    scaled = idadapter_patch.IDAdapterMiddlePatch(*identity_of(plain), 0.8, attention=sdpa_attention,
+                                                  block_weights={"input_1_0": block_weight})
     x = torch.randn(2, 64, 32)
     torch.testing.assert_close(scaled(x, options()) - x, block_weight * (plain(x, options()) - x), rtol=1e-5,
                                atol=1e-6)
@@ -151,7 +152,7 @@ class RecordingModel:
 def test_kv_patches_follow_the_block_weights():
     weights = tiny_adapter()
     model = RecordingModel()
-    patches.add_kv_patches(model, weights.kv_deltas, 0.8, {"input_1_0": 0.0, "middle_0_0": 0.5})
+    idadapter_patch.add_kv_patches(model, weights.kv_deltas, 0.8, {"input_1_0": 0.0, "middle_0_0": 0.5})
     strengths = {key: strength for entries, strength in model.calls for key in entries}
     assert strengths == {
         "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": 0.4,
@@ -161,8 +162,8 @@ def test_kv_patches_follow_the_block_weights():
     }  # no patch at all for the block at 0
     assert len(model.calls) == 2  # one add_patches per strength
     everything = RecordingModel()
-    patches.add_kv_patches(everything, weights.kv_deltas, 0.8)
-    assert everything.calls == [(patches.kv_weight_patches(weights.kv_deltas), 0.8)]  # as before block weights
+    idadapter_patch.add_kv_patches(everything, weights.kv_deltas, 0.8)
+    assert everything.calls == [(unet_layout.kv_weight_patches(weights.kv_deltas), 0.8)]  # as before block weights
 
 
 # ---- the diffusers binding (the trainer's UNet, the bench)

@@ -3,6 +3,7 @@ import torch
 
 from idadapter_helpers import tiny_adapter, tiny_config
 from comfyui_idadapter.nodes.arch import idadapter as ida
+from comfyui_idadapter.nodes.arch.unet_blocks import BlockSpec
 from comfyui_idadapter.nodes.errors import ModelFileError
 
 
@@ -96,16 +97,16 @@ def test_loader_rejects_other_files(tmp_path):
 
 def test_unet_compatibility_errors_name_both_sides():
     cfg = tiny_config("sd21")
-    sd15_unet = {k: ida.BlockSpec(v.channels, v.heads, 768) for k, v in cfg.blocks.items()}
+    sd15_unet = {k: BlockSpec(v.channels, v.heads, 768) for k, v in cfg.blocks.items()}
     with pytest.raises(ModelFileError, match=r"trained for sd21 \(context 1024\); the MODEL is sd15 \(context 768\)"):
         ida.check_unet_compatible(cfg, sd15_unet)
-    sd21_small = {"input_1_0": ida.BlockSpec(32, 2, 1024)}
+    sd21_small = {"input_1_0": BlockSpec(32, 2, 1024)}
     with pytest.raises(ModelFileError, match="does not have"):
         ida.check_unet_compatible(cfg, sd21_small)
-    wide = {k: ida.BlockSpec(v.channels * 2, v.heads, 1024) for k, v in cfg.blocks.items()}
+    wide = {k: BlockSpec(v.channels * 2, v.heads, 1024) for k, v in cfg.blocks.items()}
     with pytest.raises(ModelFileError, match="the adapter has 32 channels, the MODEL has 64"):
         ida.check_unet_compatible(cfg, wide)
-    ida.check_unet_compatible(cfg, {k: ida.BlockSpec(v.channels, v.heads, 1024) for k, v in cfg.blocks.items()})
+    ida.check_unet_compatible(cfg, {k: BlockSpec(v.channels, v.heads, 1024) for k, v in cfg.blocks.items()})
 
 
 def test_augmentation_is_seeded_and_keeps_originals():

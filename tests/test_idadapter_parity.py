@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from idadapter_helpers import StandInPatcher
-from comfyui_idadapter.nodes import patches
-from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig, sdpa_attention
+from comfyui_idadapter.nodes.arch.idadapter import IDAdapter, IDAdapterConfig
+from comfyui_idadapter.nodes.arch.unet_blocks import sdpa_attention
+from comfyui_idadapter.nodes.patches import idadapter_patch
 
 diffusers = pytest.importorskip("diffusers")
 from comfyui_idadapter.training import diffusers_binding  # noqa: E402
@@ -62,7 +63,8 @@ def test_fuser_equals_comfyui_middle_patch(cond_or_uncond, rows_by):
     with torch.no_grad():
         unet(latents, 10, encoder_hidden_states=torch.randn(batch * chunks, 77, 768),
              cross_attention_kwargs=diffusers_binding.idadapter_kwargs(tokens, beta=0.7, **rows))
-    patch = patches.IDAdapterMiddlePatch(StandInPatcher(adapter.adapters), tokens, 0.7, attention=sdpa_attention)
+    patch = idadapter_patch.IDAdapterMiddlePatch(StandInPatcher(adapter.adapters), tokens, 0.7,
+                                                 attention=sdpa_attention)
     assert set(seen) == set(adapter.adapters)
     for name, (hidden, fused) in seen.items():
         kind, ident, index = name.rsplit("_", 2)

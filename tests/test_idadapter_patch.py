@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from idadapter_helpers import StandInPatcher, tiny_adapter
-from comfyui_idadapter.nodes import patches
-from comfyui_idadapter.nodes.arch.idadapter import sdpa_attention
+from comfyui_idadapter.nodes.arch.unet_blocks import sdpa_attention
 from comfyui_idadapter.nodes.errors import ConfigError, ImageInputError, PackError
+from comfyui_idadapter.nodes.patches import idadapter_patch, identity_words, memory, shared, unet_layout
 
 
 def options(block=("input", 1), sigma=5.0, cond_or_uncond=(1, 0), latent=(8, 8), batch=1):
@@ -29,7 +29,7 @@ def make_patch(gamma=0.5, weight=1.0, **kwargs):
     weights = tiny_adapter(gamma=gamma)
     tokens = torch.randn(1, 4, 24)
     patcher = StandInPatcher(weights.adapter.adapters)
-    return patches.IDAdapterMiddlePatch(patcher, tokens, weight, attention=sdpa_attention, **kwargs), weights
+    return idadapter_patch.IDAdapterMiddlePatch(patcher, tokens, weight, attention=sdpa_attention, **kwargs), weights
 
 
 def test_gamma_zero_is_bit_identical():
@@ -52,7 +52,8 @@ def test_only_conditional_chunks_change_and_match_cond_alone():
 
 def test_weight_scales_the_residual():
     one, _ = make_patch(weight=1.0)
-    two = patches.IDAdapterMiddlePatch(one.identities[0].patcher, one.identities[0].tokens, 2.5, attention=sdpa_attention)
+    two = idadapter_patch.IDAdapterMiddlePatch(one.identities[0].patcher, one.identities[0].tokens, 2.5,
+                                               attention=sdpa_attention)
     x = torch.randn(2, 64, 32)
     torch.testing.assert_close(two(x, options()) - x, 2.5 * (one(x, options()) - x), rtol=1e-5, atol=1e-6)
 
@@ -127,20 +128,20 @@ def test_runs_in_half_precision():
 
 
 def test_token_grid_and_bad_shapes():
-    assert patches.token_grid({"original_shape": [2, 4, 9, 7]}, 63) == (9, 7)
-    assert patches.token_grid({"original_shape": [2, 4, 9, 7]}, 20) == (5, 4)
+    assert shared.token_grid({"original_shape": [2, 4, 9, 7]}, 63) == (9, 7)
+    assert shared.token_grid({"original_shape": [2, 4, 9, 7]}, 20) == (5, 4)
     with pytest.raises(PackError, match="cannot place 17 tokens"):
-        patches.token_grid({"original_shape": [2, 4, 8, 8]}, 17)
+        shared.token_grid({"original_shape": [2, 4, 8, 8]}, 17)
     with pytest.raises(PackError, match="neither activations_shape nor original_shape"):
-        patches.token_grid({}, 16)
+        shared.token_grid({}, 16)
 
 
 def test_token_grid_reads_the_blocks_activations_shape():
     # a grid no power-of-two downscale of the latent gives: only the block knows it
-    assert patches.token_grid({"activations_shape": [2, 32, 3, 5], "original_shape": [2, 4, 9, 7]}, 15) == (3, 5)
-    assert patches.token_grid({"activations_shape": [2, 32, 3, 5]}, 15) == (3, 5)
+    assert shared.token_grid({"activations_shape": [2, 32, 3, 5], "original_shape": [2, 4, 9, 7]}, 15) == (3, 5)
+    assert shared.token_grid({"activations_shape": [2, 32, 3, 5]}, 15) == (3, 5)
     # a shape that does not hold these tokens (not this block's) falls back to the latent size
-    assert patches.token_grid({"activations_shape": [2, 32, 4, 4], "original_shape": [2, 4, 9, 7]}, 20) == (5, 4)
+    assert shared.token_grid({"activations_shape": [2, 32, 4, 4], "original_shape": [2, 4, 9, 7]}, 20) == (5, 4)
 
 
 def test_mask_follows_activations_shape_without_original_shape():
@@ -162,8 +163,8 @@ def image_masks(values, side=64):
 def masked_like(patch, mask):
     """A patch on ``patch``'s adapter and tokens with ``mask``, the way Apply IDAdapter passes it."""
     (identity,) = patch.identities
-    return patches.IDAdapterMiddlePatch(identity.patcher, identity.tokens, 1.0, attention=sdpa_attention,
-                                        mask=patches.check_attn_mask(mask))
+    return idadapter_patch.IDAdapterMiddlePatch(identity.patcher, identity.tokens, 1.0, attention=sdpa_attention,
+                                                mask=shared.check_attn_mask(mask))
 
 
 @pytest.mark.parametrize("masks, images, cond_or_uncond", [
@@ -192,13 +193,13 @@ def test_one_mask_for_all_images_or_one_per_image_scales_each_rows_residual(cond
     torch.testing.assert_close(masked_like(plain, image_masks([0.5]))(x, opts) - x, residual * 0.5, rtol=1e-5,
                                atol=1e-6)
     # the rows the block gets: one mask broadcasts, per-image masks repeat once per chunk
-    block_mask = patches.BlockMask(image_masks([0.25, 0.5, 1.0]))
+    block_mask = shared.BlockMask(image_masks([0.25, 0.5, 1.0]))
     assert block_mask.for_rows(opts, 3, 6, 64, x)[:, 0, 0].tolist() == [0.25, 0.5, 1.0, 0.25, 0.5, 1.0]
-    assert patches.BlockMask(image_masks([0.5])).for_rows(opts, 3, 6, 64, x).shape == (1, 64, 1)
+    assert shared.BlockMask(image_masks([0.5])).for_rows(opts, 3, 6, 64, x).shape == (1, 64, 1)
 
 
 def test_mask_values_outside_0_1_are_clamped():
-    checked = patches.check_attn_mask(torch.tensor([[1.5, -0.5], [0.25, 1.0]]))
+    checked = shared.check_attn_mask(torch.tensor([[1.5, -0.5], [0.25, 1.0]]))
     assert checked.tolist() == [[[1.0, 0.0], [0.25, 1.0]]]
     plain, _ = make_patch()
     x = torch.randn(2, 64, 32)
@@ -208,7 +209,7 @@ def test_mask_values_outside_0_1_are_clamped():
 
 
 def test_per_device_memo_gives_racing_threads_one_value():
-    memo = patches.PerDeviceMemo()
+    memo = memory.PerDeviceMemo()
     threads_ready = threading.Barrier(8)
     results = [None] * 8
 
@@ -230,7 +231,7 @@ def test_per_device_memo_gives_racing_threads_one_value():
 
 
 def test_per_device_memo_releases_only_accelerator_values():
-    memo = patches.PerDeviceMemo()
+    memo = memory.PerDeviceMemo()
     on_cpu = memo.get((torch.device("cpu"), 1), object)
     on_gpu = memo.get((torch.device("cuda", 0), 1), object)
     memo.release_accelerator_values()
@@ -287,7 +288,7 @@ def test_threads_sharing_the_patch_match_one_thread():
 
 def test_kv_weight_patch_keys():
     weights = tiny_adapter()
-    entries = patches.kv_weight_patches(weights.kv_deltas)
+    entries = unet_layout.kv_weight_patches(weights.kv_deltas)
     assert set(entries) == {
         "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
         "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight",
@@ -323,9 +324,9 @@ class WordClip:
 @pytest.mark.parametrize("layout", [{"l": 768}, {"h": 1024}, {"g": 1280, "l": 768}], ids=["sd15", "sd21", "sdxl"])
 def test_several_identity_words_in_one_prompt(layout):
     clip = WordClip(list(layout))
-    sks = patches.IdentityWord("sks", {k: torch.randn(1, d) for k, d in layout.items()}, "IDAdapter")
-    z = patches.IdentityWord("z", {k: torch.randn(3, d) for k, d in layout.items()}, "AdaFace")
-    tokens = patches.tokenize_with_identities(clip, "a photo of sks and z at a cafe , sks", [sks, z])
+    sks = identity_words.IdentityWord("sks", {k: torch.randn(1, d) for k, d in layout.items()}, "IDAdapter")
+    z = identity_words.IdentityWord("z", {k: torch.randn(3, d) for k, d in layout.items()}, "AdaFace")
+    tokens = identity_words.tokenize_with_identities(clip, "a photo of sks and z at a cafe , sks", [sks, z])
     plain = clip.tokenize("a photo of sks and z z z at a cafe , sks")  # z written out 3 times
     for key in layout:
         row, before = tokens[key][0], plain[key][0]
@@ -341,21 +342,22 @@ def test_several_identity_words_in_one_prompt(layout):
 
 def test_identity_word_refusals():
     clip = WordClip(["l"])
-    sks = patches.IdentityWord("sks", {"l": torch.zeros(1, 768)}, "IDAdapter")
+    sks = identity_words.IdentityWord("sks", {"l": torch.zeros(1, 768)}, "IDAdapter")
     with pytest.raises(PackError, match="does not contain 'sks'"):
-        patches.tokenize_with_identities(clip, "a photo of z", [sks])
+        identity_words.tokenize_with_identities(clip, "a photo of z", [sks])
     with pytest.raises(ConfigError, match="several identities use the word 'sks'"):
-        patches.tokenize_with_identities(clip, "sks and sks", [sks, sks])
+        identity_words.tokenize_with_identities(clip, "sks and sks", [sks, sks])
     with pytest.raises(ConfigError, match="'xyzw' is 2 tokens"):
-        patches.tokenize_with_identities(clip, "a photo of xyzw", [patches.IdentityWord("xyzw", sks.vectors, "IDAdapter")])
+        identity_words.tokenize_with_identities(clip, "a photo of xyzw",
+                                                [identity_words.IdentityWord("xyzw", sks.vectors, "IDAdapter")])
     with pytest.raises(PackError, match=r"CLIP has text encoders \['g', 'l'\].*vectors for \['l'\]"):
-        patches.tokenize_with_identities(WordClip(["g", "l"]), "a photo of sks", [sks])
-    y = patches.IdentityWord("y", {"l": torch.zeros(16, 768)}, "AdaFace")
+        identity_words.tokenize_with_identities(WordClip(["g", "l"]), "a photo of sks", [sks])
+    y = identity_words.IdentityWord("y", {"l": torch.zeros(16, 768)}, "AdaFace")
     with pytest.raises(PackError, match="does not contain 'y'"):
-        patches.tokenize_with_identities(clip, "a photo of sks", [sks, y])
+        identity_words.tokenize_with_identities(clip, "a photo of sks", [sks, y])
     # AdaFace Encode's own placeholder is appended when the text lacks it, as the official wrapper does
-    own = patches.IdentityWord("z", {"l": torch.ones(16, 768)}, "AdaFace", append_if_missing=True)
-    tokens = patches.tokenize_with_identities(clip, "a photo of sks", [own, sks])
+    own = identity_words.IdentityWord("z", {"l": torch.ones(16, 768)}, "AdaFace", append_if_missing=True)
+    tokens = identity_words.tokenize_with_identities(clip, "a photo of sks", [own, sks])
     row = tokens["l"][0]
     assert sum(isinstance(e[0], torch.Tensor) and e[0].eq(1).all() for e in row) == 16
     assert isinstance(row[20][0], torch.Tensor) and row[21][0] == 49407  # the 16 come last, before the end token
@@ -384,8 +386,8 @@ def two_identities(**kwargs):
     left, right = halves()
     first, weights = make_patch(mask=left, **kwargs)
     (identity,) = first.identities
-    second = patches.IDAdapterMiddlePatch(identity.patcher, torch.randn(1, 4, 24), 0.6, attention=sdpa_attention,
-                                          mask=right)
+    second = idadapter_patch.IDAdapterMiddlePatch(identity.patcher, torch.randn(1, 4, 24), 0.6,
+                                                  attention=sdpa_attention, mask=right)
     return first, second, first.joined(second), weights
 
 
@@ -438,11 +440,11 @@ def test_an_adapter_files_kv_deltas_are_added_once_at_the_first_applys_weight():
     base = StandInModel()
     base.set_model_patch("another pack's patch", "middle_patch")
     one = base.clone()
-    patches.add_idadapter(one, first, weights.kv_deltas, 0.9)
+    idadapter_patch.add_idadapter(one, first, weights.kv_deltas, 0.9)
     two = one.clone()
-    patches.add_idadapter(two, second, weights.kv_deltas, 0.6)
+    idadapter_patch.add_idadapter(two, second, weights.kv_deltas, 0.6)
     three = two.clone()
-    patches.add_idadapter(three, other_file, weights.kv_deltas, 0.3)
+    idadapter_patch.add_idadapter(three, other_file, weights.kv_deltas, 0.3)
     assert [strength for _, strength in three.kv_calls] == [0.9, 0.3]  # the second apply of the file adds none
     # per apply: the first adds the file's deltas, the second (same file) none, the third (another file) its own
     assert [len(m.kv_calls) for m in (one, two, three)] == [1, 1, 2]
@@ -459,12 +461,12 @@ def test_kv_deltas_that_do_not_land_on_the_model_are_an_error():
     """ComfyUI's add_patches skips keys its model lacks without a word: a UNet laid out otherwise would sample with
     the gated attention and without the K/V deltas."""
     patch, weights = make_patch()
-    keys = sorted(patches.kv_weight_patches(weights.kv_deltas))
-    patches.add_idadapter(StandInModel(weight_keys=set(keys)), patch, weights.kv_deltas, 0.8)  # all land: fine
+    keys = sorted(unet_layout.kv_weight_patches(weights.kv_deltas))
+    idadapter_patch.add_idadapter(StandInModel(weight_keys=set(keys)), patch, weights.kv_deltas, 0.8)  # all land: fine
     with pytest.raises(PackError, match=r"the MODEL has no weights \['diffusion_model.input_blocks.1.1.transformer_"
                        r"blocks.0.attn2.to_k.weight', .* \(2 of the adapter's 6 cross-attention weights\): its UNet "
                        "is not laid out as the SD1.5/SD2.x/SDXL UNet"):
-        patches.add_idadapter(StandInModel(weight_keys=set(keys[2:])), patch, weights.kv_deltas, 0.8)
+        idadapter_patch.add_idadapter(StandInModel(weight_keys=set(keys[2:])), patch, weights.kv_deltas, 0.8)
 
 
 def halves_mask(side=64):

@@ -10,6 +10,8 @@ import torch
 
 from comfyui_idadapter.nodes import errors
 from comfyui_idadapter.nodes.arch import idadapter as ida
+from comfyui_idadapter.nodes.arch.face_embeds import mean_identity_vector
+from comfyui_idadapter.nodes.arch.unet_blocks import FAMILIES
 from idadapter_helpers import tiny_adapter
 from tiny_face_models import make_pack
 
@@ -54,14 +56,14 @@ def test_base_families_are_one_table():
     assert [ida.family_of_unet(c, p) for c, p in ((768, False), (1024, False), (2048, True))] == ["sd15", "sd21", "sdxl"]
     with pytest.raises(errors.ConfigError, match="supports SD1.5 \\(768\\), SD2.x \\(1024\\) and SDXL"):
         ida.family_of_unet(2048, False)
-    assert tuple(ida.FAMILIES["sdxl"]["text_dims"]) == ("l", "g")  # diffusers' text_encoder, text_encoder_2
+    assert tuple(FAMILIES["sdxl"]["text_dims"]) == ("l", "g")  # diffusers' text_encoder, text_encoder_2
 
 
 def test_mean_identity_vector_is_the_unit_mean_of_unit_vectors():
     vectors = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
     expected = torch.tensor([1.0, 1.0]) / 2**0.5
-    torch.testing.assert_close(ida.mean_identity_vector(vectors), expected)
-    torch.testing.assert_close(ida.mean_identity_vector(vectors[None].repeat(2, 1, 1)), expected.repeat(2, 1))
+    torch.testing.assert_close(mean_identity_vector(vectors), expected)
+    torch.testing.assert_close(mean_identity_vector(vectors[None].repeat(2, 1, 1)), expected.repeat(2, 1))
 
 
 def test_fill_references_to_n():

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from comfyui_idadapter.nodes.arch import wplus
-from comfyui_idadapter.nodes.arch.idadapter import BlockSpec, sdpa_attention
+from comfyui_idadapter.nodes.arch.unet_blocks import BlockSpec, sdpa_attention
 from comfyui_idadapter.nodes.errors import ConfigError, ModelFileError
 
 SD15_CHANNELS = (320, 640, 1280, 1280)

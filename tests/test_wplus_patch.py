@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from comfyui_idadapter.nodes import patches
 from comfyui_idadapter.nodes.arch import wplus
-from comfyui_idadapter.nodes.arch.idadapter import BlockSpec, sdpa_attention
+from comfyui_idadapter.nodes.arch.unet_blocks import BlockSpec, sdpa_attention
 from comfyui_idadapter.nodes.errors import ImageInputError, PackError
+from comfyui_idadapter.nodes.patches import shared, unet_layout, wplus_patch
 from idadapter_helpers import StandInPatcher
 
 BLOCK, CHANNELS, HEADS, CONTEXT = "input_1_0", 32, 4, 768
@@ -30,8 +30,8 @@ def qkv(batch=2, tokens=16, seed=1):
 
 def patch_for(adapter, scale=1.0, codes=None, **kwargs):
     codes = torch.randn(1, 18, 512, generator=torch.Generator().manual_seed(2)) if codes is None else codes
-    return patches.WPlusAttn2Replace(StandInPatcher(adapter), BLOCK, adapter.tokens(codes), adapter.uncond_tokens(codes),
-                                     scale, attention=sdpa_attention, **kwargs)
+    return wplus_patch.WPlusAttn2Replace(StandInPatcher(adapter), BLOCK, adapter.tokens(codes),
+                                         adapter.uncond_tokens(codes), scale, attention=sdpa_attention, **kwargs)
 
 
 OPTIONS = {"n_heads": HEADS, "cond_or_uncond": [1, 0]}  # ComfyUI's [uncond, cond] chunks
@@ -116,15 +116,16 @@ def test_one_mask_for_all_latents_or_one_per_latent_scales_each_rows_residual(ad
     h = sdpa_attention(q, k, v, HEADS)
     residual = patch_for(adapter, 1.0)(q, k, v, options) - h
     per_image = torch.tensor([0.25, 0.5, 1.0]).reshape(-1, 1, 1).expand(-1, 4, 4)
-    out = patch_for(adapter, 1.0, mask=patches.check_attn_mask(per_image))(q, k, v, options)
+    out = patch_for(adapter, 1.0, mask=shared.check_attn_mask(per_image))(q, k, v, options)
     rows = torch.tensor([0.25, 0.5, 1.0, 0.25, 0.5, 1.0]).reshape(-1, 1, 1)
     torch.testing.assert_close(out - h, residual * rows, rtol=1e-5, atol=1e-6)
-    one = patch_for(adapter, 1.0, mask=patches.check_attn_mask(torch.full((4, 4), 1.5)))(q, k, v, options)
+    one = patch_for(adapter, 1.0, mask=shared.check_attn_mask(torch.full((4, 4), 1.5)))(q, k, v, options)
     torch.testing.assert_close(one - h, residual, rtol=0, atol=0)  # 1.5 is clamped to 1
 
 
 def test_block_keys_round_trip():
-    assert patches.block_key("input_1_0") == ("input", 1, 0) and patches.block_key("middle_0_0") == ("middle", 0, 0)
+    assert unet_layout.block_key("input_1_0") == ("input", 1, 0)
+    assert unet_layout.block_key("middle_0_0") == ("middle", 0, 0)
 
 
 def test_several_codes_add_their_own_residuals_on_the_same_text_attention(adapter):
@@ -141,9 +142,9 @@ def test_several_codes_add_their_own_residuals_on_the_same_text_attention(adapte
     both = first.joined(second)
     h = other_pack(q, k, v, options)
     r1 = first(q, k, v, options) - h
-    r2 = patches.WPlusAttn2Replace(second.identities[0].patcher, BLOCK, second.identities[0].tokens,
-                                   second.identities[0].uncond_tokens, 0.5, mask=1 - left, previous=other_pack,
-                                   attention=sdpa_attention)(q, k, v, options) - h
+    r2 = wplus_patch.WPlusAttn2Replace(second.identities[0].patcher, BLOCK, second.identities[0].tokens,
+                                       second.identities[0].uncond_tokens, 0.5, mask=1 - left, previous=other_pack,
+                                       attention=sdpa_attention)(q, k, v, options) - h
     torch.testing.assert_close(both(q, k, v, options) - h, r1 + r2, rtol=0, atol=1e-6)
     columns = lambda r: r.abs().amax(dim=(0, 2)).reshape(4, 4)  # noqa: E731
     assert (columns(r1)[:, 2:] == 0).all() and (columns(r1)[:, :2] > 0).all()
@@ -170,9 +171,9 @@ def test_a_second_apply_joins_the_first_ones_patch_and_keeps_the_other_packs(ada
 
     model.set_model_attn2_replace(other_pack, "input", 1, 0)
     first, second = patch_for(adapter, 1.0), patch_for(adapter, 0.5)
-    patches.add_wplus(model, first)
+    wplus_patch.add_wplus(model, first)
     assert first.previous is other_pack
-    patches.add_wplus(model, second)
+    wplus_patch.add_wplus(model, second)
     installed = model.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
     assert installed.identities == first.identities + second.identities and installed.previous is other_pack
     assert installed.models() == [first.identities[0].patcher, second.identities[0].patcher]

@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 
 from comfyui_idadapter.nodes.arch import e4e as e4e_arch  # noqa: E402
 from comfyui_idadapter.nodes.arch import wplus as wp  # noqa: E402
-from comfyui_idadapter.nodes.arch.idadapter import BlockSpec  # noqa: E402
+from comfyui_idadapter.nodes.arch.unet_blocks import BlockSpec  # noqa: E402
 from comfyui_idadapter.nodes.errors import ConfigError  # noqa: E402
 from comfyui_idadapter.training import data, diffusers_binding, loop, tiny  # noqa: E402
 from comfyui_idadapter.training import wplus_task as wt  # noqa: E402

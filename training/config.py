@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from ..nodes.arch.idadapter import CONFIG_LIMITS, DEFAULT_IDENTIFIER, FACE_CROP_MARGIN_LIMIT, check_identifier
+from ..nodes.arch.idadapter import DEFAULT_IDENTIFIER, check_identifier
+from ..nodes.arch.idadapter_file import CONFIG_LIMITS, FACE_CROP_MARGIN_LIMIT
 from ..nodes.errors import ConfigError, PackError
 from .face_gate import GATES
 from .id_decode import DECODES

@@ -21,7 +21,8 @@ import logging
 import torch
 from torch import nn
 
-from ..nodes.arch.idadapter import BlockSpec, GatedSelfAttention, IDAdapter, add_on_rows, block_name, sdpa_attention
+from ..nodes.arch.idadapter import GatedSelfAttention, IDAdapter
+from ..nodes.arch.unet_blocks import BlockSpec, add_on_rows, block_name, sdpa_attention
 
 
 def transformer_blocks(unet) -> dict[str, nn.Module]:

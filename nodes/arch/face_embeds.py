@@ -244,6 +244,12 @@ def combine(items: list[FaceEmbeds], mode: str) -> FaceEmbeds:
     return FaceEmbeds(mean, recognizer=recognizer)
 
 
+def mean_identity_vector(arcface: torch.Tensor) -> torch.Tensor:
+    """f_a: the unit-length mean of the references' unit ArcFace vectors ([..., F, d] -> [..., d])."""
+    normalize = torch.nn.functional.normalize
+    return normalize(normalize(arcface.float(), dim=-1).mean(-2), dim=-1)
+
+
 def save_face_embeds(fe: FaceEmbeds, path: str, *, replace: bool = True) -> None:
     """Writes ``fe`` as ``face_embeds/1`` safetensors; ``replace=False``: FileExistsError if ``path`` exists."""
     tensors = {"embeds": fe.embeds.float().contiguous().cpu()}

@@ -25,8 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .face_embeds import FaceEmbeds
-from .idadapter import mean_identity_vector
+from .face_embeds import FaceEmbeds, mean_identity_vector
 from .iresnet import ARCFACE_TEMPLATE_112
 
 # how far the nose tip stands in front of the plane of the eyes and mouth corners, in inter-ocular distances: a

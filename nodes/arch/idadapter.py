@@ -10,65 +10,31 @@ Text-to-Image Models"): the one definition of its math, used by the ComfyUI node
   ``y = y + beta * tanh(gamma) * S([y, proj(E_r)])[:, :len(y)]`` with gamma initialised to 0.
 - Cross-attention ``to_k``/``to_v`` of every block are fine-tuned; files store them as deltas.
 
-File format ``idadapter/1``: safetensors; ``__metadata__`` holds ``format``, ``family``, ``config`` (JSON of
-:class:`IDAdapterConfig`) and ``recognizer``, the fingerprint of the ArcFace file that made the training set's
-identity vectors (absent in files exported before it was recorded: unknown). Tensors: ``mff.*``, ``textual.*``,
-``adapters.<block>.*`` and ``kv_delta.<block>.to_k`` / ``.to_v`` ([out, context_dim], trained minus base weight),
-where ``<block>`` is ComfyUI's block key written ``input_4_0`` (block, id, index inside the SpatialTransformer).
-K/V deltas are all or nothing: a file holds both ``to_k`` and ``to_v`` of every configured block (what the trainer
-exports), or no ``kv_delta.*`` tensor at all (an adapter trained without K/V fine-tuning). A block with only one of
-the two, or deltas for some blocks but not others, is a malformed file.
-
-:func:`load_idadapter` trusts nothing in a file: every config field is checked (type, sign, generous upper bounds,
-heads dividing widths), the module is built on the ``meta`` device and its shapes compared with the safetensors
-header before any memory is allocated, and NaN or infinite weights are refused.
+The ``idadapter/1`` file format and its checks are in :mod:`.idadapter_file`; :func:`load_idadapter` and
+:func:`save_idadapter` read and write it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
-from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ModelFileError, NoFaceError
-from .files import check_fingerprint, check_shapes, first_few, open_safetensors, same_weights, write_safetensors
-from .transfer import host_to_device
+from .face_embeds import mean_identity_vector
+from .files import check_fingerprint, check_shapes, open_safetensors, same_weights, write_safetensors
+from .idadapter_file import (FORMAT, KV_PREFIX, REEXPORT, WRITER, IDAdapterConfig, config_from_metadata,
+                             kv_delta_shapes)
+from .unet_blocks import (FAMILIES, Attention, BlockKey, BlockSpec, CastLayerNorm, CastLinear, block_name, cast_like,
+                          sdpa_attention)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "idadapter/1"
-# Each base family's text encoders (ComfyUI's token-dict keys, in the base model's order: text_encoder,
-# text_encoder_2), the UNet's cross-attention width, and whether the UNet also takes pooled text (SDXL's
-# text_time conditioning).
-FAMILIES = {
-    "sd15": {"text_dims": {"l": 768}, "context_dim": 768, "pooled_text": False},
-    "sd21": {"text_dims": {"h": 1024}, "context_dim": 1024, "pooled_text": False},
-    "sdxl": {"text_dims": {"l": 768, "g": 1280}, "context_dim": 2048, "pooled_text": True},
-}
 DEFAULT_IDENTIFIER = "sks"
-BlockKey = tuple  # ("input" | "middle" | "output", block id, index inside the SpatialTransformer)
-
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, Lq, H*D] x [B, Lk, H*D] -> [B, Lq, H*D]; the trainer's kernel (ComfyUI passes its own)."""
-    b, lq, inner = q.shape
-    d = inner // heads
-    q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, lq, inner)
-
-
-def block_name(key: BlockKey) -> str:
-    return f"{key[0]}_{int(key[1])}_{int(key[2])}"
 
 
 def family_of_unet(context_dim: int, pooled_text: bool) -> str:
@@ -79,76 +45,6 @@ def family_of_unet(context_dim: int, pooled_text: bool) -> str:
     raise ConfigError(f"the base UNet has cross-attention width {context_dim}"
                       f"{' with' if pooled_text else ' without'} pooled-text conditioning; IDAdapter supports "
                       "SD1.5 (768), SD2.x (1024) and SDXL base (2048 with pooled text) UNets")
-
-
-@dataclass
-class BlockSpec:
-    channels: int
-    heads: int
-    context_dim: int
-
-
-@dataclass
-class IDAdapterConfig:
-    family: str
-    blocks: dict[str, BlockSpec]  # block name -> dims of that UNet transformer block
-    clip_vision_dim: int = 1280  # width of the CLIP vision encoder (ViT-H/14: 1280, ViT-L/14: 1024)
-    arcface_dim: int = 512
-    width: int = 768  # MFF transformer width
-    mff_heads: int = 12
-    mff_depth: int = 2  # the paper's "two attention blocks"
-    num_tokens: int = 16  # M, the number of E_r tokens
-    embed_dim: int = 768  # E_r width (projected per UNet block)
-    textual_hidden: int = 1024
-    num_images: int = 4  # N, reference images per identity
-    text_dims: dict[str, int] = field(default_factory=dict)
-    # what CLIP vision sees of a reference (reference_crop): a square around the face, the box's longer side plus
-    # this fraction of it on each side; None: the whole photo (files written before face crops)
-    face_crop_margin: float | None = None
-
-    def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ModelFileError(f"unknown base family {self.family!r}; expected one of {sorted(FAMILIES)}")
-        if not self.text_dims:
-            self.text_dims = dict(FAMILIES[self.family]["text_dims"])
-        self.blocks = {
-            name: spec if isinstance(spec, BlockSpec) else BlockSpec(**spec) for name, spec in self.blocks.items()
-        }
-
-    @property
-    def context_dim(self) -> int:
-        return FAMILIES[self.family]["context_dim"]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-
-def cast_like(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``weight`` on x's device and in x's dtype, for this call only (no copy when they already match).
-
-    Whoever owns the weights decides where they are stored (ComfyUI's memory manager may keep them on the CPU
-    under --lowvram); the activations decide the compute dtype, unless autocast is choosing it (the trainer).
-    """
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return weight.to(x.device)
-    return weight.to(x)
-
-
-class CastLinear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) computing with :func:`cast_like` weights."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, cast_like(self.weight, x), None if self.bias is None else cast_like(self.bias, x))
-
-
-class CastLayerNorm(nn.LayerNorm):
-    """nn.LayerNorm (same parameters and state-dict keys) computing with :func:`cast_like` weights."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else cast_like(self.weight, x)
-        bias = None if self.bias is None else cast_like(self.bias, x)
-        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 class _Attention(nn.Module):
@@ -290,20 +186,6 @@ class IDAdapterWeights:
         return self.adapter.config
 
 
-_WRITER = "training/train_idadapter.py (IP-Adapter, AdaFace and W+ files go into their own loaders)"
-_REEXPORT = "The file is damaged or was edited: export it again with training/train_idadapter.py"
-KV_PREFIX = "kv_delta."
-KV_PROJECTIONS = ("to_k", "to_v")
-# Upper bounds of the config's integers: far above any real model (SDXL's widest block has 1280 channels and 20
-# heads), low enough that a hostile config cannot make building the module loop or allocate without end.
-CONFIG_LIMITS = {"clip_vision_dim": 8192, "arcface_dim": 8192, "width": 8192, "mff_heads": 256, "mff_depth": 64,
-                  "num_tokens": 1024, "embed_dim": 8192, "textual_hidden": 16384, "num_images": 256}
-_BLOCK_LIMITS = {"channels": 8192, "heads": 256, "context_dim": 8192}
-_MAX_BLOCKS = 1024  # SDXL has 70 transformer blocks
-FACE_CROP_MARGIN_LIMIT = 4.0  # a square 9 face boxes wide: the whole photo, for any face worth a reference
-_BLOCK_NAME = re.compile(r"(input|middle|output)_\d+_\d+")
-
-
 def save_idadapter(weights: IDAdapterWeights, path: str, dtype: torch.dtype = torch.float32) -> None:
     """Writes ``idadapter/1`` atomically."""
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in weights.adapter.state_dict().items()}
@@ -315,105 +197,16 @@ def save_idadapter(weights: IDAdapterWeights, path: str, dtype: torch.dtype = to
                                       "recognizer": weights.recognizer})
 
 
-def config_from_metadata(meta: dict[str, str], path: str) -> IDAdapterConfig:
-    """The :class:`IDAdapterConfig` in an ``idadapter/1`` file's metadata, every field checked."""
-
-    def refuse(name: str, expected: str, got) -> ModelFileError:
-        return ModelFileError(f"{path}: IDAdapter config field {name!r} must be {expected}, got {got!r}. {_REEXPORT}")
-
-    def bounded_int(name: str, value, limit: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-            raise refuse(name, f"an integer from 1 to {limit}", value)
-        return value
-
-    def divides(heads_name: str, heads: int, width_name: str, width: int) -> None:
-        if width % heads:
-            raise refuse(heads_name, f"a divisor of {width_name} ({width})", heads)
-
-    if "config" not in meta:
-        raise ModelFileError(f"{path}: the metadata has no 'config' field (the JSON IDAdapter config). {_REEXPORT}")
-    try:
-        raw = json.loads(meta["config"])
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
-        raise ModelFileError(f"{path}: the metadata field 'config' is not JSON ({type(exc).__name__}: {exc}). "
-                             f"{_REEXPORT}") from exc
-    if not isinstance(raw, dict):
-        raise refuse("config", "a JSON object", type(raw).__name__)
-    unknown = sorted(set(raw) - {f.name for f in fields(IDAdapterConfig)})
-    if unknown:
-        raise ModelFileError(f"{path}: unknown IDAdapter config fields {first_few(unknown)}; this loader knows "
-                             f"{sorted(f.name for f in fields(IDAdapterConfig))}. {_REEXPORT}")
-    family = raw.get("family")
-    if not isinstance(family, str) or family not in FAMILIES:
-        raise refuse("family", f"one of {sorted(FAMILIES)}", family)
-    values = {name: bounded_int(name, raw[name], limit) for name, limit in CONFIG_LIMITS.items() if name in raw}
-    divides("mff_heads", values.get("mff_heads", IDAdapterConfig.mff_heads),
-            "width", values.get("width", IDAdapterConfig.width))
-    margin = raw.get("face_crop_margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
-                               or not 0 <= margin <= FACE_CROP_MARGIN_LIMIT):
-        raise refuse("face_crop_margin", f"null or a number from 0 to {FACE_CROP_MARGIN_LIMIT}", margin)
-    text_dims = raw.get("text_dims", FAMILIES[family]["text_dims"])
-    if text_dims != FAMILIES[family]["text_dims"]:
-        raise refuse("text_dims", f"{family}'s text encoder widths {FAMILIES[family]['text_dims']}", text_dims)
-    blocks = raw.get("blocks")
-    if not isinstance(blocks, dict) or len(blocks) > _MAX_BLOCKS:
-        raise refuse("blocks", f"a mapping of at most {_MAX_BLOCKS} block names to block dims",
-                     blocks if not isinstance(blocks, dict) else f"{len(blocks)} blocks")
-    specs = {}
-    for name, spec in blocks.items():
-        if not _BLOCK_NAME.fullmatch(name):
-            raise refuse(f"blocks.{name}", "named like 'input_4_0' (input/middle/output, block id, index)", name)
-        if not isinstance(spec, dict) or set(spec) != set(_BLOCK_LIMITS):
-            raise refuse(f"blocks.{name}", f"a mapping with exactly {sorted(_BLOCK_LIMITS)}", spec)
-        dims = {k: bounded_int(f"blocks.{name}.{k}", spec[k], limit) for k, limit in _BLOCK_LIMITS.items()}
-        divides(f"blocks.{name}.heads", dims["heads"], f"blocks.{name}.channels", dims["channels"])
-        if dims["context_dim"] != FAMILIES[family]["context_dim"]:
-            raise refuse(f"blocks.{name}.context_dim", f"{family}'s cross-attention width "
-                         f"{FAMILIES[family]['context_dim']}", dims["context_dim"])
-        specs[name] = BlockSpec(**dims)
-    return IDAdapterConfig(family=family, blocks=specs, text_dims=dict(text_dims),
-                           face_crop_margin=None if margin is None else float(margin), **values)
-
-
-def _kv_delta_shapes(cfg: IDAdapterConfig, names, path: str) -> dict[str, tuple[int, int]]:
-    """The K/V delta tensors a file must hold, given the tensor ``names`` it has: none, or both projections of
-    every configured block (see the module docstring)."""
-    present: dict[str, set[str]] = {}
-    for key in names:
-        if not key.startswith(KV_PREFIX):
-            continue
-        parts = key.split(".")
-        if len(parts) != 3 or parts[1] not in cfg.blocks or parts[2] not in KV_PROJECTIONS:
-            raise ModelFileError(
-                f"{path}: malformed K/V delta tensor {key!r}; expected '{KV_PREFIX}<block>.to_k' or '.to_v' with "
-                f"<block> one of the config's blocks {first_few(sorted(cfg.blocks))}. {_REEXPORT}"
-            )
-        present.setdefault(parts[1], set()).add(parts[2])
-    if not present:
-        return {}
-    halves = sorted(name for name, projections in present.items() if len(projections) < len(KV_PROJECTIONS))
-    if halves:
-        raise ModelFileError(f"{path}: the K/V deltas of blocks {first_few(halves)} hold only one of to_k/to_v; "
-                             f"every block needs both. {_REEXPORT}")
-    missing = sorted(set(cfg.blocks) - set(present))
-    if missing:
-        raise ModelFileError(f"{path}: K/V deltas are missing for blocks {first_few(missing)}; a file holds them for "
-                             f"every configured block or for none. {_REEXPORT}")
-    return {f"{KV_PREFIX}{name}.{projection}": (spec.channels, spec.context_dim)
-            for name, spec in cfg.blocks.items() for projection in KV_PROJECTIONS}
-
-
 def load_idadapter(path: str) -> IDAdapterWeights:
     """Reads ``idadapter/1``; nothing is allocated before the config and every tensor shape fit the file."""
-    with open_safetensors(path, FORMAT, "IDAdapter file", _WRITER) as f:
+    with open_safetensors(path, FORMAT, "IDAdapter file", WRITER) as f:
         cfg = config_from_metadata(f.metadata, path)
-        recognizer = check_fingerprint(f.metadata.get("recognizer", ""), path, _REEXPORT)
+        recognizer = check_fingerprint(f.metadata.get("recognizer", ""), path, REEXPORT)
         with torch.device("meta"):  # shapes only, no memory: the real tensors come from the file
             adapter = IDAdapter(cfg)
         expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
-        expected.update(_kv_delta_shapes(cfg, f.shapes, path))
-        check_shapes(path, f.shapes, expected, "its own config", _REEXPORT)
+        expected.update(kv_delta_shapes(cfg, f.shapes, path))
+        check_shapes(path, f.shapes, expected, "its own config", REEXPORT)
         tensors = f.tensors()
     kv: dict[str, dict[str, torch.Tensor]] = {}
     module_tensors = {}
@@ -505,11 +298,6 @@ def identity_prompt(caption: str, class_noun: str, identifier: str) -> str:
     caption = caption.strip().rstrip(",").rstrip()
     phrase = f"{class_noun.strip()} is {identifier}"
     return f"{caption}, {phrase}" if caption else phrase
-
-
-def mean_identity_vector(arcface: torch.Tensor) -> torch.Tensor:
-    """f_a: the unit-length mean of the references' unit ArcFace vectors ([..., F, d] -> [..., d])."""
-    return F.normalize(F.normalize(arcface.float(), dim=-1).mean(-2), dim=-1)
 
 
 def fill_references(images: torch.Tensor, count: int, seed: int, augment: bool = True) -> torch.Tensor:
@@ -637,20 +425,3 @@ def clip_vision_preprocess(images: torch.Tensor, size: int, mean=CLIP_MEAN, std=
     mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
     return (cropped - mean_t) / std_t
-
-
-def add_on_rows(x: torch.Tensor, rows: list[int] | None, residual: Callable) -> torch.Tensor:
-    """``x`` with ``residual(x[sel], sel)`` added on the selected batch rows (None: every row).
-
-    The adapter runs on the conditional CFG rows only. They are usually one contiguous run (ComfyUI's
-    [uncond, cond] chunks), which is sliced: no index tensors, gathers or host-to-device copies.
-    """
-    if rows is None:
-        return x + residual(x, slice(None))
-    if not rows:
-        return x
-    start, stop = rows[0], rows[0] + len(rows)
-    if rows == list(range(start, stop)):
-        return torch.cat([x[:start], x[start:stop] + residual(x[start:stop], slice(start, stop)), x[stop:]])
-    index = host_to_device(torch.tensor(rows, dtype=torch.long), x.device)
-    return x.index_add(0, index, residual(x[index], index))

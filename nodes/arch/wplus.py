@@ -15,7 +15,7 @@ the one definition of its math, used by the ComfyUI nodes and the trainer (refer
 - The official file indexes the processors by their position in diffusers' ``unet.attn_processors`` of an SD1.5
   UNet (down_blocks, then up_blocks, then mid_block; attn1 and attn2 of each transformer block in turn), so the
   cross-attention layers are the odd indices 1 … 31. :data:`OFFICIAL_SD15_LAYERS` maps each to the pack's block
-  name (ComfyUI's block key, ``input_1_0`` …, see :func:`idadapter.block_name`) and width.
+  name (ComfyUI's block key, ``input_1_0`` …, see :func:`unet_blocks.block_name`) and width.
 
 File format ``wplus/1``: safetensors; ``__metadata__`` holds ``format``, ``family`` and ``config`` (JSON of
 :class:`WPlusAdapterConfig`: ``{"family": "sd15", "blocks": {"input_1_0": {"channels": 320, "heads": 8,
@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import ConfigError, ModelFileError
 from .files import (check_shapes, first_few, looks_like_safetensors, open_safetensors, read_tensors_only,
                     write_safetensors)
-from .idadapter import FAMILIES, Attention, BlockKey, BlockSpec, CastLayerNorm, CastLinear, block_name, sdpa_attention
+from .unet_blocks import FAMILIES, Attention, BlockKey, BlockSpec, CastLayerNorm, CastLinear, block_name, sdpa_attention
 
 FORMAT = "wplus/1"
 W_ROWS, W_DIM = 18, 512  # StyleGAN2 FFHQ 1024: 18 style rows of 512 (what e4e gives)
