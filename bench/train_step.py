@@ -52,9 +52,10 @@ from comfyui_idadapter.nodes.arch.iresnet import IRESNET_LAYERS, IResNet
 from comfyui_idadapter.training import tiny
 from comfyui_idadapter.nodes.arch import adaface as ada
 from comfyui_idadapter.training.adaface_task import DEFAULT_LAYER_WEIGHTS, AdaFaceModels, AdaFaceTask
+from comfyui_idadapter.training.base_model import PerImageCache
 from comfyui_idadapter.training.config import COMPILE_TARGETS, AdaFaceTrainConfig, IDAdapterTrainConfig
 from comfyui_idadapter.training.id_decode import DECODES
-from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PerImageCache, PhotoPrefetcher
+from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PhotoPrefetcher
 
 
 def sd21_components(device, tokenizer, pack):

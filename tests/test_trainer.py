@@ -18,8 +18,9 @@ from comfyui_idadapter.nodes.arch import idadapter as ida  # noqa: E402
 from comfyui_idadapter.nodes.arch.files import file_fingerprint  # noqa: E402
 from comfyui_idadapter.nodes.face.insightface_backend import recognizer_file  # noqa: E402
 from comfyui_idadapter.training import data, diffusers_binding, loop, tiny  # noqa: E402
+from comfyui_idadapter.training.base_model import PerImageCache  # noqa: E402
 from comfyui_idadapter.training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
-from comfyui_idadapter.training.idadapter_task import IDAdapterTask, PerImageCache  # noqa: E402
+from comfyui_idadapter.training.idadapter_task import IDAdapterTask  # noqa: E402
 from comfyui_idadapter.training.prompts import identity_token  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

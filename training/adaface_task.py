@@ -34,6 +34,7 @@ from . import data as dataset
 from .adaface_compos import (capturing_cross_attention, end_token_index, replaced_positions,
                              subject_token_mass)
 from .adaface_losses import delta_loss_over, face_preserving_loss, mask_to_token_grid
+from .base_model import load_base_model, sd_pipelines
 from .config import COMPOSITION_STAGE_SETTINGS, AdaFaceTrainConfig
 from .diffusion import ddim_step
 from .loop import step_generator
@@ -105,7 +106,6 @@ def load_models(config: AdaFaceTrainConfig) -> tuple[AdaFaceModels, str, str]:
     from diffusers import UNet2DConditionModel
 
     from ..nodes.arch.arc2face import load_arc2face_encoder
-    from .idadapter_task import load_base_model
 
     teacher_folder = os.path.join(config.arc2face, "arc2face")  # checked first: the base takes a while to load
     if not os.path.isfile(os.path.join(teacher_folder, "config.json")):
@@ -528,8 +528,6 @@ class AdaFaceTask:
         """Images of the first held-out face (else a dataset face) for each validation prompt, with CFG."""
         from diffusers import DDIMScheduler
         from PIL import Image
-
-        from .idadapter_task import sd_pipelines
 
         pipeline_class = sd_pipelines()[0]
         pipe = pipeline_class(vae=self.m.vae, text_encoder=self.m.text_encoder, tokenizer=self.m.tokenizer,

@@ -40,9 +40,9 @@ from ..nodes.errors import ConfigError
 from . import data as dataset
 from . import diffusers_binding
 from . import wplus_losses as losses
+from .base_model import PerImageCache, base_family, load_base_model, sd_pipelines
 from .config import WPlusTrainConfig
 from .diffusion import training_target, vae_downscale
-from .idadapter_task import PerImageCache, base_family, load_base_model, sd_pipelines
 from .loop import step_generator
 
 CODE_CACHE_FORMAT = "wplus_codes/1"

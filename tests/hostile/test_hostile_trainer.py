@@ -259,7 +259,7 @@ def test_complete_folders_pass_and_load(model_folders, tmp_path):
     Stable Diffusion's published folders (vocab.json + merges.txt beside tokenizer_config.json)."""
     from transformers import CLIPVisionModelWithProjection
 
-    from comfyui_idadapter.training.idadapter_task import load_base_model
+    from comfyui_idadapter.training.base_model import load_base_model
 
     def vocab_files(folder):
         os.remove(folder / "tokenizer" / "tokenizer.json")
