@@ -51,6 +51,7 @@ from common import SD15_UNET, comparison, comparison_lines, device_name, interle
 from comfyui_idadapter.nodes.arch.iresnet import IRESNET_LAYERS, IResNet
 from comfyui_idadapter.training import tiny
 from comfyui_idadapter.nodes.arch import adaface as ada
+from comfyui_idadapter.training.adaface_expansion import expand_to_multipliers
 from comfyui_idadapter.training.adaface_task import DEFAULT_LAYER_WEIGHTS, AdaFaceModels, AdaFaceTask
 from comfyui_idadapter.training.base_model import PerImageCache
 from comfyui_idadapter.training.config import COMPILE_TARGETS, AdaFaceTrainConfig, IDAdapterTrainConfig
@@ -99,7 +100,7 @@ def adaface_task(device, tokenizer, pack, dataset, args):
                                             hidden_act="quick_gelu", bos_token_id=len(tokenizer) - 2,
                                             eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1))
         inverter = ada.CLIPTextTransformer(ada.TextModelConfig())
-        ada.expand_to_multipliers(inverter, args.multipliers)
+        expand_to_multipliers(inverter, args.multipliers)
         models = AdaFaceModels(
             tokenizer=tokenizer, text_encoder=text, unet=sd15_unet(), noise_scheduler=tiny.tiny_scheduler("epsilon"),
             vae=tiny.tiny_vae(), teacher_unet=sd15_unet(), arc2face=ada.CLIPTextTransformer(ada.TextModelConfig()),

@@ -13,8 +13,8 @@ With ``--stage composition``: the paper's stage 2, composition distillation (``A
 
 Trainable: the inverter's transformer layers, final layer norm and hidden-state layer weights (its token and
 position embeddings stay CLIP's, as in the official code). Dynamic model expansion multiplies the K/V copies of
-chosen layers when the loss plateaus or at given steps (``adaface.expand_kv``); the loop grows the optimiser and
-EMA state with them, and a resumed run grows the fresh inverter to the checkpoint's shapes first.
+chosen layers when the loss plateaus or at given steps (``training.adaface_expansion``); the loop grows the optimiser
+and EMA state with them, and a resumed run grows the fresh inverter to the checkpoint's shapes first.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch import nn
 
 from ..nodes.arch import adaface as ada
 from ..nodes.errors import ConfigError
+from . import adaface_expansion as expansion
 from . import data as dataset
 from .adaface_compos import (capturing_cross_attention, end_token_index, replaced_positions,
                              subject_token_mass)
@@ -260,7 +261,7 @@ class AdaFaceTask:
         shapes = {k[len("inverter."):]: tuple(v.shape) for k, v in state.items() if k.startswith("inverter.")}
         multipliers = ada.kv_multipliers_from_shapes(shapes, "", cfg.hidden_size, cfg.num_layers, "the checkpoint")
         if multipliers != cfg.kv_multipliers:
-            ada.expand_to_multipliers(self.trainable.inverter, multipliers)
+            expansion.expand_to_multipliers(self.trainable.inverter, multipliers)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         inverter = {k[len("inverter."):]: v for k, v in state.items() if k.startswith("inverter.")}
@@ -479,9 +480,9 @@ class AdaFaceTask:
         grown = None
         if due:
             inverter = self.trainable.inverter
-            factors = ada.parse_expansion(cfg.expand_factors[done], inverter.config.num_layers)
+            factors = expansion.parse_expansion(cfg.expand_factors[done], inverter.config.num_layers)
             gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + step)
-            grown = ada.expand_kv(inverter, factors, cfg.expand_noise, gen)
+            grown = expansion.expand_kv(inverter, factors, cfg.expand_noise, gen)
             done += 1
             best, last_improved = float("inf"), step  # the grown model's loss starts a new plateau search
             self.log(f"step {step}: expanded the inverter's keys/values ({cfg.expand_factors[done - 1]}); "

@@ -555,7 +555,8 @@ class AdaFaceTrainConfig(TrainConfig):
             self.optimizer = "prodigy" if importlib.util.find_spec("prodigyopt") else "adamw"
 
     def method_problems(self) -> list[str]:
-        from ..nodes.arch.adaface import check_placeholder, parse_expansion
+        from ..nodes.arch.adaface import check_placeholder
+        from .adaface_expansion import parse_expansion
 
         problems = []
         if self.resolution % 8 or self.resolution < 32:

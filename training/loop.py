@@ -45,8 +45,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from ..nodes.errors import ConfigError, PackError
 from . import checkpoint as ckpt
@@ -340,8 +342,6 @@ def _run(task, config, accelerator) -> str:
             ema.step(params)
         grown = task.after_step(step, logs) if hasattr(task, "after_step") else None
         if grown:  # the task grew some parameters in place: their optimiser and EMA state grows the same way
-            from ..nodes.arch.adaface import expand_optimizer_state
-
             expand_optimizer_state(getattr(optimizer, "optimizer", optimizer), grown)
             if ema is not None:
                 ema.shadow_params = [grown[p](s) if p in grown else s for p, s in zip(params, ema.shadow_params)]
@@ -384,6 +384,25 @@ def make_optimizer(task, config, device):
         return Prodigy(groups, lr=1.0, d_coef=config.prodigy_d_coef, weight_decay=config.adam_weight_decay)
     return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.adam_weight_decay,
                              fused=device.type == "cuda")  # one kernel launch set, not one per tensor
+
+
+def expand_optimizer_state(optimizer: torch.optim.Optimizer,
+                           mapping: dict[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    """Makes ``optimizer``'s state follow parameters a task grew in place (``mapping``: what ``after_step`` returned,
+    e.g. ``adaface_expansion.expand_kv``'s, each grown parameter with how a tensor of its old shape grows): for every
+    grown parameter the optimizer holds state for, each state tensor with dimensions (exp_avg, exp_avg_sq, p0, s, ...) goes through its map; scalars (``step``)
+    and non-tensors stay as they are. Call it right after the expansion. A state tensor of another shape than the
+    parameter's old one (a factored second moment, or state already expanded) is refused before anything changes."""
+    updates = []
+    for param, expand in mapping.items():
+        state = optimizer.state.get(param)
+        if not state:
+            continue  # not held by this optimizer, or no step yet: its state will be created at the new shape
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                updates.append((state, key, expand(value)))
+    for state, key, value in updates:
+        state[key] = value
 
 
 def _names(folders: list[str]) -> str:
