@@ -51,10 +51,11 @@ from common import SD15_UNET, comparison, comparison_lines, device_name, interle
 from comfyui_idadapter.nodes.arch.iresnet import IRESNET_LAYERS, IResNet
 from comfyui_idadapter.training import tiny
 from comfyui_idadapter.nodes.arch import adaface as ada
+from comfyui_idadapter.training.adaface_config import AdaFaceTrainConfig
 from comfyui_idadapter.training.adaface_expansion import expand_to_multipliers
 from comfyui_idadapter.training.adaface_task import DEFAULT_LAYER_WEIGHTS, AdaFaceModels, AdaFaceTask
 from comfyui_idadapter.training.base_model import PerImageCache
-from comfyui_idadapter.training.config import COMPILE_TARGETS, AdaFaceTrainConfig, IDAdapterTrainConfig
+from comfyui_idadapter.training.idadapter_config import COMPILE_TARGETS, IDAdapterTrainConfig
 from comfyui_idadapter.training.id_decode import DECODES
 from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PhotoPrefetcher
 
@@ -117,7 +118,7 @@ def wplus_task(device, tokenizer, pack, dataset, args):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from comfyui_idadapter.nodes.face import insightface_backend
-    from comfyui_idadapter.training.config import WPlusTrainConfig
+    from comfyui_idadapter.training.wplus_config import WPlusTrainConfig
     from comfyui_idadapter.training.wplus_task import WPlusModels, WPlusTask
 
     with torch.device(device):

@@ -24,9 +24,10 @@ from comfyui_idadapter.training.adaface_compos import (  # noqa: E402
     replaced_positions,
     subject_token_mass,
 )
+from comfyui_idadapter.training.adaface_config import AdaFaceTrainConfig  # noqa: E402
 from comfyui_idadapter.training.adaface_expansion import expand_kv  # noqa: E402
 from comfyui_idadapter.training.adaface_task import AdaFaceTask  # noqa: E402
-from comfyui_idadapter.training.config import AdaFaceTrainConfig, parse_args  # noqa: E402
+from comfyui_idadapter.training.cli import parse_args  # noqa: E402
 
 QUIET = ["--report_to", "none", "--validation_every", "0"]
 MASKED = ("id000", "img00")  # the synthetic photo given a face-mask file

@@ -119,16 +119,16 @@ def test_cli_reports_pack_errors_in_one_line(tmp_path):
 
 def test_cli_catches_only_the_packs_errors(capsys):
     """A plain ValueError is a bug: it must reach the user as a traceback, not as a one-line 'error:'. (Every trainer
-    script's cli is ``loop.exit_code`` around its main.)"""
+    script's cli is ``cli.exit_code`` around its main.)"""
     pytest.importorskip("diffusers")
-    from comfyui_idadapter.training import loop
+    from comfyui_idadapter.training import cli
 
     def fail(error):
         def main(argv=None):
             raise error
         return main
 
-    assert loop.exit_code(fail(errors.DatasetError("no usable identity in 'x'")), []) == 1
+    assert cli.exit_code(fail(errors.DatasetError("no usable identity in 'x'")), []) == 1
     assert capsys.readouterr().err == "error: no usable identity in 'x'\n"
     with pytest.raises(ValueError, match="a bug"):
-        loop.exit_code(fail(ValueError("a bug")), [])
+        cli.exit_code(fail(ValueError("a bug")), [])

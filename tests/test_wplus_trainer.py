@@ -20,7 +20,8 @@ from comfyui_idadapter.nodes.arch.idadapter import BlockSpec  # noqa: E402
 from comfyui_idadapter.nodes.errors import ConfigError  # noqa: E402
 from comfyui_idadapter.training import data, diffusers_binding, loop, tiny  # noqa: E402
 from comfyui_idadapter.training import wplus_task as wt  # noqa: E402
-from comfyui_idadapter.training.config import WPlusTrainConfig, parse_args  # noqa: E402
+from comfyui_idadapter.training.cli import parse_args  # noqa: E402
+from comfyui_idadapter.training.wplus_config import WPlusTrainConfig  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report_to", "none", "--validation_every", "0"]

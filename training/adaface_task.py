@@ -34,12 +34,12 @@ from . import adaface_expansion as expansion
 from . import data as dataset
 from .adaface_compos import (capturing_cross_attention, end_token_index, replaced_positions,
                              subject_token_mass)
+from .adaface_config import COMPOSITION_STAGE_SETTINGS, AdaFaceTrainConfig
 from .adaface_losses import delta_loss_over, face_preserving_loss, mask_to_token_grid
 from .base_model import load_base_model, sd_pipelines
-from .config import COMPOSITION_STAGE_SETTINGS, AdaFaceTrainConfig
 from .diffusion import ddim_step
-from .loop import step_generator
 from .prompts import placed_tokens
+from .task import step_generator
 
 DEFAULT_LAYER_WEIGHTS = [[1.0], [2.0], [4.0]]  # the official initial hidden_state_layer_weights
 DELTA_TYPES = ("attn_out", "attn_map", "prompt_embeds")  # the compositional delta loss's feature types

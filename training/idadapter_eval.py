@@ -30,7 +30,7 @@ from ..nodes.face.insightface_backend import embed_faces, recognizer_fingerprint
 from . import data as dataset
 from . import diffusers_binding, tiny
 from .base_model import base_family
-from .config import IDAdapterEvalConfig, IDAdapterTrainConfig, read_prompts
+from .idadapter_config import IDAdapterEvalConfig, IDAdapterTrainConfig, read_prompts
 from .idadapter_task import adapter_config, clip_vision_features, generate_image, load_components, make_pipeline
 from .prompts import PromptEncoder
 

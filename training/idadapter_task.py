@@ -23,14 +23,15 @@ from torch.profiler import record_function
 from ..nodes.arch import idadapter as ida
 from ..nodes.arch.iresnet import align_faces, load_arcface, same_features
 from ..nodes.arch.transfer import host_to_device
+from ..nodes.errors import ConfigError
 from ..nodes.face import insightface_backend
 from . import data as dataset
 from . import diffusers_binding, face_gate, id_decode
 from .base_model import PerImageCache, base_family, load_base_model, sd_pipelines
-from .config import ConfigError, IDAdapterTrainConfig
 from .diffusion import predicted_x0, training_target
-from .loop import step_generator
+from .idadapter_config import IDAdapterTrainConfig
 from .prompts import PromptEncoder
+from .task import step_generator
 
 
 class Components:

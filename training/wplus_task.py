@@ -41,9 +41,9 @@ from . import data as dataset
 from . import diffusers_binding
 from . import wplus_losses as losses
 from .base_model import PerImageCache, base_family, load_base_model, sd_pipelines
-from .config import WPlusTrainConfig
 from .diffusion import training_target, vae_downscale
-from .loop import step_generator
+from .task import step_generator
+from .wplus_config import WPlusTrainConfig
 
 CODE_CACHE_FORMAT = "wplus_codes/1"
 CODE_BATCH = 16  # faces per e4e call while filling the code cache
