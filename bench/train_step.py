@@ -53,11 +53,13 @@ from comfyui_idadapter.training import tiny
 from comfyui_idadapter.nodes.arch import adaface as ada
 from comfyui_idadapter.training.adaface_config import AdaFaceTrainConfig
 from comfyui_idadapter.training.adaface_expansion import expand_to_multipliers
-from comfyui_idadapter.training.adaface_task import DEFAULT_LAYER_WEIGHTS, AdaFaceModels, AdaFaceTask
+from comfyui_idadapter.training.adaface_models import DEFAULT_LAYER_WEIGHTS, AdaFaceModels
+from comfyui_idadapter.training.adaface_task import AdaFaceTask
 from comfyui_idadapter.training.base_model import PerImageCache
 from comfyui_idadapter.training.idadapter_config import COMPILE_TARGETS, IDAdapterTrainConfig
 from comfyui_idadapter.training.id_decode import DECODES
-from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PhotoPrefetcher
+from comfyui_idadapter.training.idadapter_models import Components
+from comfyui_idadapter.training.idadapter_task import IDAdapterTask, PhotoPrefetcher
 
 
 def sd21_components(device, tokenizer, pack):
@@ -119,7 +121,8 @@ def wplus_task(device, tokenizer, pack, dataset, args):
 
     from comfyui_idadapter.nodes.face import insightface_backend
     from comfyui_idadapter.training.wplus_config import WPlusTrainConfig
-    from comfyui_idadapter.training.wplus_task import WPlusModels, WPlusTask
+    from comfyui_idadapter.training.wplus_models import WPlusModels
+    from comfyui_idadapter.training.wplus_task import WPlusTask
 
     with torch.device(device):
         text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,

@@ -91,7 +91,7 @@ def test_embed_references_without_a_face_is_a_no_face_error():
 def test_trainer_takes_any_folder_holding_the_pack(tmp_path):
     """--insightface_pack used to be split into (grandparent, name), which only worked under a folder named models."""
     pytest.importorskip("diffusers")
-    from comfyui_idadapter.training.idadapter_task import load_face_models
+    from comfyui_idadapter.training.idadapter_models import load_face_models
 
     make_pack(str(tmp_path / "somewhere"), "antelopev2")
     folder = tmp_path / "packs" / "antelopev2"

@@ -14,7 +14,8 @@ from comfyui_idadapter.training import diffusers_binding, loop, tiny  # noqa: E4
 from comfyui_idadapter.training.base_model import base_family, is_sdxl_checkpoint  # noqa: E402
 from comfyui_idadapter.training.cli import parse_args  # noqa: E402
 from comfyui_idadapter.training.idadapter_config import IDAdapterTrainConfig  # noqa: E402
-from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask  # noqa: E402
+from comfyui_idadapter.training.idadapter_models import Components  # noqa: E402
+from comfyui_idadapter.training.idadapter_task import IDAdapterTask  # noqa: E402
 from comfyui_idadapter.training.prompts import PromptEncoder  # noqa: E402
 
 

@@ -31,7 +31,7 @@ from . import data as dataset
 from . import diffusers_binding, tiny
 from .base_model import base_family
 from .idadapter_config import IDAdapterEvalConfig, IDAdapterTrainConfig, read_prompts
-from .idadapter_task import adapter_config, clip_vision_features, generate_image, load_components, make_pipeline
+from .idadapter_models import adapter_config, clip_vision_features, generate_image, load_components, make_pipeline
 from .prompts import PromptEncoder
 
 # an identity prompt and one with an expression word, as the paper's ID and diversity prompts are
