@@ -20,7 +20,7 @@ RESUME_QUIET = ("resume",)
 TRAINER_CONFIGS = {c.trainer: c for c in (IDAdapterTrainConfig, WPlusTrainConfig, AdaFaceTrainConfig)}
 
 
-def resume_changes(config, saved: dict) -> tuple[list[str], list[str]]:
+def resume_changes(config: TrainConfig, saved: dict) -> tuple[list[str], list[str]]:
     """(architecture options that differ from the checkpoint's run, other options that differ), as
     "--name old -> new" lines."""
     arch, other = [], []
@@ -33,7 +33,7 @@ def resume_changes(config, saved: dict) -> tuple[list[str], list[str]]:
     return arch, other
 
 
-def check_resume_config(config, folder: str) -> list[str]:
+def check_resume_config(config: TrainConfig, folder: str) -> list[str]:
     """Compares this run's options with those saved in a checkpoint: a checkpoint of another trainer or a changed
     architecture option is a ConfigError naming it; the other changes are returned (this run's values win, the
     trainer prints them)."""
