@@ -51,10 +51,15 @@ from common import SD15_UNET, comparison, comparison_lines, device_name, interle
 from comfyui_idadapter.nodes.arch.iresnet import IRESNET_LAYERS, IResNet
 from comfyui_idadapter.training import tiny
 from comfyui_idadapter.nodes.arch import adaface as ada
-from comfyui_idadapter.training.adaface_task import DEFAULT_LAYER_WEIGHTS, AdaFaceModels, AdaFaceTask
-from comfyui_idadapter.training.config import COMPILE_TARGETS, AdaFaceTrainConfig, IDAdapterTrainConfig
+from comfyui_idadapter.training.adaface_config import AdaFaceTrainConfig
+from comfyui_idadapter.training.adaface_expansion import expand_to_multipliers
+from comfyui_idadapter.training.adaface_models import DEFAULT_LAYER_WEIGHTS, AdaFaceModels
+from comfyui_idadapter.training.adaface_task import AdaFaceTask
+from comfyui_idadapter.training.base_model import PerImageCache
+from comfyui_idadapter.training.idadapter_config import COMPILE_TARGETS, IDAdapterTrainConfig
 from comfyui_idadapter.training.id_decode import DECODES
-from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, PerImageCache, PhotoPrefetcher
+from comfyui_idadapter.training.idadapter_models import Components
+from comfyui_idadapter.training.idadapter_task import IDAdapterTask, PhotoPrefetcher
 
 
 def sd21_components(device, tokenizer, pack):
@@ -98,7 +103,7 @@ def adaface_task(device, tokenizer, pack, dataset, args):
                                             hidden_act="quick_gelu", bos_token_id=len(tokenizer) - 2,
                                             eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1))
         inverter = ada.CLIPTextTransformer(ada.TextModelConfig())
-        ada.expand_to_multipliers(inverter, args.multipliers)
+        expand_to_multipliers(inverter, args.multipliers)
         models = AdaFaceModels(
             tokenizer=tokenizer, text_encoder=text, unet=sd15_unet(), noise_scheduler=tiny.tiny_scheduler("epsilon"),
             vae=tiny.tiny_vae(), teacher_unet=sd15_unet(), arc2face=ada.CLIPTextTransformer(ada.TextModelConfig()),
@@ -115,8 +120,9 @@ def wplus_task(device, tokenizer, pack, dataset, args):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from comfyui_idadapter.nodes.face import insightface_backend
-    from comfyui_idadapter.training.config import WPlusTrainConfig
-    from comfyui_idadapter.training.wplus_task import WPlusModels, WPlusTask
+    from comfyui_idadapter.training.wplus_config import WPlusTrainConfig
+    from comfyui_idadapter.training.wplus_models import WPlusModels
+    from comfyui_idadapter.training.wplus_task import WPlusTask
 
     with torch.device(device):
         text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,

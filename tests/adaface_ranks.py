@@ -8,9 +8,9 @@ import sys
 import pack_import  # noqa: F401  (first: the pack as `comfyui_idadapter`)
 from safetensors.torch import save_file
 
-from comfyui_idadapter.training import loop
+from comfyui_idadapter.training import cli
+from comfyui_idadapter.training.adaface_config import AdaFaceTrainConfig
 from comfyui_idadapter.training.adaface_task import AdaFaceTask
-from comfyui_idadapter.training.config import AdaFaceTrainConfig
 
 built = []
 
@@ -21,7 +21,7 @@ def make_task(config, log):
 
 
 if __name__ == "__main__":
-    loop.train_from_command_line(AdaFaceTrainConfig, make_task, sys.argv[1:], __doc__)
+    cli.train_from_command_line(AdaFaceTrainConfig, make_task, sys.argv[1:], __doc__)
     task = built[-1]
     state = {k: v.detach().cpu().contiguous() for k, v in task.trainable_state().items()}
     save_file(state, os.path.join(task.config.output_dir, f"rank-{task.accelerator.process_index}.safetensors"))

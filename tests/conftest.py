@@ -26,7 +26,8 @@ def tiny_assets(tmp_path_factory):
     """The trainer's tiny preset: models, face pack, synthetic dataset and held-out set, built once per test run
     (base UNet pretraining included); copy it into a run's output folder as ``tiny_assets``."""
     pytest.importorskip("diffusers")
-    from comfyui_idadapter.training.config import IDAdapterTrainConfig, parse_args
+    from comfyui_idadapter.training.cli import parse_args
+    from comfyui_idadapter.training.idadapter_config import IDAdapterTrainConfig
     from comfyui_idadapter.training.idadapter_task import IDAdapterTask
 
     out = tmp_path_factory.mktemp("assets")

@@ -24,8 +24,11 @@ from comfyui_idadapter.training.adaface_compos import (  # noqa: E402
     replaced_positions,
     subject_token_mass,
 )
+from comfyui_idadapter.training.adaface_config import AdaFaceTrainConfig  # noqa: E402
+from comfyui_idadapter.training.adaface_expansion import expand_kv  # noqa: E402
+from comfyui_idadapter.training.adaface_models import DEFAULT_LAYER_WEIGHTS  # noqa: E402
 from comfyui_idadapter.training.adaface_task import AdaFaceTask  # noqa: E402
-from comfyui_idadapter.training.config import AdaFaceTrainConfig, parse_args  # noqa: E402
+from comfyui_idadapter.training.cli import parse_args  # noqa: E402
 
 QUIET = ["--report_to", "none", "--validation_every", "0"]
 MASKED = ("id000", "img00")  # the synthetic photo given a face-mask file
@@ -82,10 +85,10 @@ def task(assets, tmp_path_factory):
 def test_a_tiny_composition_run_trains_only_the_inverter_and_restores_the_unet(assets, tmp_path):
     # it starts, as a stage-2 run does, from an expanded face-stage export given as --inverter_init
     inverter = tiny.tiny_clip_l(layers=2, seed=2)
-    ada.expand_kv(inverter, {0: 2, 1: 2}, 0.1, torch.Generator().manual_seed(0))
+    expand_kv(inverter, {0: 2, 1: 2}, 0.1, torch.Generator().manual_seed(0))
     init = str(tmp_path / "init.safetensors")
     ada.save_adaface(ada.AdaFaceWeights(ada.AdaFaceConfig(inverter.config, None), inverter,
-                                        torch.tensor(adaface_task.DEFAULT_LAYER_WEIGHTS)), init)
+                                        torch.tensor(DEFAULT_LAYER_WEIGHTS)), init)
 
     config = compos_config(with_assets(assets, tmp_path / "run"), "--max_steps", "3", "--inverter_init", init,
                            "--expand_on_plateau", "false")

@@ -5,6 +5,8 @@ import torch
 
 from comfyui_idadapter.nodes.arch import adaface as ada
 from comfyui_idadapter.nodes.errors import ConfigError
+from comfyui_idadapter.training import adaface_expansion as expansion
+from comfyui_idadapter.training.loop import expand_optimizer_state
 from test_adaface_arch import HIDDEN, POSITIONS, random_ids, random_model, tiny_text_config
 
 MULTIPLIERS = [1, 2, 1, 4]
@@ -38,7 +40,7 @@ def test_zero_noise_expansion_leaves_the_outputs_unchanged():
     for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 5e-6)):
         model = inverter(dtype=dtype)
         before = outputs(model, dtype)
-        ada.expand_kv(model, {0: 2, 1: 2, 3: 2})
+        expansion.expand_kv(model, {0: 2, 1: 2, 3: 2})
         for after, expected in zip(outputs(model, dtype), before):
             torch.testing.assert_close(after, expected, rtol=0, atol=tolerance)
 
@@ -47,7 +49,7 @@ def test_expansion_updates_shapes_and_config_and_keeps_the_parameter_objects():
     model = inverter()
     params_before = dict(model.named_parameters())
     old = {i: {k: v.detach().clone() for k, v in kv_params(model, i).items()} for i in range(4)}
-    mapping = ada.expand_kv(model, {0: 3, 1: 2, 2: 1})
+    mapping = expansion.expand_kv(model, {0: 3, 1: 2, 2: 1})
 
     assert model.config.kv_multipliers == [3, 4, 1, 4]
     for i, m in enumerate([3, 4, 1, 4]):
@@ -73,8 +75,8 @@ def test_expansion_updates_shapes_and_config_and_keeps_the_parameter_objects():
 def test_a_factor_of_one_everywhere_changes_nothing():
     model = inverter()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    assert ada.expand_kv(model, {0: 1, 3: 1}) == {}
-    assert ada.expand_kv(model, {}) == {}
+    assert expansion.expand_kv(model, {0: 1, 3: 1}) == {}
+    assert expansion.expand_kv(model, {}) == {}
     assert model.config.kv_multipliers == MULTIPLIERS
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
@@ -90,7 +92,7 @@ def test_block_layout_is_what_keeps_the_function_and_row_interleaving_would_not(
 
     def rebuilt(k_weight, k_bias, v_weight, v_bias):
         other = inverter(dtype=torch.float64)
-        ada.expand_kv(other, {1: 2})
+        expansion.expand_kv(other, {1: 2})
         other_attn = other.text_model.encoder.layers[1].self_attn
         for p, value in zip((other_attn.k_proj.weight, other_attn.k_proj.bias, other_attn.v_proj.weight,
                              other_attn.v_proj.bias), (k_weight, k_bias, v_weight, v_bias)):
@@ -111,7 +113,7 @@ def test_block_layout_is_what_keeps_the_function_and_row_interleaving_would_not(
 def output_change(noise_std: float, seed: int = 5) -> tuple[float, ada.CLIPTextTransformer]:
     model = inverter()
     before = outputs(model)[0]
-    ada.expand_kv(model, {0: 2, 1: 2, 3: 2}, noise_std, torch.Generator().manual_seed(seed))
+    expansion.expand_kv(model, {0: 2, 1: 2, 3: 2}, noise_std, torch.Generator().manual_seed(seed))
     return (outputs(model)[0] - before).norm().item() / before.norm().item(), model
 
 
@@ -120,7 +122,7 @@ def test_noise_is_added_to_every_copy_but_the_first_and_scaled_by_each_weights_s
     old = {i: {k: v.detach().clone() for k, v in kv_params(reference, i).items()} for i in range(4)}
     noise_std = 0.05
     model = inverter()
-    ada.expand_kv(model, {0: 4, 3: 2}, noise_std, torch.Generator().manual_seed(1))
+    expansion.expand_kv(model, {0: 4, 3: 2}, noise_std, torch.Generator().manual_seed(1))
     for i, f in ((0, 4), (3, 2)):
         params = kv_params(model, i)
         noises = {}
@@ -140,7 +142,7 @@ def test_noise_is_added_to_every_copy_but_the_first_and_scaled_by_each_weights_s
         assert correlation.abs() < 0.1
     # the same generator seed gives the same expansion
     again = inverter()
-    ada.expand_kv(again, {0: 4, 3: 2}, noise_std, torch.Generator().manual_seed(1))
+    expansion.expand_kv(again, {0: 4, 3: 2}, noise_std, torch.Generator().manual_seed(1))
     assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
 
 
@@ -156,9 +158,9 @@ def test_the_output_change_grows_linearly_with_the_noise():
 def test_expanding_twice_equals_expanding_once_by_the_product():
     twice, once = inverter(), inverter()
     before = outputs(twice)
-    ada.expand_kv(twice, {0: 2, 1: 2})
-    second = ada.expand_kv(twice, {0: 2, 1: 2})
-    ada.expand_kv(once, {0: 4, 1: 4})
+    expansion.expand_kv(twice, {0: 2, 1: 2})
+    second = expansion.expand_kv(twice, {0: 2, 1: 2})
+    expansion.expand_kv(once, {0: 4, 1: 4})
     assert twice.config.kv_multipliers == once.config.kv_multipliers == [4, 8, 1, 4]
     assert all(torch.equal(a, b) for a, b in zip(twice.state_dict().values(), once.state_dict().values()))
     # the second call's maps start from the first expansion's shapes
@@ -171,7 +173,7 @@ def test_expanding_twice_equals_expanding_once_by_the_product():
 def test_save_load_round_trip_of_an_expanded_model(tmp_path):
     cfg = tiny_text_config(layers=4, multipliers=MULTIPLIERS)
     model = random_model(cfg, seed=3)
-    ada.expand_kv(model, {0: 2, 2: 4, 3: 2}, 0.02, torch.Generator().manual_seed(0))
+    expansion.expand_kv(model, {0: 2, 2: 4, 3: 2}, 0.02, torch.Generator().manual_seed(0))
     # the config the file records is the inverter's own object, so it follows the expansion
     weights = ada.AdaFaceWeights(config=ada.AdaFaceConfig(cfg), inverter=model,
                                  hidden_state_layer_weights=LAYER_WEIGHTS.clone())
@@ -188,12 +190,12 @@ def test_save_load_round_trip_of_an_expanded_model(tmp_path):
 
 def test_expand_to_multipliers_then_load_state_dict_gives_identical_outputs():
     trained = inverter(seed=7)
-    ada.expand_kv(trained, {0: 2, 1: 4, 3: 2}, 0.05, torch.Generator().manual_seed(2))
+    expansion.expand_kv(trained, {0: 2, 1: 4, 3: 2}, 0.05, torch.Generator().manual_seed(2))
     assert trained.config.kv_multipliers == [2, 8, 1, 8]
     expected = outputs(trained.eval())
 
     fresh = ada.CLIPTextTransformer(tiny_text_config(layers=4, multipliers=MULTIPLIERS)).eval()
-    ada.expand_to_multipliers(fresh, [2, 8, 1, 8])
+    expansion.expand_to_multipliers(fresh, [2, 8, 1, 8])
     fresh.load_state_dict(trained.state_dict())
     for a, b in zip(outputs(fresh), expected):
         assert torch.equal(a, b)
@@ -201,7 +203,7 @@ def test_expand_to_multipliers_then_load_state_dict_gives_identical_outputs():
     # as a loader does it: built on the meta device, grown, then materialized with the checkpoint's tensors
     with torch.device("meta"):
         skeleton = ada.CLIPTextTransformer(tiny_text_config(layers=4, multipliers=MULTIPLIERS))
-    ada.expand_to_multipliers(skeleton, [2, 8, 1, 8])
+    expansion.expand_to_multipliers(skeleton, [2, 8, 1, 8])
     loaded = ada.materialized(skeleton, trained.state_dict())
     for a, b in zip(outputs(loaded), expected):
         assert torch.equal(a, b)
@@ -227,14 +229,14 @@ def test_expand_kv_refuses_what_it_cannot_do_and_changes_nothing(factors, noise_
     if isinstance(factors, dict):
         factors = {0: 2, **factors}  # a valid layer first: a refusal must not leave it half done
     with pytest.raises(ConfigError, match=message):
-        ada.expand_kv(model, factors, noise_std)
+        expansion.expand_kv(model, factors, noise_std)
     assert model.config.kv_multipliers == MULTIPLIERS
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_the_largest_multiplier_is_allowed():
     model = inverter()
-    ada.expand_kv(model, {3: ada.MAX_KV_MULTIPLIER // 4})
+    expansion.expand_kv(model, {3: ada.MAX_KV_MULTIPLIER // 4})
     assert model.config.kv_multipliers[3] == ada.MAX_KV_MULTIPLIER
 
 
@@ -247,7 +249,7 @@ def test_the_largest_multiplier_is_allowed():
 def test_expand_to_multipliers_refuses_what_is_not_a_multiple(multipliers, message):
     model = inverter()
     with pytest.raises(ConfigError, match=message):
-        ada.expand_to_multipliers(model, multipliers)
+        expansion.expand_to_multipliers(model, multipliers)
     assert model.config.kv_multipliers == MULTIPLIERS
 
 
@@ -265,8 +267,8 @@ def adamw_trained(steps: int = 2):
 def test_optimizer_state_follows_the_expansion():
     model, optimizer = adamw_trained()
     old_state = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()}
-    mapping = ada.expand_kv(model, {0: 2, 1: 2}, 0.01, torch.Generator().manual_seed(3))
-    ada.expand_optimizer_state(optimizer, mapping)
+    mapping = expansion.expand_kv(model, {0: 2, 1: 2}, 0.01, torch.Generator().manual_seed(3))
+    expand_optimizer_state(optimizer, mapping)
 
     for p in model.parameters():
         state = optimizer.state[p]
@@ -293,12 +295,12 @@ def test_optimizer_state_follows_the_expansion():
 
 def test_optimizer_state_of_another_shape_is_refused():
     model, optimizer = adamw_trained(steps=1)
-    mapping = ada.expand_kv(model, {0: 2})
-    ada.expand_optimizer_state(optimizer, mapping)
+    mapping = expansion.expand_kv(model, {0: 2})
+    expand_optimizer_state(optimizer, mapping)
     expanded = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in mapping}
     with pytest.raises(ConfigError, match=r"cannot expand a tensor of shape \(64, 32\) like a K/V parameter of "
                                           r"shape \(32, 32\)"):
-        ada.expand_optimizer_state(optimizer, mapping)  # a second time: the state is already expanded
+        expand_optimizer_state(optimizer, mapping)  # a second time: the state is already expanded
     for p, state in expanded.items():  # and nothing was changed
         assert all(torch.equal(optimizer.state[p][k], v) for k, v in state.items())
 
@@ -306,8 +308,8 @@ def test_optimizer_state_of_another_shape_is_refused():
 def test_parameters_without_optimizer_state_are_skipped():
     model = inverter()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # no step yet: no state
-    mapping = ada.expand_kv(model, {1: 2})
-    ada.expand_optimizer_state(optimizer, mapping)
+    mapping = expansion.expand_kv(model, {1: 2})
+    expand_optimizer_state(optimizer, mapping)
     assert not any(optimizer.state[p] for p in model.parameters())
 
 
@@ -315,7 +317,7 @@ def test_gradients_flow_to_the_expanded_parameters():
     model = inverter().train()
     faces, template, weights = inputs()
     ada.invert(model, faces, template, weights).square().mean().backward()
-    mapping = ada.expand_kv(model, {0: 2, 3: 2}, 0.01, torch.Generator().manual_seed(4))
+    mapping = expansion.expand_kv(model, {0: 2, 3: 2}, 0.01, torch.Generator().manual_seed(4))
     assert all(p.grad is None for p in mapping)  # the old-shaped gradients are dropped
     model.zero_grad()
     ada.invert(model, faces, template, weights).square().mean().backward()
@@ -330,7 +332,7 @@ def test_gradients_flow_to_the_expanded_parameters():
 
 def test_flattened_optimizer_state_grows_like_its_parameter():
     """Prodigy keeps p0 and s flattened: they grow as the parameter does, and stay flat."""
-    tiling = ada.RowTiling((4, 3), 2)
+    tiling = expansion.RowTiling((4, 3), 2)
     state = torch.arange(12.0)
     grown = tiling(state)
     assert grown.shape == (24,)

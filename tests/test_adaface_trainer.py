@@ -10,8 +10,9 @@ pytest.importorskip("diffusers")
 from comfyui_idadapter.nodes.arch import adaface as ada  # noqa: E402
 from comfyui_idadapter.nodes.errors import ConfigError  # noqa: E402
 from comfyui_idadapter.training import loop  # noqa: E402
+from comfyui_idadapter.training.adaface_config import AdaFaceTrainConfig  # noqa: E402
 from comfyui_idadapter.training.adaface_task import AdaFaceTask  # noqa: E402
-from comfyui_idadapter.training.config import AdaFaceTrainConfig, parse_args  # noqa: E402
+from comfyui_idadapter.training.cli import parse_args  # noqa: E402
 
 QUIET = ["--report_to", "none", "--validation_every", "0"]
 

@@ -67,8 +67,9 @@ def test_trainer_export_gives_the_trainers_tokens_in_load_adaface(work, tmp_path
 
     from comfyui_idadapter.nodes.arch import adaface as ada
     from comfyui_idadapter.training import loop
+    from comfyui_idadapter.training.adaface_config import AdaFaceTrainConfig
     from comfyui_idadapter.training.adaface_task import AdaFaceTask
-    from comfyui_idadapter.training.config import AdaFaceTrainConfig, parse_args
+    from comfyui_idadapter.training.cli import parse_args
 
     config = parse_args(AdaFaceTrainConfig, ["--preset", "tiny", "--output_dir", str(tmp_path), "--report_to", "none",
                                              "--validation_every", "0"])

@@ -19,7 +19,8 @@ from comfyui_idadapter.nodes.arch import idadapter as ida
 from comfyui_idadapter.nodes.arch.face_embeds import FaceEmbeds
 from comfyui_idadapter.nodes.arch.iresnet import ARCFACE_TEMPLATE_112
 from comfyui_idadapter.nodes.errors import ConfigError, DatasetError
-from comfyui_idadapter.training.config import IDAdapterEvalConfig, parse_args
+from comfyui_idadapter.training.cli import parse_args
+from comfyui_idadapter.training.idadapter_config import IDAdapterEvalConfig
 from idadapter_helpers import tiny_adapter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,7 +212,7 @@ def test_bad_option_is_a_config_error(args, fragment):
 
 
 def test_prompt_files_must_hold_prompts(tmp_path, prompt_file):
-    from comfyui_idadapter.training.config import read_prompts
+    from comfyui_idadapter.training.idadapter_config import read_prompts
 
     assert read_prompts(prompt_file) == ["a photo of sks", "a photo of sks, smiling"]
     (tmp_path / "empty.txt").write_text("\n  \n")

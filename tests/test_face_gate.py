@@ -93,7 +93,8 @@ def test_open_rates_reach_tensorboard_finite_and_by_bucket(tmp_path, tiny_assets
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from comfyui_idadapter.training import loop
-    from comfyui_idadapter.training.config import IDAdapterTrainConfig, parse_args
+    from comfyui_idadapter.training.cli import parse_args
+    from comfyui_idadapter.training.idadapter_config import IDAdapterTrainConfig
     from comfyui_idadapter.training.idadapter_task import IDAdapterTask
 
     out = tmp_path / "run"
@@ -120,7 +121,8 @@ def test_the_detector_gate_opens_on_every_training_target_at_training_size(tmp_p
     from accelerate import Accelerator
 
     from comfyui_idadapter.training import data
-    from comfyui_idadapter.training.config import IDAdapterTrainConfig, parse_args
+    from comfyui_idadapter.training.cli import parse_args
+    from comfyui_idadapter.training.idadapter_config import IDAdapterTrainConfig
     from comfyui_idadapter.training.idadapter_task import IDAdapterTask
 
     shutil.copytree(tiny_assets, tmp_path / "tiny_assets")

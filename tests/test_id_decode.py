@@ -125,7 +125,8 @@ def test_a_tiny_training_step_decodes_windows_and_gates_them(tmp_path, tiny_asse
 
     from accelerate import Accelerator
 
-    from comfyui_idadapter.training.config import IDAdapterTrainConfig, parse_args
+    from comfyui_idadapter.training.cli import parse_args
+    from comfyui_idadapter.training.idadapter_config import IDAdapterTrainConfig
     from comfyui_idadapter.training.idadapter_task import IDAdapterTask
 
     shutil.copytree(tiny_assets, tmp_path / "tiny_assets")

@@ -93,7 +93,7 @@ def test_embed_references_without_a_face_is_a_no_face_error():
 def test_trainer_takes_any_folder_holding_the_pack(tmp_path):
     """--insightface_pack used to be split into (grandparent, name), which only worked under a folder named models."""
     pytest.importorskip("diffusers")
-    from comfyui_idadapter.training.idadapter_task import load_face_models
+    from comfyui_idadapter.training.idadapter_models import load_face_models
 
     make_pack(str(tmp_path / "somewhere"), "antelopev2")
     folder = tmp_path / "packs" / "antelopev2"
@@ -121,16 +121,16 @@ def test_cli_reports_pack_errors_in_one_line(tmp_path):
 
 def test_cli_catches_only_the_packs_errors(capsys):
     """A plain ValueError is a bug: it must reach the user as a traceback, not as a one-line 'error:'. (Every trainer
-    script's cli is ``loop.exit_code`` around its main.)"""
+    script's cli is ``cli.exit_code`` around its main.)"""
     pytest.importorskip("diffusers")
-    from comfyui_idadapter.training import loop
+    from comfyui_idadapter.training import cli
 
     def fail(error):
         def main(argv=None):
             raise error
         return main
 
-    assert loop.exit_code(fail(errors.DatasetError("no usable identity in 'x'")), []) == 1
+    assert cli.exit_code(fail(errors.DatasetError("no usable identity in 'x'")), []) == 1
     assert capsys.readouterr().err == "error: no usable identity in 'x'\n"
     with pytest.raises(ValueError, match="a bug"):
-        loop.exit_code(fail(ValueError("a bug")), [])
+        cli.exit_code(fail(ValueError("a bug")), [])

@@ -147,7 +147,7 @@ def test_face_cache_made_by_another_recognizer_is_not_used(tmp_path):
 
 def test_trainer_refuses_an_arcface_with_other_weights_than_the_packs(tmp_path):
     pytest.importorskip("diffusers")
-    from comfyui_idadapter.training.idadapter_task import load_face_models
+    from comfyui_idadapter.training.idadapter_models import load_face_models
 
     pack = make_pack(str(tmp_path / "insightface"), "antelopev2")  # rec.onnx holds random_iresnet(0)
     same_weights_pth = str(tmp_path / "backbone.pth")

@@ -16,10 +16,13 @@ pytest.importorskip("accelerate")
 
 from comfyui_idadapter.nodes.arch import idadapter as ida  # noqa: E402
 from comfyui_idadapter.nodes.arch.files import file_fingerprint  # noqa: E402
+from comfyui_idadapter.nodes.errors import ConfigError  # noqa: E402
 from comfyui_idadapter.nodes.face.insightface_backend import recognizer_file  # noqa: E402
-from comfyui_idadapter.training import data, diffusers_binding, loop, tiny  # noqa: E402
-from comfyui_idadapter.training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
-from comfyui_idadapter.training.idadapter_task import IDAdapterTask, PerImageCache  # noqa: E402
+from comfyui_idadapter.training import checkpoint, data, diffusers_binding, loop, tiny  # noqa: E402
+from comfyui_idadapter.training.base_model import PerImageCache  # noqa: E402
+from comfyui_idadapter.training.cli import parse_args  # noqa: E402
+from comfyui_idadapter.training.idadapter_config import IDAdapterTrainConfig  # noqa: E402
+from comfyui_idadapter.training.idadapter_task import IDAdapterTask  # noqa: E402
 from comfyui_idadapter.training.prompts import identity_token  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +73,7 @@ def test_tiny_run_exports_weights_the_nodes_load_and_only_trainables_change(tmp_
         torch.testing.assert_close(weights.kv_deltas[name][proj], w.detach() - task.base_kv[(name, proj)])
     for k, v in task.adapter.state_dict().items():
         assert torch.equal(weights.adapter.state_dict()[k], v)
-    assert [os.path.basename(c) for c in loop.checkpoints(str(out))] == ["checkpoint-2", "checkpoint-4"]
+    assert [os.path.basename(c) for c in checkpoint.checkpoints(str(out))] == ["checkpoint-2", "checkpoint-4"]
     assert list((out / "validation").glob("step0000004_*.png"))
     assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
 
@@ -114,10 +117,10 @@ def test_killed_process_loses_only_steps_since_the_checkpoint(tmp_path, tiny_ass
                              "--preset", "tiny", "--output_dir", str(out), *args, *QUIET],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert (out / "checkpoint-4.tmp" / loop.TRAINABLE_FILE).is_file()  # written whole, never renamed
-    survivors = loop.checkpoints(str(out))  # complete checkpoints only
+    assert (out / "checkpoint-4.tmp" / checkpoint.TRAINABLE_FILE).is_file()  # written whole, never renamed
+    survivors = checkpoint.checkpoints(str(out))  # complete checkpoints only
     assert [os.path.basename(c) for c in survivors] == ["checkpoint-2"]
-    assert os.path.isfile(os.path.join(survivors[0], loop.TRAINABLE_FILE))
+    assert os.path.isfile(os.path.join(survivors[0], checkpoint.TRAINABLE_FILE))
     assert not (out / "idadapter.safetensors").exists()
     # resume from what survived: the same weights as a run that was never interrupted
     _, resumed = train(out, *args, "--resume", "latest")

@@ -21,7 +21,6 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 
 from comfyui_idadapter.nodes.arch import adaface as ada  # noqa: E402
 from comfyui_idadapter.training import checkpoint as ckpt  # noqa: E402
-from comfyui_idadapter.training import loop  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IDADAPTER = os.path.join(REPO, "training", "train_idadapter.py")
@@ -98,7 +97,7 @@ def test_two_processes_train_on_different_examples_and_resume_exactly(tmp_path):
         assert not {i for i, _ in seen[(0, step)]} & {i for i, _ in seen[(1, step)]}, seen
 
     # complete checkpoints only, each with every process's RNG state and no pickle
-    assert [os.path.basename(c) for c in loop.checkpoints(str(straight))] == ["checkpoint-2", "checkpoint-4"]
+    assert [os.path.basename(c) for c in ckpt.checkpoints(str(straight))] == ["checkpoint-2", "checkpoint-4"]
     assert not list(straight.glob("*.tmp"))
     for name in ("checkpoint-2", "checkpoint-4"):
         assert sorted(os.listdir(straight / name)) == CHECKPOINT_FILES

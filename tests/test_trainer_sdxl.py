@@ -8,10 +8,14 @@ pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
 from comfyui_idadapter.nodes.arch import idadapter as ida  # noqa: E402
+from comfyui_idadapter.nodes.errors import ConfigError  # noqa: E402
 from comfyui_idadapter.nodes.face import insightface_backend  # noqa: E402
 from comfyui_idadapter.training import diffusers_binding, loop, tiny  # noqa: E402
-from comfyui_idadapter.training.config import ConfigError, IDAdapterTrainConfig, parse_args  # noqa: E402
-from comfyui_idadapter.training.idadapter_task import Components, IDAdapterTask, base_family, is_sdxl_checkpoint  # noqa: E402
+from comfyui_idadapter.training.base_model import base_family, is_sdxl_checkpoint  # noqa: E402
+from comfyui_idadapter.training.cli import parse_args  # noqa: E402
+from comfyui_idadapter.training.idadapter_config import IDAdapterTrainConfig  # noqa: E402
+from comfyui_idadapter.training.idadapter_models import Components  # noqa: E402
+from comfyui_idadapter.training.idadapter_task import IDAdapterTask  # noqa: E402
 from comfyui_idadapter.training.prompts import PromptEncoder  # noqa: E402
 
 

@@ -241,7 +241,7 @@ def save(tmp_path, name, obj):
 def never_materialized(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("memory was allocated before the check")
-    monkeypatch.setattr(wplus, "_materialized", fail)
+    monkeypatch.setattr(wplus, "materialized", fail)
 
 
 @pytest.fixture(scope="module")

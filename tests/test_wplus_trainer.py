@@ -20,7 +20,9 @@ from comfyui_idadapter.nodes.arch.unet_blocks import BlockSpec  # noqa: E402
 from comfyui_idadapter.nodes.errors import ConfigError  # noqa: E402
 from comfyui_idadapter.training import data, diffusers_binding, loop, tiny  # noqa: E402
 from comfyui_idadapter.training import wplus_task as wt  # noqa: E402
-from comfyui_idadapter.training.config import WPlusTrainConfig, parse_args  # noqa: E402
+from comfyui_idadapter.training.cli import parse_args  # noqa: E402
+from comfyui_idadapter.training.wplus_config import WPlusTrainConfig  # noqa: E402
+from comfyui_idadapter.training.wplus_models import cached_codes  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report_to", "none", "--validation_every", "0"]
@@ -158,19 +160,19 @@ def test_codes_are_what_w_plus_encode_computes_and_are_computed_once(stages, tmp
         shutil.copy(photo.path, copy)
         copies.append(data.FaceImage(str(copy), photo.caption, photo.box, photo.landmarks, photo.embedding))
     cache = str(tmp_path / "codes.safetensors")
-    made = wt.cached_codes(copies, cache, "tiny-e4e", counting, torch.device("cpu"), log=lines.append)
+    made = cached_codes(copies, cache, "tiny-e4e", counting, torch.device("cpu"), log=lines.append)
     assert len(calls) == 1
     torch.testing.assert_close(made, task.codes[:3], rtol=1e-6, atol=1e-6)  # batched otherwise: rounding only
-    assert torch.equal(wt.cached_codes(copies, cache, "tiny-e4e", counting, "cpu", log=lines.append), made)
+    assert torch.equal(cached_codes(copies, cache, "tiny-e4e", counting, "cpu", log=lines.append), made)
     assert len(calls) == 1  # everything cached: the encoder was not even built
     os.utime(copies[1].path, ns=(1, 1))  # a changed file is encoded again, alone
-    wt.cached_codes(copies, cache, "tiny-e4e", counting, "cpu", log=lines.append)
+    cached_codes(copies, cache, "tiny-e4e", counting, "cpu", log=lines.append)
     assert len(calls) == 2 and lines[-1].startswith("W+ codes: encoding 1 face(s)")
-    wt.cached_codes(copies, cache, "another-e4e", counting, "cpu", log=lines.append)
+    cached_codes(copies, cache, "another-e4e", counting, "cpu", log=lines.append)
     assert len(calls) == 3 and "another encoder's codes" in lines[-2] and "encoding 3 face(s)" in lines[-1]
     with open(cache, "r+b") as f:  # a damaged cache file is rebuilt, never trusted
         f.truncate(100)
-    assert torch.equal(wt.cached_codes(copies, cache, "tiny-e4e", counting, "cpu", log=lines.append), made)
+    assert torch.equal(cached_codes(copies, cache, "tiny-e4e", counting, "cpu", log=lines.append), made)
     assert "corrupt W+ code cache" in lines[-2] and len(calls) == 4
 
 

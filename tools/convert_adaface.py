@@ -9,16 +9,10 @@ config.json + pytorch_model.bin) into the file, so that the file alone turns fac
 """
 
 import argparse
-import importlib.util
-import pathlib
 import sys
 
-if not __package__:  # run as a script: import this checkout as `comfyui_idadapter` (ComfyUI owns the name `nodes`)
-    _root = pathlib.Path(__file__).resolve().parents[1]
-    _spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py",
-                                                   submodule_search_locations=[str(_root)])
-    sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_pack)
+if not __package__:  # run as a script: _bootstrap, beside it, imports this checkout as `comfyui_idadapter`
+    import _bootstrap  # noqa: F401
 
 import torch  # noqa: E402
 

@@ -13,7 +13,8 @@ maps over the 77 positions do not line up. Our reading of the paper's "attention
 mass each pixel gives the subject, ``subject_token_mass``: the sum of its probabilities over the subject's
 positions (the 16 placeholder copies in a subject prompt, the class word's tokens in a class prompt) ->
 [B, heads, N], where the subject is attended. The prompt embeddings are compared at the first end token, CLIP's
-pooled position (``end_token_index``), which sums up the whole prompt whatever its layout.
+pooled position (``end_token_index``), which sums up the whole prompt whatever its layout. The prompts and the
+photos a step uses: ``CompositionPrompts`` and ``CompositionBatch``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,28 @@ from dataclasses import dataclass
 import torch
 
 from .diffusers_binding import around_attention
+
+
+@dataclass
+class CompositionPrompts:
+    """The composition stage's prompts as token ids [1 + K, 77]: row 0 the single prompt, row 1 + k the
+    compositional one with suffix k; and [1 + K, 77] masks of the subject's positions in each."""
+
+    subject_ids: torch.Tensor  # --distill_prompt (+ ", " + suffix), the placeholder written 16 times
+    class_ids: torch.Tensor  # the same with --class_word for the placeholder
+    subject_positions: torch.Tensor  # the 16 placeholder copies
+    class_positions: torch.Tensor  # the class word's tokens
+
+
+@dataclass
+class CompositionBatch:
+    """One composition step's data (CPU tensors, noisy on the device)."""
+
+    faces: torch.Tensor  # [B, 512] each photo's unit ArcFace vector
+    noisy: torch.Tensor  # [B, 4, h, w] the photos' VAE latents noised at ``timesteps``
+    timesteps: torch.Tensor  # [B]
+    suffixes: torch.Tensor  # [B] indices into --composition_prompts
+    masks: torch.Tensor  # [B, resolution, resolution] face masks in 0..1, in the photos' square crops
 
 
 @dataclass

@@ -13,15 +13,14 @@ With ``--stage composition``: the paper's stage 2, composition distillation (``A
 
 Trainable: the inverter's transformer layers, final layer norm and hidden-state layer weights (its token and
 position embeddings stay CLIP's, as in the official code). Dynamic model expansion multiplies the K/V copies of
-chosen layers when the loss plateaus or at given steps (``adaface.expand_kv``); the loop grows the optimiser and
-EMA state with them, and a resumed run grows the fresh inverter to the checkpoint's shapes first.
+chosen layers when the loss plateaus or at given steps (``training.adaface_expansion``); the loop grows the optimiser
+and EMA state with them, and a resumed run grows the fresh inverter to the checkpoint's shapes first.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,127 +29,21 @@ from torch import nn
 
 from ..nodes.arch import adaface as ada
 from ..nodes.errors import ConfigError
+from . import adaface_expansion as expansion
 from . import data as dataset
-from .adaface_compos import (capturing_cross_attention, end_token_index, replaced_positions,
-                             subject_token_mass)
+from .adaface_compos import (CompositionBatch, CompositionPrompts, capturing_cross_attention, end_token_index,
+                             replaced_positions, subject_token_mass)
+from .adaface_config import COMPOSITION_STAGE_SETTINGS, AdaFaceTrainConfig
 from .adaface_losses import delta_loss_over, face_preserving_loss, mask_to_token_grid
-from .config import COMPOSITION_STAGE_SETTINGS, AdaFaceTrainConfig
+from .adaface_models import AdaFaceModels, load_models
+from .base_model import sd_pipelines
 from .diffusion import ddim_step
-from .loop import step_generator
 from .prompts import placed_tokens
+from .task import step_generator
 
-DEFAULT_LAYER_WEIGHTS = [[1.0], [2.0], [4.0]]  # the official initial hidden_state_layer_weights
 DELTA_TYPES = ("attn_out", "attn_map", "prompt_embeds")  # the compositional delta loss's feature types
 EXPANSION_STATE = "expansion_state"  # loss EMA, best EMA, step of the last improvement, expansions done
 LOSS_EMA_DECAY = 0.99
-
-
-@dataclass
-class AdaFaceModels:
-    """The frozen models of a run and the inverter it starts from."""
-
-    tokenizer: object  # the student's (SD1.5) tokenizer
-    text_encoder: nn.Module  # SD1.5's CLIP text encoder (transformers)
-    unet: nn.Module  # SD1.5's UNet
-    noise_scheduler: object
-    vae: nn.Module  # the composition stage's photos, and validation images
-    teacher_unet: nn.Module  # Arc2Face's UNet
-    arc2face: ada.CLIPTextTransformer  # Arc2Face's ID encoder
-    inverter: ada.CLIPTextTransformer  # the inverter's starting weights
-    hidden_state_layer_weights: torch.Tensor
-    analyzer: object  # insightface, for the dataset's faces
-
-
-def inverter_from_text_encoder(text_encoder) -> ada.CLIPTextTransformer:
-    """The inverter's starting point: a copy of a transformers CLIP text encoder (the base's, CLIP ViT-L/14)."""
-    cfg = text_encoder.config
-    if cfg.hidden_act != "quick_gelu":
-        raise ConfigError(f"the base's text encoder uses {cfg.hidden_act}; the inverter is CLIP ViT-L/14's "
-                          "architecture (quick_gelu): use an SD1.5 base")
-    model = ada.CLIPTextTransformer(ada.TextModelConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads, max_positions=cfg.max_position_embeddings))
-    prefix = "text_model."  # transformers 4 writes it, transformers 5 does not
-    state = {k if k.startswith(prefix) else prefix + k: v.detach().float().clone()
-             for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
-    model.load_state_dict(state)
-    return model
-
-
-def load_models(config: AdaFaceTrainConfig) -> tuple[AdaFaceModels, str, str]:
-    """Loads (or, for --preset tiny, builds) every model; returns them, the dataset folder and the held-out one."""
-    from ..nodes.face import insightface_backend
-
-    if config.preset == "tiny":
-        from . import tiny
-
-        # held out: one photo each of two other people
-        assets, pack, data_dir, heldout_dir = tiny.face_assets(config, 64, 2, 1,
-                                                               heldout_first_identity=config.synthetic_identities)
-        tokenizer = tiny.tiny_tokenizer(os.path.join(assets, "tokenizer"))
-        unet = tiny.tiny_unet()
-        if config.inverter_init:  # e.g. a tiny face-stage export, for a tiny composition run
-            start = ada.load_adaface(config.inverter_init)
-            inverter, layer_weights = start.inverter, start.hidden_state_layer_weights
-        else:
-            inverter, layer_weights = tiny.tiny_clip_l(layers=2, seed=2), torch.tensor(DEFAULT_LAYER_WEIGHTS)
-        models = AdaFaceModels(
-            tokenizer=tokenizer, text_encoder=tiny.tiny_text_encoder(len(tokenizer)), unet=unet,
-            noise_scheduler=tiny.tiny_scheduler("epsilon"), vae=tiny.tiny_vae(), teacher_unet=tiny.fine_tuned(unet),
-            arc2face=tiny.tiny_clip_l(layers=1, seed=1), inverter=inverter,
-            hidden_state_layer_weights=layer_weights,
-            analyzer=insightface_backend.load_analyzer(pack, "CPU", 640))
-        return models, data_dir, heldout_dir
-
-    from diffusers import UNet2DConditionModel
-
-    from ..nodes.arch.arc2face import load_arc2face_encoder
-    from .idadapter_task import load_base_model
-
-    teacher_folder = os.path.join(config.arc2face, "arc2face")  # checked first: the base takes a while to load
-    if not os.path.isfile(os.path.join(teacher_folder, "config.json")):
-        raise ConfigError(f"--arc2face {config.arc2face!r} has no arc2face/config.json: expected the folder of "
-                          "FoivosPar/Arc2Face holding arc2face/ (the UNet) and encoder/ (the ID encoder)")
-    base = load_base_model(config.base_model)
-    if "text_encoder_2" in base or base["unet"].config.cross_attention_dim != 768:
-        raise ConfigError(f"--base_model {config.base_model!r} is not an SD1.5 model; AdaFace's tokens are SD1.5's "
-                          "(CLIP-L, 768 wide)")
-    if config.inverter_init:
-        start = ada.load_adaface(config.inverter_init)
-        inverter, layer_weights = start.inverter, start.hidden_state_layer_weights
-    else:
-        inverter, layer_weights = inverter_from_text_encoder(base["text_encoder"]), torch.tensor(DEFAULT_LAYER_WEIGHTS)
-    models = AdaFaceModels(
-        tokenizer=base["tokenizer"], text_encoder=base["text_encoder"], unet=base["unet"],
-        noise_scheduler=base["noise_scheduler"], vae=base["vae"],
-        teacher_unet=UNet2DConditionModel.from_pretrained(teacher_folder),
-        arc2face=load_arc2face_encoder(os.path.join(config.arc2face, "encoder")), inverter=inverter,
-        hidden_state_layer_weights=layer_weights,
-        analyzer=insightface_backend.load_analyzer(insightface_backend.check_pack_folder(config.insightface_pack),
-                                                   "auto", 640))
-    return models, config.dataset, config.heldout_dataset
-
-
-@dataclass
-class CompositionPrompts:
-    """The composition stage's prompts as token ids [1 + K, 77]: row 0 the single prompt, row 1 + k the
-    compositional one with suffix k; and [1 + K, 77] masks of the subject's positions in each."""
-
-    subject_ids: torch.Tensor  # --distill_prompt (+ ", " + suffix), the placeholder written 16 times
-    class_ids: torch.Tensor  # the same with --class_word for the placeholder
-    subject_positions: torch.Tensor  # the 16 placeholder copies
-    class_positions: torch.Tensor  # the class word's tokens
-
-
-@dataclass
-class CompositionBatch:
-    """One composition step's data (CPU tensors, noisy on the device)."""
-
-    faces: torch.Tensor  # [B, 512] each photo's unit ArcFace vector
-    noisy: torch.Tensor  # [B, 4, h, w] the photos' VAE latents noised at ``timesteps``
-    timesteps: torch.Tensor  # [B]
-    suffixes: torch.Tensor  # [B] indices into --composition_prompts
-    masks: torch.Tensor  # [B, resolution, resolution] face masks in 0..1, in the photos' square crops
 
 
 class TrainableInverter(nn.Module):
@@ -260,7 +153,7 @@ class AdaFaceTask:
         shapes = {k[len("inverter."):]: tuple(v.shape) for k, v in state.items() if k.startswith("inverter.")}
         multipliers = ada.kv_multipliers_from_shapes(shapes, "", cfg.hidden_size, cfg.num_layers, "the checkpoint")
         if multipliers != cfg.kv_multipliers:
-            ada.expand_to_multipliers(self.trainable.inverter, multipliers)
+            expansion.expand_to_multipliers(self.trainable.inverter, multipliers)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         inverter = {k[len("inverter."):]: v for k, v in state.items() if k.startswith("inverter.")}
@@ -479,9 +372,9 @@ class AdaFaceTask:
         grown = None
         if due:
             inverter = self.trainable.inverter
-            factors = ada.parse_expansion(cfg.expand_factors[done], inverter.config.num_layers)
+            factors = expansion.parse_expansion(cfg.expand_factors[done], inverter.config.num_layers)
             gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 7919 + step)
-            grown = ada.expand_kv(inverter, factors, cfg.expand_noise, gen)
+            grown = expansion.expand_kv(inverter, factors, cfg.expand_noise, gen)
             done += 1
             best, last_improved = float("inf"), step  # the grown model's loss starts a new plateau search
             self.log(f"step {step}: expanded the inverter's keys/values ({cfg.expand_factors[done - 1]}); "
@@ -528,8 +421,6 @@ class AdaFaceTask:
         """Images of the first held-out face (else a dataset face) for each validation prompt, with CFG."""
         from diffusers import DDIMScheduler
         from PIL import Image
-
-        from .idadapter_task import sd_pipelines
 
         pipeline_class = sd_pipelines()[0]
         pipe = pipeline_class(vae=self.m.vae, text_encoder=self.m.text_encoder, tokenizer=self.m.tokenizer,

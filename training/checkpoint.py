@@ -20,7 +20,7 @@ system every node sees)::
 
 Resuming first checks a folder cheaply (``check``: state.json parses, every safetensors header is whole and covers
 the file, as safetensors verifies on opening), so a truncated or garbled newest checkpoint is skipped for the
-previous one before anything is loaded.
+previous one before anything is loaded (``resolve_resume``).
 """
 
 from __future__ import annotations
@@ -84,6 +84,47 @@ def check(folder: str) -> dict:
         if not os.path.isfile(os.path.join(folder, name)):
             raise CheckpointError(f"{folder} has no {name}")
     return state
+
+
+# ---- which checkpoint a run resumes from
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()]
+    return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d[11:]))]
+
+
+def resolve_resume(resume: str, output_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """The checkpoint to resume from (None: start at step 0) and the newer ones skipped as incomplete or corrupt,
+    with the reason. ``latest`` falls back to the newest checkpoint that passes ``check``; a folder named
+    explicitly must pass it."""
+    if not resume:
+        return None, []
+    if resume == "latest":
+        skipped = []
+        for folder in reversed(checkpoints(output_dir)):
+            try:
+                check(folder)
+                return folder, skipped
+            except CheckpointError as exc:
+                skipped.append((folder, str(exc)))
+        if skipped:
+            raise ConfigError(f"--resume latest: no usable checkpoint in {output_dir}: "
+                              + "; ".join(f"{os.path.basename(f)}: {why}" for f, why in skipped)
+                              + ". Remove the broken folders to start from step 0, or resume from a copy you trust")
+        return None, []
+    if not os.path.isfile(os.path.join(resume, TRAINABLE_FILE)):
+        raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no {TRAINABLE_FILE} in it); "
+                          f"use 'latest' or one of {checkpoints(output_dir)[-3:]}")
+    try:
+        check(resume)
+    except CheckpointError as exc:
+        raise ConfigError(f"--resume {resume!r} cannot be used: {exc}. Pass an older checkpoint, or 'latest' "
+                          "(which skips broken ones)") from exc
+    return resume, []
 
 
 # ---- the main process's part: trained tensors, optimiser, EMA, step and schedule

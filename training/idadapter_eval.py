@@ -29,9 +29,9 @@ from ..nodes.errors import DatasetError
 from ..nodes.face.insightface_backend import embed_faces, recognizer_fingerprint
 from . import data as dataset
 from . import diffusers_binding, tiny
-from .config import IDAdapterEvalConfig, IDAdapterTrainConfig, read_prompts
-from .idadapter_task import (adapter_config, base_family, clip_vision_features, generate_image, load_components,
-                             make_pipeline)
+from .base_model import base_family
+from .idadapter_config import IDAdapterEvalConfig, IDAdapterTrainConfig, read_prompts
+from .idadapter_models import adapter_config, clip_vision_features, generate_image, load_components, make_pipeline
 from .prompts import PromptEncoder
 
 # an identity prompt and one with an expression word, as the paper's ID and diversity prompts are

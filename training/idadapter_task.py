@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -22,254 +20,19 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..nodes.arch import idadapter as ida
-from ..nodes.arch.iresnet import align_faces, load_arcface, same_features
+from ..nodes.arch.iresnet import align_faces
 from ..nodes.arch.transfer import host_to_device
+from ..nodes.errors import ConfigError
 from ..nodes.face import insightface_backend
 from . import data as dataset
 from . import diffusers_binding, face_gate, id_decode
-from .config import ConfigError, IDAdapterTrainConfig
+from .base_model import PerImageCache, base_family
 from .diffusion import predicted_x0, training_target
-from .loop import step_generator
-from .model_folders import base_model_problems
+from .idadapter_config import IDAdapterTrainConfig
+from .idadapter_models import (Components, TrainableIDAdapter, adapter_config, clip_vision_features, generate_image,
+                               load_components, make_pipeline)
 from .prompts import PromptEncoder
-
-
-class Components:
-    """The frozen models and tokenizers a run uses (SDXL bases also have ``tokenizer_2``/``text_encoder_2``)."""
-
-    def __init__(self, tokenizer, text_encoder, vae, unet, noise_scheduler, clip_vision, arcface, analyzer,
-                 tokenizer_2=None, text_encoder_2=None):
-        self.tokenizer, self.text_encoder, self.vae, self.unet = tokenizer, text_encoder, vae, unet
-        self.noise_scheduler, self.clip_vision, self.arcface, self.analyzer = noise_scheduler, clip_vision, arcface, analyzer
-        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
-
-    @property
-    def tokenizers(self) -> list:
-        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
-
-    @property
-    def text_encoders(self) -> list:
-        return [t for t in (self.text_encoder, self.text_encoder_2) if t is not None]
-
-
-def load_components(config: IDAdapterTrainConfig) -> tuple[Components, str, str]:
-    """Loads (or, for --preset tiny, builds) every model; returns them, the dataset folder and the held-out one."""
-    if config.preset == "tiny":
-        from . import tiny
-
-        # held out: new photos of the same identities
-        assets, pack, data_dir, heldout_dir = tiny.face_assets(config, config.resolution, config.synthetic_identities, 2)
-        tokenizer = tiny.tiny_tokenizer(os.path.join(assets, "tokenizer"))
-        text_encoder, vae = tiny.tiny_text_encoder(len(tokenizer)), tiny.tiny_vae()
-        noise_scheduler = tiny.tiny_scheduler()
-        unet = tiny.base_unet(assets, vae, text_encoder, tokenizer, noise_scheduler, data_dir, config.tiny_base_steps,
-                              config.seed)
-        analyzer, arcface = load_face_models(pack, provider="CPU")
-        return Components(tokenizer, text_encoder, vae, unet, noise_scheduler, tiny.tiny_clip_vision(), arcface,
-                          analyzer), data_dir, heldout_dir
-
-    from transformers import CLIPVisionModelWithProjection
-
-    base = load_base_model(config.base_model)
-    clip_vision = CLIPVisionModelWithProjection.from_pretrained(config.clip_vision)
-    analyzer, arcface = load_face_models(config.insightface_pack, config.arcface)
-    return Components(base.pop("tokenizer"), base.pop("text_encoder"), base.pop("vae"), base.pop("unet"),
-                      base.pop("noise_scheduler"), clip_vision, arcface, analyzer, **base), config.dataset, \
-        config.heldout_dataset
-
-
-def load_base_model(base: str) -> dict:
-    """A Stable Diffusion base (diffusers folder or single-file checkpoint), offline: tokenizer, text_encoder, vae,
-    unet, noise_scheduler (a DDPMScheduler with the base's schedule) and, for SDXL, tokenizer_2 and text_encoder_2."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    second = {}  # SDXL's second tokenizer and text encoder (OpenCLIP bigG, with the pooled projection)
-    if os.path.isdir(base):
-        problems = base_model_problems(base)
-        if problems:
-            raise ConfigError(problems[0])
-        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
-        if os.path.isdir(os.path.join(base, "text_encoder_2")):
-            second = dict(tokenizer_2=CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2"),
-                          text_encoder_2=CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2"))
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    else:
-        sd_pipeline, sdxl_pipeline = sd_pipelines()
-        pipeline_class = sdxl_pipeline if is_sdxl_checkpoint(base) else sd_pipeline
-        try:
-            pipe = pipeline_class.from_single_file(base, local_files_only=True)
-        except Exception as exc:
-            raise ConfigError(f"could not load the single-file checkpoint {base!r} offline as {pipeline_class.__name__} "
-                              f"({type(exc).__name__}: {exc}); convert it to a diffusers folder or pass that folder as "
-                              "--base_model") from exc
-        tokenizer, text_encoder, vae, unet = pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            second = dict(tokenizer_2=pipe.tokenizer_2, text_encoder_2=pipe.text_encoder_2)
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, noise_scheduler=noise_scheduler,
-                **second)
-
-
-def load_face_models(pack_folder: str, arcface: str = "", provider: str = "auto"):
-    """The insightface detector + recognizer of a pack (any folder holding its .onnx files) and the torch ArcFace
-    of the identity loss: the pack's own recognizer, as the nodes use it, or ``arcface``, which must hold the same
-    weights (in any file format): the loss compares its features with the dataset's vectors, made by the pack's."""
-    analyzer = insightface_backend.load_analyzer(insightface_backend.check_pack_folder(pack_folder), provider, 640)
-    pack_recognizer = insightface_backend.recognizer_file(analyzer)
-    identity_model = load_arcface(pack_recognizer)
-    if arcface:
-        chosen = load_arcface(arcface)
-        if not same_features(identity_model, chosen):
-            raise ConfigError(
-                f"--arcface {arcface} holds other weights than the insightface pack's recognizer {pack_recognizer}: "
-                "the dataset's identity vectors come from the pack's recognizer, so the identity loss would compare "
-                "features of two different ArcFace models. Leave --arcface out (the pack's recognizer is used) or "
-                "pass that recognizer's own weights (its .onnx, or an arcface_torch .pth of the same model)"
-            )
-        identity_model = chosen
-    return analyzer, identity_model
-
-
-def sd_pipelines():
-    """diffusers' SD and SDXL pipeline classes. Importing them makes transformers announce, once per image-processor
-    class, a fallback to PIL where torchvision is missing; the trainer uses no image processor, so that notice is
-    silenced here and nowhere else."""
-    from transformers.utils import logging as transformers_logging
-
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    return StableDiffusionPipeline, StableDiffusionXLPipeline
-
-
-def is_sdxl_checkpoint(path: str) -> bool:
-    """Whether a single-file checkpoint holds SDXL's two text encoders (read from the safetensors header only)."""
-    if not path.endswith(".safetensors"):
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return any(k.startswith("conditioner.embedders.1.") for k in f.keys())
-    except Exception:
-        return False  # an unreadable file gets its clear error from the loader
-
-
-def adapter_config(config: IDAdapterTrainConfig, unet, clip_vision) -> ida.IDAdapterConfig:
-    """The shape of the adapter the trainer's options make for this UNet and CLIP vision encoder."""
-    return ida.IDAdapterConfig(
-        family=base_family(unet), blocks=diffusers_binding.block_specs(unet),
-        clip_vision_dim=clip_vision.config.hidden_size, width=config.mff_width, mff_heads=config.mff_heads,
-        num_tokens=config.num_tokens, embed_dim=config.embed_dim, textual_hidden=config.textual_hidden,
-        num_images=config.num_images,
-        face_crop_margin=config.face_crop_margin if config.reference_crop == "face" else None,
-    )
-
-
-@torch.no_grad()
-def clip_vision_features(clip_vision, images: torch.Tensor, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate hidden states [n, T, D] and final class tokens [n, D] of [n, 3, H, W] 0..1 images (what MFF Embed
-    takes from ComfyUI's CLIP_VISION)."""
-    pixel = ida.clip_vision_preprocess(images, clip_vision.config.image_size).to(device, dtype)
-    out = clip_vision(pixel_values=pixel, output_hidden_states=True)
-    return out.hidden_states[-2], out.last_hidden_state[:, 0]
-
-
-def make_pipeline(components: Components, unet, family: str):
-    """diffusers' SD or SDXL pipeline over these models with DDIM (no safety checker, no watermark): how validation
-    and the evaluation generate images."""
-    from diffusers import DDIMScheduler
-
-    StableDiffusionPipeline, StableDiffusionXLPipeline = sd_pipelines()
-    c = components
-    scheduler = DDIMScheduler.from_config(c.noise_scheduler.config)
-    if family == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
-                                         tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=unet,
-                                         scheduler=scheduler, add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@torch.no_grad()
-def generate_image(pipe, prompts: PromptEncoder, e_r: torch.Tensor, e_c: dict[str, torch.Tensor], prompt: str, *,
-                   steps: int, guidance_scale: float, resolution: int, seed: int, dtype, weight: float = 1.0):
-    """One image (PIL) of a finished prompt (the identifier in it), with E_c in the text and E_r in the gated
-    attention at ``weight``; with guidance the adapter runs on the conditional half only, as the node does."""
-    from PIL import Image
-
-    text, added = prompts([prompt], e_c)
-    negative, negative_added = prompts([""], e_c)
-    embeds = dict(prompt_embeds=text.to(dtype), negative_prompt_embeds=negative.to(dtype))
-    if added is not None:
-        embeds.update(pooled_prompt_embeds=added["text_embeds"].to(dtype),
-                      negative_pooled_prompt_embeds=negative_added["text_embeds"].to(dtype))
-    # diffusers batches the unconditional half first, and runs no unconditional half at guidance 1 or less
-    active = torch.tensor([False, True]) if guidance_scale > 1 else None
-    out = pipe(**embeds, num_inference_steps=steps, guidance_scale=guidance_scale, height=resolution,
-               width=resolution, output_type="np", generator=torch.Generator().manual_seed(seed),
-               cross_attention_kwargs=diffusers_binding.idadapter_kwargs(e_r, active, weight))
-    return Image.fromarray((np.clip(out.images[0], 0, 1) * 255).round().astype(np.uint8))
-
-
-def base_family(unet) -> str:
-    """sd15, sd21 or sdxl from the UNet's config; any other base is a clear error."""
-    return ida.family_of_unet(unet.config.cross_attention_dim, unet.config.addition_embed_type == "text_time")
-
-
-class TrainableIDAdapter(nn.Module):
-    """What Accelerate prepares: the UNet (frozen but for attn2 to_k/to_v) with the adapter attached."""
-
-    def __init__(self, unet, adapter: ida.IDAdapter):
-        super().__init__()
-        self.unet = unet
-        self.adapter = adapter
-
-    def forward(self, noisy, timesteps, text, tokens, row_mask, added_cond=None):
-        """``row_mask`` [B, 1, 1] on the device (1: the row keeps its image condition) or None (every row)."""
-        kwargs = diffusers_binding.idadapter_kwargs(tokens, row_mask=row_mask)
-        return self.unet(noisy, timesteps, encoder_hidden_states=text, cross_attention_kwargs=kwargs,
-                         added_cond_kwargs=added_cond).sample
-
-
-class PerImageCache:
-    """Values computed from one dataset image by a frozen model, kept on the CPU within ``budget_mb`` (least
-    recently used out first). Each value is computed from its image alone, so it never depends on the batch
-    that first asked for it: a resumed run stays exact."""
-
-    def __init__(self, budget_mb: int):
-        self.budget = budget_mb * 2**20
-        self.used = 0
-        self.entries: OrderedDict[tuple, tuple] = OrderedDict()
-
-    @staticmethod
-    def nbytes(value: tuple) -> int:
-        return sum(v.numel() * v.element_size() for v in value if isinstance(v, torch.Tensor))
-
-    def get(self, key: tuple, compute) -> tuple:
-        value = self.entries.get(key)
-        if value is not None:
-            self.entries.move_to_end(key)
-            return value
-        value = compute()
-        size = self.nbytes(value)
-        if size <= self.budget:
-            while self.used + size > self.budget:
-                self.used -= self.nbytes(self.entries.popitem(last=False)[1])
-            self.entries[key] = value
-            self.used += size
-        return value
+from .task import step_generator
 
 
 class PhotoPrefetcher:

@@ -1,29 +1,13 @@
 """The training loop every trainer shares: Accelerate (devices, mixed precision, multi-GPU/multi-node through
 ``accelerate launch``), optimiser and LR schedule, optional EMA, tqdm progress, TensorBoard logs, periodic
-validation, checkpoints with exact resume, and an atomic export.
-
-A trainer supplies a *task* object:
-
-- ``trainable``: the nn.Module handed to ``accelerator.prepare`` (it owns every trainable parameter);
-- ``param_groups()``: the optimiser's parameter groups (e.g. a lower rate for fine-tuned pretrained weights);
-- ``trainable_state()`` / ``load_trainable_state(dict)``: just the trained tensors (checkpoints never copy the
-  frozen base model);
-- ``loss(model, step) -> (loss, logs)``: one micro-batch; everything random in it derives from (seed, step), so
-  a resumed run repeats the uninterrupted one exactly;
-- ``validate(model, step) -> list[PIL.Image]`` and ``export(path)``;
-- ``heldout_check() -> (a, b) | None``: held-out losses run before and after training to show that it learned,
-  and ``heldout_line(before, after, when)`` that says what they show; ``describe_export()`` and ``comfyui_folder``
-  for the closing summary;
-- optionally ``after_step(step, logs) -> {parameter: grow} | None``: parameters the task grew in place (AdaFace's
-  dynamic model expansion), with how a tensor of the old shape grows; their optimiser and EMA state follows and
-  accelerate wraps the module anew (a DDP wrapper holds state sized for the old shapes), and
-  ``fit_to_state(trainable)``, which grows a fresh module to a checkpoint's shapes before it is loaded.
+validation, checkpoints with exact resume, and an atomic export. A trainer supplies a *task*: what the loop needs of
+it is ``training.task.TrainingTask``.
 
 Checkpoints are written to ``checkpoint-<step>.tmp`` and renamed when complete, so killing the process at
 any moment loses at most the steps since the last checkpoint and never leaves a half-written one. They hold
 safetensors and JSON only (``training.checkpoint``): resuming reads no pickle. ``--resume latest`` skips a
 checkpoint that fails ``checkpoint.check`` (truncated or garbled files) for the previous one and says so; the
-options saved in a checkpoint are compared with this run's (``config.check_resume_config``: a changed adapter
+options saved in a checkpoint are compared with this run's (``resume.check_resume_config``: a changed adapter
 shape is refused, other changes are listed and the new values win). The output folder is held for the whole run
 (``training.outdir``: one run per folder, checked writable, interrupted runs' temporary files removed).
 
@@ -37,61 +21,22 @@ checkpoint, which the main process renames once all have finished.
 
 from __future__ import annotations
 
-import importlib
 import json
-import logging
 import math
 import os
 import shutil
-import sys
 import time
 
 import torch
+from torch import nn
 
-from ..nodes.errors import ConfigError, PackError
+from ..nodes.errors import ConfigError
 from . import checkpoint as ckpt
 from . import outdir
-
-log = logging.getLogger("training")
-TRAINABLE_FILE = ckpt.TRAINABLE_FILE
-
-
-def checkpoints(output_dir: str) -> list[str]:
-    """Complete checkpoints, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()]
-    return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d[11:]))]
-
-
-def resolve_resume(resume: str, output_dir: str) -> tuple[str | None, list[tuple[str, str]]]:
-    """The checkpoint to resume from (None: start at step 0) and the newer ones skipped as incomplete or corrupt,
-    with the reason. ``latest`` falls back to the newest checkpoint that passes ``checkpoint.check``; a folder named
-    explicitly must pass it."""
-    if not resume:
-        return None, []
-    if resume == "latest":
-        skipped = []
-        for folder in reversed(checkpoints(output_dir)):
-            try:
-                ckpt.check(folder)
-                return folder, skipped
-            except ckpt.CheckpointError as exc:
-                skipped.append((folder, str(exc)))
-        if skipped:
-            raise ConfigError(f"--resume latest: no usable checkpoint in {output_dir}: "
-                              + "; ".join(f"{os.path.basename(f)}: {why}" for f, why in skipped)
-                              + ". Remove the broken folders to start from step 0, or resume from a copy you trust")
-        return None, []
-    if not os.path.isfile(os.path.join(resume, TRAINABLE_FILE)):
-        raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no {TRAINABLE_FILE} in it); "
-                          f"use 'latest' or one of {checkpoints(output_dir)[-3:]}")
-    try:
-        ckpt.check(resume)
-    except ckpt.CheckpointError as exc:
-        raise ConfigError(f"--resume {resume!r} cannot be used: {exc}. Pass an older checkpoint, or 'latest' "
-                          "(which skips broken ones)") from exc
-    return resume, []
+from .options import TrainConfig
+from .report import folder_names, save_validation, summary
+from .resume import check_resume_config
+from .task import Grow, TrainingTask
 
 
 def make_accelerator(config):
@@ -119,62 +64,12 @@ def make_accelerator(config):
     return accelerator
 
 
-def train_from_command_line(config_cls, make_task, argv, description: str) -> str:
-    """A trainer's ``main``: every option checked (before any heavy import), the output folder held, the task built
-    (the main process first: it builds what the others then read) and trained; returns the export's path."""
-    from .config import parse_args
-
-    config = parse_args(config_cls, argv, description=description)
-    accelerator = make_accelerator(config)
-    say = main_print(accelerator)
-    # one run per output folder, and a writable one: checked before anything heavy is built or loaded
-    with outdir.hold(config.output_dir, accelerator, log=say):
-        with accelerator.main_process_first():
-            task = make_task(config, say)
-        return run(task, config, accelerator)
-
-
-def trainer_command_line(config_cls, task_module: str, task_class: str, description: str):
-    """A trainer script's ``main(argv) -> export path`` and ``cli(argv) -> exit code``. The task's module (under
-    ``training``) is imported once the options have been checked: a bad option is reported before the heavy
-    imports."""
-
-    def make_task(config, log):
-        module = importlib.import_module(f".{task_module}", __package__)
-        return getattr(module, task_class)(config, log=log)
-
-    def main(argv=None) -> str:
-        return train_from_command_line(config_cls, make_task, argv, description)
-
-    def cli(argv=None) -> int:
-        return exit_code(main, argv)
-
-    return main, cli
-
-
-def step_generator(seed: int, step: int, salt: int, rank: int = 0) -> torch.Generator:
-    """The CPU generator of one micro-step's draws (``salt`` tells a step's independent streams apart): a function
-    of (seed, step, salt, rank) alone, so a resumed run draws what the uninterrupted one drew, and every process
-    draws its own examples."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 97 + salt) * 131 + rank)
-
-
-def exit_code(main, argv=None) -> int:
-    """Runs a trainer's ``main``; a PackError (bad option, dataset or model file) is one line saying what to fix."""
-    try:
-        main(argv)
-    except PackError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def main_print(accelerator):
     """``print`` on the main process only (``accelerator.print`` prints once per node)."""
     return print if accelerator.is_main_process else (lambda *args, **kwargs: None)
 
 
-def run(task, config, accelerator=None) -> str:
+def run(task: TrainingTask, config: TrainConfig, accelerator=None) -> str:
     """Trains ``task`` for ``config.max_steps`` optimiser steps; returns the path of the exported weights.
 
     The output folder is held (``training.outdir.hold``) for the run; the CLI takes it before building the task,
@@ -184,146 +79,159 @@ def run(task, config, accelerator=None) -> str:
         return _run(task, config, accelerator)
 
 
-def _run(task, config, accelerator) -> str:
+def _run(task: TrainingTask, config: TrainConfig, accelerator) -> str:
     from accelerate.utils import DistributedType, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
     if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
         raise ConfigError(f"{accelerator.distributed_type.value} is not supported (checkpoints and the export read the "
                          "whole trainable state on each process): run `accelerate config` with multi-GPU (DDP)")
-    say = main_print(accelerator)
-    processes, rank = accelerator.num_processes, accelerator.process_index
     set_seed(config.seed)
     task.setup(accelerator)
-    params = [p for p in task.trainable.parameters() if p.requires_grad]
-    optimizer = make_optimizer(task, config, accelerator.device)
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-                              num_training_steps=config.max_steps * accelerator.num_processes)
-    model, optimizer, scheduler = accelerator.prepare(task.trainable, optimizer, scheduler)
+    training = Training(task, config, accelerator)
+    training.resume()
+    training.record_options()
+    return training.train()
 
-    def prepare_grown():
+
+class Training:
+    """One run once its task is set up: the prepared model, optimiser and LR schedule, the EMA, the step reached;
+    ``resume``, ``record_options`` and ``train`` run it."""
+
+    def __init__(self, task: TrainingTask, config: TrainConfig, accelerator):
+        from diffusers.optimization import get_scheduler
+
+        self.task, self.config, self.accelerator = task, config, accelerator
+        self.say = main_print(accelerator)
+        self.processes, self.rank = accelerator.num_processes, accelerator.process_index
+        self.params = [p for p in task.trainable.parameters() if p.requires_grad]
+        optimizer = make_optimizer(task, config, accelerator.device)
+        scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                  num_training_steps=config.max_steps * accelerator.num_processes)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(task.trainable, optimizer, scheduler)
+        self.ema = None
+        if config.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=config.ema_decay)
+        self.step = 0
+        self.options = json.loads(config.to_json())  # saved in every checkpoint
+        batch = getattr(config, "batch_size", None)
+        if batch is not None:
+            self.say(f"global batch {batch * self.processes * config.gradient_accumulation_steps} = batch {batch} x "
+                     f"{self.processes} process(es) x {config.gradient_accumulation_steps} accumulation step(s)")
+
+    def prepare_grown(self) -> None:
         """Accelerate's wrappers made anew around the same module, optimiser and schedule, after the task grew some
         parameters in place (their optimiser state already grown). A DDP wrapper's reducer holds the parameters'
         gradient accumulators, which recorded the old shapes (the next backward would fail: "invalid gradient ...
         expected shape compatible with" the old one), and buckets sized for them: every reference to the old wrappers
         is dropped and collected before the module is wrapped again."""
-        nonlocal model, optimizer, scheduler
+        accelerator = self.accelerator
         # the module as it was before the first prepare (its forward without the mixed-precision wrapper, and not
         # marked as prepared, which would make prepare hand it back as it is): prepare then wraps it as it did then
-        module = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        module = accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         module.__dict__.pop("_is_accelerate_prepared", None)
-        inner_optimizer, inner_scheduler = optimizer.optimizer, scheduler.scheduler
+        inner_optimizer, inner_scheduler = self.optimizer.optimizer, self.scheduler.scheduler
         accumulated = accelerator.step
-        model = optimizer = scheduler = None
+        self.model = self.optimizer = self.scheduler = None
         accelerator.free_memory()  # accelerate's own references, then a garbage collection; it zeroes the step count
         accelerator.step = accumulated
-        model, optimizer, scheduler = accelerator.prepare(module, inner_optimizer, inner_scheduler)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(module, inner_optimizer, inner_scheduler)
 
-    ema = None
-    if config.use_ema:
-        from diffusers.training_utils import EMAModel
+    # ---- resume
 
-        ema = EMAModel(params, decay=config.ema_decay)
-    step = 0
-    batch = getattr(config, "batch_size", None)
-    if batch is not None:
-        say(f"global batch {batch * processes * config.gradient_accumulation_steps} = batch {batch} x {processes} "
-            f"process(es) x {config.gradient_accumulation_steps} accumulation step(s)")
-
-    resume_from, skipped = resolve_resume(config.resume, config.output_dir)
-    for folder, why in skipped:
-        say(f"skipped {folder} (not resumable: {why}); falling back to the previous checkpoint")
-    if config.resume and not resume_from:
-        say(f"no checkpoint in {config.output_dir}: starting from step 0")
-    if resume_from:
-        from .config import check_resume_config
-
+    def resume(self) -> None:
+        """Continues from the checkpoint --resume names or finds, if any, saying what it skipped and changed."""
+        config, say = self.config, self.say
+        resume_from, skipped = ckpt.resolve_resume(config.resume, config.output_dir)
+        for folder, why in skipped:
+            say(f"skipped {folder} (not resumable: {why}); falling back to the previous checkpoint")
+        if config.resume and not resume_from:
+            say(f"no checkpoint in {config.output_dir}: starting from step 0")
+        if not resume_from:
+            return
         changed = check_resume_config(config, resume_from)
         if changed:
             say(f"resuming with changed options; the new values apply from step {ckpt.read_state(resume_from)['step']} "
                 f"on (learning rates and weight decay included, the optimiser's moments are kept): {', '.join(changed)}")
-        shapes = [p.shape for p in params]
-        saved = ckpt.load_main(resume_from, task, optimizer, scheduler, ema, accelerator.scaler, accelerator.device)
-        if [p.shape for p in params] != shapes:  # the checkpoint was written after the task grew (fit_to_state)
-            prepare_grown()
-        step = saved["step"]
-        accelerator.step = saved.get("accelerator_step", step * config.gradient_accumulation_steps)
-        has_rng = ckpt.load_rng(resume_from, rank)
+        saved, has_rng = self.load(resume_from)
         ignored = sorted(f for f in os.listdir(resume_from) if f.endswith((".pkl", ".bin", ".pt", ".pth")))
         if ignored:
             say(f"ignored in {resume_from} (pickles are never loaded): {', '.join(ignored)}")
-        if saved.get("processes") != processes:
-            say(f"note: {resume_from} was written by {saved.get('processes')} process(es), this run has {processes}: "
-                "the steps from here draw other examples, and the LR schedule (stepped once per process) shifts; "
-                "resume with the same number of processes to continue exactly")
+        if saved.get("processes") != self.processes:
+            say(f"note: {resume_from} was written by {saved.get('processes')} process(es), this run has "
+                f"{self.processes}: the steps from here draw other examples, and the LR schedule (stepped once per "
+                "process) shifts; resume with the same number of processes to continue exactly")
         if not has_rng:
-            print(f"process {rank}: no RNG state for it in {resume_from}; continuing with its seeded RNG")
-        say(f"resumed from {resume_from} at step {step}")
-    if accelerator.is_main_process:
+            print(f"process {self.rank}: no RNG state for it in {resume_from}; continuing with its seeded RNG")
+        say(f"resumed from {resume_from} at step {self.step}")
+
+    def load(self, folder: str) -> tuple[dict, bool]:
+        """Loads a checkpoint's trained tensors, optimiser, schedule, EMA, step and this process's RNG state; returns
+        its state.json content and whether it held this process's RNG state."""
+        accelerator = self.accelerator
+        shapes = [p.shape for p in self.params]
+        saved = ckpt.load_main(folder, self.task, self.optimizer, self.scheduler, self.ema, accelerator.scaler,
+                               accelerator.device)
+        if [p.shape for p in self.params] != shapes:  # the checkpoint was written after the task grew (fit_to_state)
+            self.prepare_grown()
+        self.step = saved["step"]
+        accelerator.step = saved.get("accelerator_step", self.step * self.config.gradient_accumulation_steps)
+        return saved, ckpt.load_rng(folder, self.rank)
+
+    def record_options(self) -> None:
+        """config.json in the output folder, and the options as TensorBoard's hyperparameters (logs/<trainer>/)."""
+        config, accelerator = self.config, self.accelerator
+        if not accelerator.is_main_process:
+            return
         with outdir.writing(config.output_dir, "writing config.json", "nothing was lost"):
             os.makedirs(config.output_dir, exist_ok=True)
             with open(os.path.join(config.output_dir, "config.json"), "w") as f:
                 f.write(config.to_json())
         if config.report_to != "none":
-            accelerator.init_trackers(config.trainer, config={k: v for k, v in vars(config).items()  # logs/<trainer>/
+            accelerator.init_trackers(config.trainer, config={k: v for k, v in vars(config).items()
                                                               if isinstance(v, (int, float, str, bool))})
 
-    options = json.loads(config.to_json())
+    # ---- training
 
-    def checkpoint():
-        final = os.path.join(config.output_dir, f"checkpoint-{step}")
-        try:
-            with outdir.writing(config.output_dir, f"writing checkpoint-{step}", f"the checkpoints already there are "
-                                f"intact ({_names(checkpoints(config.output_dir)) or 'none yet'}): resume with "
-                                "--resume latest once the folder is writable"):
-                write_checkpoint(final)
-        except ConfigError:
-            shutil.rmtree(final + ".tmp", ignore_errors=True)
-            raise
+    def train(self) -> str:
+        """Steps until --max_steps, then exports; returns the export's path."""
+        from tqdm.auto import tqdm
 
-    def write_checkpoint(final):
-        tmp = final + ".tmp"
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        accelerator.wait_for_everyone()  # the folder exists before any process writes into it
-        ckpt.save_rng(tmp, rank)
-        if accelerator.is_main_process:
-            ckpt.save_main(tmp, task, optimizer, scheduler, ema, accelerator.scaler, step, processes, accelerator.step,
-                           options, config.trainer)
-        accelerator.wait_for_everyone()  # every process has finished writing: rename once
-        if accelerator.is_main_process:
-            missing = [ckpt.rng_file(r) for r in range(processes) if not os.path.isfile(os.path.join(tmp, ckpt.rng_file(r)))]
-            if missing:
-                raise RuntimeError(f"{tmp} lacks {missing}: with several nodes --output_dir must be on a file system "
-                                   "every node sees")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            if config.checkpoints_total_limit:  # 0 keeps every checkpoint
-                for old in checkpoints(config.output_dir)[:-config.checkpoints_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+        config, main = self.config, self.accelerator.is_main_process
+        started, first_step = time.monotonic(), self.step
+        before = self.task.heldout_check() if main else None
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not main, desc="steps")
+        while self.step < config.max_steps:
+            logs = self.optimiser_step()
+            self.step += 1
+            self.after_step(logs, bar)
+        bar.close()
+        return self.finish(before, first_step, started)
 
-    started, first_step = time.monotonic(), step
-    before = task.heldout_check() if accelerator.is_main_process else None
-    bar = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_main_process, desc="steps")
-    while step < config.max_steps:
+    def optimiser_step(self) -> dict:
+        """One optimiser step over --gradient_accumulation_steps micro-batches; returns the last one's logs."""
+        config, accelerator = self.config, self.accelerator
         logs = {}
         for micro in range(config.gradient_accumulation_steps):
-            with accelerator.accumulate(model):
-                loss, logs = task.loss(model, step * config.gradient_accumulation_steps + micro)
+            with accelerator.accumulate(self.model):
+                loss, logs = self.task.loss(self.model, self.step * config.gradient_accumulation_steps + micro)
                 accelerator.backward(loss)
                 # the graph's nodes hold the parameters' gradient accumulators, which record their shapes: none may
                 # outlive the step, since a task may grow parameters in place between steps (after_step)
                 del loss
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        step += 1
+                    accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        return logs
+
+    def after_step(self, logs: dict, bar) -> None:
+        """What follows an optimiser step: the loss checked, the EMA, the task's growth, progress and logs, and the
+        periodic checkpoint and validation."""
+        config, accelerator, step, task = self.config, self.accelerator, self.step, self.task
         logs_now = step % config.log_every == 0
         saves = step % config.checkpoint_every == 0 or step == config.max_steps
         validates = bool(config.validation_every and step % config.validation_every == 0)
@@ -331,47 +239,109 @@ def _run(task, config, accelerator) -> str:
         reads_back = logs_now or saves or validates
         # the mean over processes: every process sees the same value, so all stop (and a task's after_step, which
         # reads the loss every step, decides) together
-        if (reads_back or hasattr(task, "after_step")) and processes > 1:
+        if (reads_back or hasattr(task, "after_step")) and self.processes > 1:
             logs["loss"] = accelerator.reduce(logs["loss"].detach().float().reshape(1).to(accelerator.device), "mean")[0]
         if reads_back and not all(math.isfinite(float(v)) for v in logs.values()):
             raise FloatingPointError(f"step {step}: non-finite loss {logs} (read every --log_every steps and before "
                                      "each checkpoint, which is not written); lower --learning_rate or use bf16")
-        if ema is not None:
-            ema.step(params)
+        if self.ema is not None:
+            self.ema.step(self.params)
         grown = task.after_step(step, logs) if hasattr(task, "after_step") else None
-        if grown:  # the task grew some parameters in place: their optimiser and EMA state grows the same way
-            from ..nodes.arch.adaface import expand_optimizer_state
-
-            expand_optimizer_state(getattr(optimizer, "optimizer", optimizer), grown)
-            if ema is not None:
-                ema.shadow_params = [grown[p](s) if p in grown else s for p, s in zip(params, ema.shadow_params)]
-            prepare_grown()
+        if grown:
+            self.grow(grown)
         bar.update(1)
         if reads_back:  # grouped keys ("group/name") are TensorBoard detail, kept off the progress bar
             bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items() if "/" not in k})
         if logs_now and config.report_to != "none":
-            accelerator.log({**{k: float(v) for k, v in logs.items()}, "lr": scheduler.get_last_lr()[0]}, step=step)
+            accelerator.log({**{k: float(v) for k, v in logs.items()}, "lr": self.scheduler.get_last_lr()[0]}, step=step)
         if saves:
-            checkpoint()
+            self.checkpoint()
         if validates and accelerator.is_main_process:
-            _validate(task, model, step, config, accelerator, ema, params)
-    bar.close()
+            self.validate()
 
-    export_path = os.path.join(config.output_dir, config.export_name)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    def grow(self, grown: dict[nn.Parameter, Grow]) -> None:
+        """The task grew some parameters in place: their optimiser and EMA state grows the same way."""
+        expand_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer), grown)
+        if self.ema is not None:
+            shadow = self.ema.shadow_params
+            self.ema.shadow_params = [grown[p](s) if p in grown else s for p, s in zip(self.params, shadow)]
+        self.prepare_grown()
+
+    def validate(self) -> None:
+        """The task's validation images, made with the EMA weights when there are some."""
+        ema = self.ema
         if ema is not None:
-            ema.store(params)
-            ema.copy_to(params)
-        with outdir.writing(config.output_dir, f"writing the export {config.export_name}",
-                            f"the trained weights are in {_names(checkpoints(config.output_dir)[-1:]) or 'no checkpoint'}"):
-            task.export(export_path)
-        after = task.heldout_check() if before is not None else None
-        if ema is not None:
-            ema.restore(params)
-        say(summary(task, config, export_path, (first_step, step), time.monotonic() - started, before, after))
-    accelerator.end_training()
-    return export_path
+            ema.store(self.params)
+            ema.copy_to(self.params)
+        try:
+            images = self.task.validate(self.model, self.step)
+        finally:
+            if ema is not None:
+                ema.restore(self.params)
+        if images:
+            save_validation(images, self.step, self.config, self.accelerator)
+
+    # ---- checkpoints and the export
+
+    def checkpoint(self) -> None:
+        """checkpoint-<step>, written whole or not at all (an unwritable folder is a clear error, nothing lost)."""
+        output_dir = self.config.output_dir
+        final = os.path.join(output_dir, f"checkpoint-{self.step}")
+        try:
+            with outdir.writing(output_dir, f"writing checkpoint-{self.step}", f"the checkpoints already there are "
+                                f"intact ({folder_names(ckpt.checkpoints(output_dir)) or 'none yet'}): resume with "
+                                "--resume latest once the folder is writable"):
+                self.write_checkpoint(final)
+        except ConfigError:
+            shutil.rmtree(final + ".tmp", ignore_errors=True)
+            raise
+
+    def write_checkpoint(self, final: str) -> None:
+        accelerator, config, main = self.accelerator, self.config, self.accelerator.is_main_process
+        tmp = final + ".tmp"
+        accelerator.wait_for_everyone()
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        accelerator.wait_for_everyone()  # the folder exists before any process writes into it
+        ckpt.save_rng(tmp, self.rank)
+        if main:
+            ckpt.save_main(tmp, self.task, self.optimizer, self.scheduler, self.ema, accelerator.scaler, self.step,
+                           self.processes, accelerator.step, self.options, config.trainer)
+        accelerator.wait_for_everyone()  # every process has finished writing: rename once
+        if main:
+            missing = [ckpt.rng_file(r) for r in range(self.processes)
+                       if not os.path.isfile(os.path.join(tmp, ckpt.rng_file(r)))]
+            if missing:
+                raise RuntimeError(f"{tmp} lacks {missing}: with several nodes --output_dir must be on a file system "
+                                   "every node sees")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            if config.checkpoints_total_limit:  # 0 keeps every checkpoint
+                for old in ckpt.checkpoints(config.output_dir)[:-config.checkpoints_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def finish(self, before, first_step: int, started: float) -> str:
+        """The export (EMA weights when there are some), the held-out check after training and the summary."""
+        config, accelerator, task, ema = self.config, self.accelerator, self.task, self.ema
+        export_path = os.path.join(config.output_dir, config.export_name)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if ema is not None:
+                ema.store(self.params)
+                ema.copy_to(self.params)
+            last = folder_names(ckpt.checkpoints(config.output_dir)[-1:]) or "no checkpoint"
+            with outdir.writing(config.output_dir, f"writing the export {config.export_name}",
+                                f"the trained weights are in {last}"):
+                task.export(export_path)
+            after = task.heldout_check() if before is not None else None
+            if ema is not None:
+                ema.restore(self.params)
+            self.say(summary(task, config, export_path, (first_step, self.step), time.monotonic() - started, before,
+                             after))
+        accelerator.end_training()
+        return export_path
 
 
 def make_optimizer(task, config, device):
@@ -386,48 +356,19 @@ def make_optimizer(task, config, device):
                              fused=device.type == "cuda")  # one kernel launch set, not one per tensor
 
 
-def _names(folders: list[str]) -> str:
-    return ", ".join(os.path.basename(f) for f in folders)
-
-
-def summary(task, config, export_path: str, steps: tuple[int, int], seconds: float, before, after) -> str:
-    """What a finished run made, the evidence that it learned, and where everything is."""
-    first, last = steps
-    lines = [f"done: steps {first} to {last} in {seconds / 60:.1f} min",
-             f"  export      {export_path}", f"              {task.describe_export()}"]
-    if after is not None:
-        when = "before training" if first == 0 else f"at step {first}"
-        lines.append(f"  held-out    {task.heldout_line(before, after, when)}")
-    else:
-        lines.append("  held-out    not checked: pass --heldout_dataset (identities kept out of training, same layout)")
-    folder = os.path.join(config.output_dir, "validation")
-    if os.path.isdir(folder):
-        count = len(os.listdir(folder))
-        lines.append(f"  validation  {folder}{os.sep} ({count} image{'' if count == 1 else 's'})")
-    if config.report_to == "tensorboard":
-        lines.append(f"  logs        tensorboard --logdir {os.path.join(config.output_dir, 'logs')}")
-    lines.append(f"  in ComfyUI  cp {export_path} ComfyUI/models/{task.comfyui_folder}/")
-    return "\n".join(lines)
-
-
-def _validate(task, model, step, config, accelerator, ema, params):
-    if ema is not None:
-        ema.store(params)
-        ema.copy_to(params)
-    try:
-        images = task.validate(model, step)
-    finally:
-        if ema is not None:
-            ema.restore(params)
-    if not images:
-        return
-    folder = os.path.join(config.output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(os.path.join(folder, f"step{step:07d}_{i}.png"))
-    if config.report_to == "tensorboard":
-        import numpy as np
-
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+def expand_optimizer_state(optimizer: torch.optim.Optimizer, mapping: dict[nn.Parameter, Grow]) -> None:
+    """Makes ``optimizer``'s state follow parameters a task grew in place (``mapping``: what ``after_step`` returned,
+    e.g. ``adaface_expansion.expand_kv``'s): for every grown parameter the optimizer holds state for, each state tensor
+    with dimensions (exp_avg, exp_avg_sq, p0, s, ...) goes through its map; scalars (``step``) and non-tensors stay as
+    they are. Call it right after the expansion. A state tensor of another shape than the
+    parameter's old one (a factored second moment, or state already expanded) is refused before anything changes."""
+    updates = []
+    for param, expand in mapping.items():
+        state = optimizer.state.get(param)
+        if not state:
+            continue  # not held by this optimizer, or no step yet: its state will be created at the new shape
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                updates.append((state, key, expand(value)))
+    for state, key, value in updates:
+        state[key] = value

@@ -12,21 +12,23 @@ from Arc2Face, with dynamic model expansion (--stage face, the default), then it
 Every option: --help. The export, <output_dir>/adaface.safetensors, goes into ComfyUI/models/adaface/.
 """
 
-import importlib.util
-import pathlib
 import sys
 
-if not __package__:  # run as a script: import this checkout as `comfyui_idadapter` (ComfyUI owns the name `nodes`)
-    _root = pathlib.Path(__file__).resolve().parents[1]
-    _spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py",
-                                                   submodule_search_locations=[str(_root)])
-    sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_pack)
+if not __package__:  # run as a script: _bootstrap, beside it, imports this checkout as `comfyui_idadapter`
+    import _bootstrap  # noqa: F401
 
-from comfyui_idadapter.training.config import AdaFaceTrainConfig  # noqa: E402
-from comfyui_idadapter.training.loop import trainer_command_line  # noqa: E402
+from comfyui_idadapter.training.adaface_config import AdaFaceTrainConfig  # noqa: E402
+from comfyui_idadapter.training.cli import trainer_command_line  # noqa: E402
 
-main, cli = trainer_command_line(AdaFaceTrainConfig, "adaface_task", "AdaFaceTask", __doc__)
+
+def task_class():
+    """AdaFaceTask, imported once the options are checked: diffusers and the models' code take seconds to import."""
+    from comfyui_idadapter.training.adaface_task import AdaFaceTask
+
+    return AdaFaceTask
+
+
+main, cli = trainer_command_line(AdaFaceTrainConfig, task_class, __doc__)
 
 if __name__ == "__main__":
     sys.exit(cli())

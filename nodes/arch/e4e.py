@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ImageInputError, ModelFileError
-from .adaface import materialized
+from .files import materialized
 from .ffhq_align import align_ffhq
 from .files import (check_shapes, first_few, looks_like_safetensors, open_safetensors, read_tensors_only,
                     write_safetensors)

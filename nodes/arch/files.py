@@ -289,3 +289,13 @@ def check_fingerprint(value, where: str, fix: str) -> str:
                              f"'glintr100.onnx:0123456789abcdef' (at most {MAX_FINGERPRINT} printable characters), "
                              f"got {shown}. {fix}")
     return value
+
+
+def materialized(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """``module`` (built on the ``meta`` device) on the CPU in float32, holding ``state``, ready for inference.
+
+    The values are copied into fresh, aligned storage: tensors read from a file sit at arbitrary offsets (or in a
+    memory map), where CPU kernels take other paths and give results that differ in the last bit.
+    """
+    module.to_empty(device="cpu").load_state_dict(state)
+    return module.eval().requires_grad_(False)

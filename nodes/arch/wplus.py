@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelFileError
-from .files import (check_shapes, first_few, looks_like_safetensors, open_safetensors, read_tensors_only,
-                    write_safetensors)
+from .files import (check_shapes, first_few, looks_like_safetensors, materialized, open_safetensors,
+                    read_tensors_only, write_safetensors)
 from .unet_blocks import FAMILIES, Attention, BlockKey, BlockSpec, CastLayerNorm, CastLinear, block_name, sdpa_attention
 
 FORMAT = "wplus/1"
@@ -278,13 +278,6 @@ def config_from_metadata(meta: dict[str, str], path: str) -> WPlusAdapterConfig:
     return cfg
 
 
-def _materialized(adapter: WPlusAdapter, state: dict[str, torch.Tensor]) -> WPlusAdapter:
-    """``adapter`` (built on ``meta``) on the CPU in float32 holding ``state``. Fresh, aligned storage: tensors read
-    from a file sit at arbitrary offsets (or in a memory map), where CPU kernels may take other paths."""
-    adapter.to_empty(device="cpu").load_state_dict(state)
-    return adapter.eval().requires_grad_(False)
-
-
 def _finite(path: str, name: str, tensor: torch.Tensor, fix: str) -> torch.Tensor:
     if not tensor.is_floating_point():
         raise ModelFileError(f"{path}: {name!r} is {tensor.dtype}, expected floating-point weights. {fix}")
@@ -315,7 +308,7 @@ def load_wplus_adapter(path: str) -> WPlusAdapterWeights:
         expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
         check_shapes(path, f.shapes, expected, "its own config", _REWRITE)
         tensors = f.tensors()  # refuses NaN and infinities
-    return WPlusAdapterWeights(_materialized(adapter, tensors), FORMAT)
+    return WPlusAdapterWeights(materialized(adapter, tensors), FORMAT)
 
 
 # ---- Official files
@@ -413,7 +406,7 @@ def load_official_wplus(path: str) -> WPlusAdapterWeights:
     for ours, theirs in names.items():
         group, key = theirs.split(".", 1)
         tensors[ours] = _finite(path, theirs, state[group][key], _OFFICIAL_FIX)
-    return WPlusAdapterWeights(_materialized(adapter, tensors), "official")
+    return WPlusAdapterWeights(materialized(adapter, tensors), "official")
 
 
 def load_wplus_file(path: str) -> WPlusAdapterWeights:

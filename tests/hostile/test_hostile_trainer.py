@@ -27,8 +27,11 @@ import pytest
 from comfyui_idadapter.nodes.errors import ConfigError, PackError
 from comfyui_idadapter.training import checkpoint as ckpt
 from comfyui_idadapter.training import loop, outdir, tiny
-from comfyui_idadapter.training.config import (LR_SCHEDULERS, AdaFaceTrainConfig, IDAdapterEvalConfig,
-                                               IDAdapterTrainConfig, WPlusTrainConfig, parse_args)
+from comfyui_idadapter.training.adaface_config import AdaFaceTrainConfig
+from comfyui_idadapter.training.cli import parse_args
+from comfyui_idadapter.training.idadapter_config import IDAdapterEvalConfig, IDAdapterTrainConfig
+from comfyui_idadapter.training.options import LR_SCHEDULERS
+from comfyui_idadapter.training.wplus_config import WPlusTrainConfig
 
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["--report_to", "none", "--validation_every", "0"]
@@ -259,7 +262,7 @@ def test_complete_folders_pass_and_load(model_folders, tmp_path):
     Stable Diffusion's published folders (vocab.json + merges.txt beside tokenizer_config.json)."""
     from transformers import CLIPVisionModelWithProjection
 
-    from comfyui_idadapter.training.idadapter_task import load_base_model
+    from comfyui_idadapter.training.base_model import load_base_model
 
     def vocab_files(folder):
         os.remove(folder / "tokenizer" / "tokenizer.json")
