@@ -270,8 +270,6 @@ def other_frontend_server(server, front_end_root):
         other.stop()
 
 
-# a notice over the canvas: 1.27.10's dialogs (e.g. "Some Nodes Are Missing"), 1.58's status toasts
-# (e.g. "Missing node: ...")
 LOAD_JS = """async (wf) => {
   const app = window.app;
   const registered = window.LiteGraph?.registered_node_types ?? app.graph.constructor.registered_node_types ?? {};
@@ -286,6 +284,8 @@ LOAD_JS = """async (wf) => {
   return {missing, nodes, saved: saved.nodes.map(n => ({id: n.id, type: n.type, widgets_values: n.widgets_values}))};
 }"""
 
+# a notice over the canvas: 1.27.10's dialogs (e.g. "Some Nodes Are Missing"), 1.58's status toasts
+# (e.g. "Missing node: ...")
 NOTICES_JS = """() => [...document.querySelectorAll('.p-dialog, [role=dialog], [role=alertdialog], [role=status]')]
   .map(d => d.innerText.trim().slice(0, 300)).filter(t => t)"""
 
