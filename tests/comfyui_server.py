@@ -2,7 +2,9 @@
 
 ``start_server`` runs ComfyUI's ``main.py`` from COMFYUI_PATH (with COMFYUI_PYTHON) on 127.0.0.1 and a free
 port, with ``--base-directory`` pointing at a work folder (custom_nodes/, models/, input/, output/, user/),
-an in-memory database (nothing is written into the checkout) and its log in ``<work>/server.log``.
+an in-memory database (nothing is written into the checkout) and its log in ``<work>/server.log``; optionally
+another frontend (``front_end_root``: a folder holding a frontend's index.html, e.g. the ``static`` folder of a
+``comfyui-frontend-package`` installed apart) and its own user folder (settings and saved workflows).
 
 ``ui_to_api`` converts a workflow as the frontend saves it (``nodes`` + ``links``) into the prompt that
 ``POST /prompt`` takes, using the server's own ``/object_info`` for the widget order, the same way the
@@ -82,13 +84,18 @@ class Server:
                 self.proc.wait(timeout=20)
 
 
-def start_server(comfy_path, work, python=None, timeout=300):
+def start_server(comfy_path, work, python=None, timeout=300, front_end_root=None, user_directory=None,
+                 log_name="server.log"):
     """Starts ComfyUI's server with ``work`` as its base directory; returns once /object_info answers."""
     port = free_port()
-    log_path = os.path.join(work, "server.log")
+    log_path = os.path.join(work, log_name)
     args = [python or sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
             "--base-directory", str(work), "--database-url", "sqlite:///:memory:", "--disable-auto-launch",
             "--preview-method", "none"]
+    if front_end_root:
+        args += ["--front-end-root", str(front_end_root)]
+    if user_directory:
+        args += ["--user-directory", str(user_directory)]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, cwd=comfy_path, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = Server(proc, f"http://127.0.0.1:{port}", log_path)

@@ -1,4 +1,4 @@
-"""The example workflows on a live ComfyUI server (COMFYUI_PATH): queued over HTTP in API format, and loaded by
+r"""The example workflows on a live ComfyUI server (COMFYUI_PATH): queued over HTTP in API format, and loaded by
 ComfyUI's real frontend in a headless Chromium.
 
 One server per module, started on 127.0.0.1 with ``--base-directory`` at a temporary folder: the pack linked
@@ -9,14 +9,26 @@ the workflow files are queued with their own model names. To keep a CPU run shor
 sample 3 steps at 64x64 (``FAST``); everything else is the workflow's.
 
 The browser tests need playwright (pip) and Chromium at CHROMIUM (default /usr/bin/chromium, Debian's
-``chromium`` package); they are skipped otherwise.
+``chromium`` package); they are skipped otherwise. They load every workflow in two frontends: ``pinned``, the one
+the ComfyUI checkout requires (its installed comfyui-frontend-package), served by the module's server; and
+``newest``, the frontend whose static folder COMFYUI_FRONTEND_ROOT names (e.g. the newest comfyui-frontend-package,
+installed into a folder of its own so that the checkout keeps its pinned one), served by a second server on the
+same models with ``--front-end-root`` and a fresh user folder. Without COMFYUI_FRONTEND_ROOT the ``newest`` tests
+are skipped with that reason. Both frontends, e.g.::
+
+    apt-get install chromium
+    pip install --no-deps --target ~/frontends/1.58.1 comfyui-frontend-package==1.58.1
+    COMFYUI_PATH=~/src/ComfyUI COMFYUI_PYTHON=~/comfy-venv/bin/python \
+    COMFYUI_FRONTEND_ROOT=~/frontends/1.58.1/comfyui_frontend_package/static ./dev test tests/test_comfyui_server.py
 """
 
+import contextlib
 import copy
 import glob
 import json
 import os
 import shutil
+import urllib.request
 
 import numpy as np
 import pytest
@@ -24,7 +36,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from comfyui_server import start_server, ui_to_api
+from comfyui_server import start_server, ui_to_api, widget_layout
 from test_comfyui import COMFYUI_PATH, REPO, make_work_dir, needs_comfyui, run_check
 from tiny_face_models import make_pack
 
@@ -40,6 +52,7 @@ STAND_INS = {"CheckpointLoaderSimple": ("checkpoints", "tiny_sd15.safetensors"),
              "IDA_LoadWPlusAdapter": ("wplus", "tiny_wplus.safetensors")}
 FAST = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 3}}
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+FRONTEND_ROOT = os.environ.get("COMFYUI_FRONTEND_ROOT")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -74,6 +87,12 @@ def _bad_adapter_files(work):
     (folder / "truncated.safetensors").write_bytes(data[: len(data) // 2])
 
 
+def _fresh_user_folder(folder):
+    (folder / "default").mkdir(parents=True)
+    # no first-run template browser over the canvas
+    (folder / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = make_work_dir(tmp_path_factory.mktemp("comfy_server") / "base")
@@ -83,9 +102,7 @@ def server(tmp_path_factory):
     run_check(work, "make_wplus_assets", {})
     _provide_workflow_models(work)
     _bad_adapter_files(work)
-    (work / "user" / "default").mkdir(parents=True)
-    # no first-run template browser over the canvas
-    (work / "user" / "default" / "comfy.settings.json").write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    _fresh_user_folder(work / "user")
     srv = start_server(COMFYUI_PATH, str(work), python=os.environ.get("COMFYUI_PYTHON"))
     srv.work = work
     srv.object_info = srv.get("/object_info", timeout=120)
@@ -210,18 +227,47 @@ def _browser_missing():
     return None
 
 
+# frontend 1.27.10 itself throws this once while it registers its settings on a fresh user folder
+# (Comfy.Canvas.NavigationMode's onChange reads a canvas that is not there yet), before any workflow is loaded
+KNOWN_STARTUP_ERRORS = {"1.27.10": ("Cannot read properties of undefined (reading 'id')", "addSetting")}
+
+
 def open_frontend(playwright, server, width=1600, height=1000):
-    """A page with ComfyUI's frontend ready (window.app set up); collects page errors in ``page.errors``."""
+    """A page with ComfyUI's frontend ready (window.app set up); collects page errors in ``page.errors``, and the
+    frontend's version in ``page.version``. Fails on a start-up error other than the version's known one."""
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
     page = browser.new_page(viewport={"width": width, "height": height})
     page.errors = []
     page.on("pageerror", lambda exc: page.errors.append(f"{exc}\n{exc.stack}"))
     page.goto(server.url, timeout=120_000)
     page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
-    # frontend 1.27.10 itself throws once while it registers its settings on a fresh user folder
-    # (Comfy.Canvas.NavigationMode's onChange): errors count from here on
-    page.startup_errors, page.errors = page.errors, []
+    page.version = page.evaluate("() => window.__COMFYUI_FRONTEND_VERSION__")
+    message, where = KNOWN_STARTUP_ERRORS.get(page.version, (None, None))
+    unknown = [e for e in page.errors if not (e.startswith(message + "\n") and where in e)] if message else page.errors
+    page.errors = []
+    if unknown:
+        browser.close()
+        raise AssertionError(f"frontend {page.version} failed while starting:\n" + "\n".join(unknown))
     return browser, page
+
+
+@contextlib.contextmanager
+def other_frontend_server(server, front_end_root):
+    """A second server on ``server``'s base folder (same models and inputs) serving the frontend at
+    ``front_end_root``, with a fresh user folder of its own."""
+    index = os.path.join(front_end_root, "index.html")
+    assert os.path.isfile(index), f"COMFYUI_FRONTEND_ROOT={front_end_root} holds no index.html"
+    user = server.work / "user_other_frontend"
+    shutil.rmtree(user, ignore_errors=True)
+    _fresh_user_folder(user)
+    other = start_server(COMFYUI_PATH, str(server.work), python=os.environ.get("COMFYUI_PYTHON"),
+                         front_end_root=front_end_root, user_directory=user, log_name="server_other_frontend.log")
+    try:
+        with urllib.request.urlopen(other.url + "/", timeout=30) as reply, open(index, "rb") as f:
+            assert reply.read() == f.read(), f"the server does not serve {index}"
+        yield other
+    finally:
+        other.stop()
 
 
 LOAD_JS = """async (wf) => {
@@ -231,13 +277,17 @@ LOAD_JS = """async (wf) => {
   await app.loadGraphData(wf, true, true, null);
   await new Promise(r => requestAnimationFrame(() => r()));
   const saved = app.graph.serialize();
-  const dialogs = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText.slice(0, 300));
   const nodes = app.graph.nodes.map(n => ({
     id: n.id, type: n.type, has_errors: !!n.has_errors,
     widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value})),
   }));
-  return {missing, dialogs, nodes, saved: saved.nodes.map(n => ({id: n.id, type: n.type, widgets_values: n.widgets_values}))};
+  return {missing, nodes, saved: saved.nodes.map(n => ({id: n.id, type: n.type, widgets_values: n.widgets_values}))};
 }"""
+
+# a notice over the canvas: 1.27.10's dialogs (e.g. "Some Nodes Are Missing"), 1.58's status toasts
+# (e.g. "Missing node: ...")
+NOTICES_JS = """() => [...document.querySelectorAll('.p-dialog, [role=dialog], [role=alertdialog], [role=status]')]
+  .map(d => d.innerText.trim().slice(0, 300)).filter(t => t)"""
 
 NEW_NODE_JS = """(type) => {
   const node = window.LiteGraph.createNode(type);
@@ -245,27 +295,45 @@ NEW_NODE_JS = """(type) => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def frontend(server):
+@pytest.fixture(scope="module", params=["pinned", "newest"])
+def frontend(request, server):
+    """A page of the checkout's own frontend (pinned) or of the one at COMFYUI_FRONTEND_ROOT (newest)."""
     reason = _browser_missing()
     if reason:
         pytest.skip(reason)
+    if request.param == "newest" and not FRONTEND_ROOT:
+        pytest.skip("COMFYUI_FRONTEND_ROOT is not set (point it at another frontend's static folder, e.g. "
+                    "comfyui_frontend_package/static of the newest comfyui-frontend-package installed apart)")
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as p:
-        browser, page = open_frontend(p, server)
+    with contextlib.ExitStack() as stack:
+        srv = server if request.param == "pinned" else stack.enter_context(other_frontend_server(server, FRONTEND_ROOT))
+        browser, page = open_frontend(stack.enter_context(sync_playwright()), srv)
+        stack.callback(browser.close)
+        page.notices_before = page.evaluate(NOTICES_JS)
         yield page
-        browser.close()
+
+
+def load_in_frontend(page, wf):
+    """Loads a UI-format workflow; fails on a page error or a new notice (a missing node, a bad value)."""
+    result = page.evaluate(LOAD_JS, wf)
+    assert not page.errors, (page.version, page.errors)
+    notices = [n for n in page.evaluate(NOTICES_JS) if n not in page.notices_before]
+    assert notices == [], (page.version, notices)
+    return result
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
-def test_example_workflow_loads_cleanly_in_the_frontend(frontend, path):
+def test_example_workflow_loads_cleanly_in_the_frontend(server, frontend, path):
     wf = _load(path)
-    result = frontend.evaluate(LOAD_JS, wf)
-    assert result["missing"] == [] and result["dialogs"] == [], result
-    assert not frontend.errors, frontend.errors
-    assert sorted((n["id"], n["type"]) for n in result["nodes"]) == sorted((n["id"], n["type"]) for n in wf["nodes"])
-    assert not [n for n in result["nodes"] if n["has_errors"]], result["nodes"]
+    result = load_in_frontend(frontend, wf)
+    assert result["missing"] == [], result["missing"]
+    # as saved: 1.58 keeps the live nodes' ids as strings, its saved workflow has the numbers
+    assert sorted((n["id"], n["type"]) for n in result["saved"]) == sorted((n["id"], n["type"]) for n in wf["nodes"])
+    assert len(result["nodes"]) == len(wf["nodes"]) and not [n for n in result["nodes"] if n["has_errors"]], result
+    for node in result["nodes"]:  # one widget per widget input of the node's definition, in its order
+        layout = [name for name, _spec, _extra in widget_layout(server.object_info[node["type"]])]
+        assert [w["name"] for w in node["widgets"] if w["name"] in layout] == layout, (node["type"], node["widgets"])
     loaded = {n["id"]: n["widgets_values"] or [] for n in result["saved"]}
     for node in wf["nodes"]:  # a value the frontend rejects, rewrites or adds (e.g. a control widget) shows here
         assert loaded[node["id"]] == node.get("widgets_values", []), (node["type"], loaded[node["id"]])
@@ -279,8 +347,8 @@ def test_workflow_saved_with_a_seed_control_still_loads(frontend):
     wf = _load(os.path.join(REPO, "example_workflows", "idadapter_portrait.json"))
     (mff,) = [n for n in wf["nodes"] if n["type"] == "IDA_IDAdapterMFFEmbed"]
     mff["widgets_values"] = [2, False, 1234, "randomize"]
-    result = frontend.evaluate(LOAD_JS, wf)
-    assert result["missing"] == [] and result["dialogs"] == [] and not frontend.errors, (result, frontend.errors)
+    result = load_in_frontend(frontend, wf)
+    assert result["missing"] == []
     (loaded,) = [n for n in result["saved"] if n["id"] == mff["id"]]
     assert loaded["widgets_values"] == [2, False, 1234]
 
@@ -291,3 +359,13 @@ def test_new_mff_embed_node_keeps_its_seed(frontend):
     names = [w["name"] for w in widgets]
     assert "seed" in names, widgets
     assert all(w["value"] != "randomize" for w in widgets), widgets
+
+
+def test_the_load_check_sees_a_missing_node(frontend):
+    """The check above is not blind in this frontend: a node type the server lacks is caught (and noticed)."""
+    wf = _load(os.path.join(REPO, "example_workflows", "face_embeds.json"))
+    wf["nodes"][0]["type"] = "IDA_NoSuchNode"
+    result = frontend.evaluate(LOAD_JS, wf)
+    assert result["missing"] == ["IDA_NoSuchNode"]
+    assert [n["type"] for n in result["nodes"] if n["has_errors"]] == ["IDA_NoSuchNode"]
+    frontend.wait_for_function(f"() => ({NOTICES_JS})().some(t => t.includes('IDA_NoSuchNode'))", timeout=30_000)
