@@ -479,6 +479,18 @@ def _tiny_model(work):
     return model, base, patches.unet_layout.unet_transformer_blocks(model.get_model_object("diffusion_model"))
 
 
+def _inputs_for_both_adapters(work, pack, patches, wplus, unet_blocks, seed: int, wplus_seed: int):
+    """What the checks that apply both methods to one tiny MODEL give them: a latent pair and text, the tiny IDAdapter
+    with random embeds, and a random W+ adapter (made with ``wplus_seed``) with one random code."""
+    gen = torch.Generator().manual_seed(seed)
+    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
+    idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
+    embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
+    adapter = _random_wplus(wplus, unet_blocks, wplus_seed)
+    loaded_wplus = wplus.LoadedModel(patches.memory.module_patcher(adapter), adapter.config)
+    return x, text, idadapter, embeds, loaded_wplus, torch.randn(1, 18, 512, generator=gen)
+
+
 def block_weights_leave_zero_blocks_plain(work, payload):
     """Apply IDAdapter (weight 0.7) and Apply W+ Adapter (scale 0.8) on the tiny checkpoint with block_preset
     ``speed`` and block_weights ``middle: 0.5``. Each transformer block's input and output are recorded in the patched
@@ -495,13 +507,8 @@ def block_weights_leave_zero_blocks_plain(work, payload):
     pack, patches = _pack_modules()
     wplus = _wplus_module()
     model, base, unet_blocks = _tiny_model(work)
-    gen = torch.Generator().manual_seed(12)
-    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
-    idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
-    embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
-    adapter = _random_wplus(wplus, unet_blocks, 13)
-    loaded_wplus = wplus.LoadedModel(patches.memory.module_patcher(adapter), adapter.config)
-    codes = torch.randn(1, 18, 512, generator=gen)
+    x, text, idadapter, embeds, loaded_wplus, codes = _inputs_for_both_adapters(work, pack, patches, wplus,
+                                                                                unet_blocks, seed=12, wplus_seed=13)
     methods = {
         "idadapter": lambda **kw: nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(
             model, idadapter, embeds, 0.7, 0.0, 1.0, **kw).result[0],
@@ -1162,13 +1169,8 @@ def attention_options_reach_the_kernel(work, payload):
     for module in model.get_model_object("diffusion_model").modules():  # each block and its two attentions
         if hasattr(module, "attn_precision"):
             module.attn_precision = torch.float32
-    gen = torch.Generator().manual_seed(23)
-    x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
-    idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
-    embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
-    adapter = _random_wplus(wplus, unet_blocks, 24)
-    loaded_wplus = wplus.LoadedModel(patches.memory.module_patcher(adapter), adapter.config)
-    code = torch.randn(1, 18, 512, generator=gen)
+    x, text, idadapter, embeds, loaded_wplus, code = _inputs_for_both_adapters(work, pack, patches, wplus,
+                                                                               unet_blocks, seed=23, wplus_seed=24)
 
     def calls_of(patched):
         seen = []

@@ -4,6 +4,7 @@ leads to a file (and heading) of this repository."""
 import ast
 import pathlib
 import re
+import sys
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_the_node_modules_declare_the_nodes():
 
 def test_the_pack_serves_its_web_directory():
     # ComfyUI serves WEB_DIRECTORY under /extensions/<pack folder>/, where the frontend looks for docs/<node id>.md
-    assert (ROOT / pack_import.sys.modules["comfyui_idadapter"].WEB_DIRECTORY).resolve() == HELP_PAGES.parent
+    assert (ROOT / sys.modules["comfyui_idadapter"].WEB_DIRECTORY).resolve() == HELP_PAGES.parent
 
 
 @pytest.mark.parametrize("node_id", sorted(NODES))

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ModelFileError
-from .files import check_shapes, materialized, open_safetensors, write_safetensors
+from .files import check_shapes, materialized, metadata_json, open_safetensors, write_safetensors
 
 FORMAT = "adaface/1"
 FAMILY = "sd15"
@@ -399,14 +399,7 @@ def config_from_metadata(meta: dict[str, str], path: str) -> AdaFaceConfig:
     if meta.get("family") != FAMILY:
         raise ModelFileError(f"{path}: family {meta.get('family')!r}, expected {FAMILY!r} (AdaFace's inverter "
                              f"writes SD1.5 token embeddings). {_REWRITE}")
-    if "config" not in meta:
-        raise ModelFileError(f"{path}: the metadata has no 'config' field (the JSON AdaFace config). {_REWRITE}")
-    try:
-        raw = json.loads(meta["config"])
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
-        raise ModelFileError(f"{path}: the metadata field 'config' is not JSON ({type(exc).__name__}). "
-                             f"{_REWRITE}") from exc
-    return checked_config(raw, path)
+    return checked_config(metadata_json(meta, path, "config", "the JSON AdaFace config", _REWRITE), path)
 
 
 def checked_config(raw, path: str, fix: str = _REWRITE) -> AdaFaceConfig:

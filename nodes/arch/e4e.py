@@ -53,10 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, ImageInputError, ModelFileError
-from .files import materialized
 from .ffhq_align import align_ffhq
-from .files import (check_shapes, first_few, looks_like_safetensors, open_safetensors, read_tensors_only,
-                    write_safetensors)
+from .files import (check_shapes, first_few, looks_like_safetensors, materialized, metadata_json, open_safetensors,
+                    read_tensors_only, write_safetensors)
 
 FORMAT = "e4e/1"
 FAMILY = "ffhq"
@@ -340,14 +339,7 @@ def _check_config(meta: dict[str, str], path: str) -> None:
     if meta.get("family") != FAMILY:
         raise ModelFileError(f"{path}: family {meta.get('family')!r}, expected {FAMILY!r} (the e4e encoder of the FFHQ "
                              f"StyleGAN2, whose W+ codes the W+ adapter reads). {_REWRITE}")
-    text = meta.get("config")
-    if text is None:
-        raise ModelFileError(f"{path}: the metadata has no 'config' field (the JSON e4e config). {_REWRITE}")
-    try:
-        raw = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
-        raise ModelFileError(f"{path}: the metadata field 'config' is not JSON ({type(exc).__name__}). "
-                             f"{_REWRITE}") from exc
+    raw = metadata_json(meta, path, "config", "the JSON e4e config", _REWRITE)
     expected = asdict(E4EConfig())
     if not isinstance(raw, dict) or set(raw) != set(expected):
         got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, ImageInputError, ModelFileError, NoFaceError
-from .files import check_fingerprint, check_shapes, first_few, open_safetensors, same_weights, write_safetensors
+from .files import (check_fingerprint, check_shapes, first_few, metadata_json, open_safetensors, same_weights,
+                    write_safetensors)
 
 FORMAT = "face_embeds/1"
 COMBINE_MODES = ("mean", "norm-mean", "concat")
@@ -279,7 +280,7 @@ def load_face_embeds(path: str) -> FaceEmbeds:
         expected.update({name: (embeds_shape[0], *_GEOMETRY[name]) for name in present})
         check_shapes(path, f.shapes, expected, "the face embeds layout", _RESAVE)
         recognizer = check_fingerprint(f.metadata.get("recognizer", ""), path, _RESAVE)
-        image_sizes = _image_sizes_field(f.metadata.get("image_sizes"), path)
+        image_sizes = _image_sizes_field(f.metadata, path)
         check_image_sizes(image_sizes, bool(present), path, _RESAVE)
         tensors = f.tensors()
     zero_rows = (tensors["embeds"] == 0).all(dim=1).nonzero().flatten().tolist()
@@ -292,16 +293,12 @@ def load_face_embeds(path: str) -> FaceEmbeds:
         raise ModelFileError(f"{path}: {exc}") from exc
 
 
-def _image_sizes_field(text: str | None, path: str) -> tuple[tuple, ...] | None:
+def _image_sizes_field(meta: dict[str, str], path: str) -> tuple[tuple, ...] | None:
     """The metadata field ``image_sizes`` as a tuple of pairs (checked by :func:`check_image_sizes`); None when
     absent."""
-    if text is None:
+    if meta.get("image_sizes") is None:
         return None
-    try:
-        raw = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
-        raise ModelFileError(f"{path}: the metadata field 'image_sizes' is not JSON ({type(exc).__name__}). "
-                             f"{_RESAVE}") from exc
+    raw = metadata_json(meta, path, "image_sizes", "the JSON list of the images' sizes", _RESAVE)
     if not isinstance(raw, list) or not all(isinstance(size, list) for size in raw):
         shown = first_few(raw) if isinstance(raw, list) else type(raw).__name__
         raise ModelFileError(f"{path}: the metadata field 'image_sizes' must be a JSON list of [height, width] pairs, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import pickle
 import re
@@ -299,3 +300,14 @@ def materialized(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> tor
     """
     module.to_empty(device="cpu").load_state_dict(state)
     return module.eval().requires_grad_(False)
+
+
+def metadata_json(meta: dict[str, str], path: str, name: str, what: str, fix: str):
+    """The metadata field ``name`` of a safetensors file, parsed as JSON (its values not yet checked); a missing
+    field or one that is not JSON is refused, naming ``what`` the field should hold and ending in ``fix``."""
+    if meta.get(name) is None:
+        raise ModelFileError(f"{path}: the metadata has no {name!r} field ({what}). {fix}")
+    try:
+        return json.loads(meta[name])
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+        raise ModelFileError(f"{path}: the metadata field {name!r} is not JSON ({type(exc).__name__}). {fix}") from exc

@@ -18,13 +18,12 @@ safetensors header before any memory is allocated, and NaN or infinite weights a
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from ..errors import ModelFileError
-from .files import first_few
-from .unet_blocks import FAMILIES, BlockSpec
+from .files import first_few, metadata_json
+from .unet_blocks import FAMILIES, BlockSpec, FamilyBlocksConfig
 
 FORMAT = "idadapter/1"
 WRITER = "training/train_idadapter.py (IP-Adapter, AdaFace and W+ files go into their own loaders)"
@@ -42,7 +41,7 @@ _BLOCK_NAME = re.compile(r"(input|middle|output)_\d+_\d+")
 
 
 @dataclass
-class IDAdapterConfig:
+class IDAdapterConfig(FamilyBlocksConfig):
     family: str
     blocks: dict[str, BlockSpec]  # block name -> dims of that UNet transformer block
     clip_vision_dim: int = 1280  # width of the CLIP vision encoder (ViT-H/14: 1280, ViT-L/14: 1024)
@@ -60,20 +59,9 @@ class IDAdapterConfig:
     face_crop_margin: float | None = None
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ModelFileError(f"unknown base family {self.family!r}; expected one of {sorted(FAMILIES)}")
+        self.check_family_and_blocks()
         if not self.text_dims:
             self.text_dims = dict(FAMILIES[self.family]["text_dims"])
-        self.blocks = {
-            name: spec if isinstance(spec, BlockSpec) else BlockSpec(**spec) for name, spec in self.blocks.items()
-        }
-
-    @property
-    def context_dim(self) -> int:
-        return FAMILIES[self.family]["context_dim"]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
 
 
 def config_from_metadata(meta: dict[str, str], path: str) -> IDAdapterConfig:
@@ -91,13 +79,7 @@ def config_from_metadata(meta: dict[str, str], path: str) -> IDAdapterConfig:
         if width % heads:
             raise refuse(heads_name, f"a divisor of {width_name} ({width})", heads)
 
-    if "config" not in meta:
-        raise ModelFileError(f"{path}: the metadata has no 'config' field (the JSON IDAdapter config). {REEXPORT}")
-    try:
-        raw = json.loads(meta["config"])
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
-        raise ModelFileError(f"{path}: the metadata field 'config' is not JSON ({type(exc).__name__}: {exc}). "
-                             f"{REEXPORT}") from exc
+    raw = metadata_json(meta, path, "config", "the JSON IDAdapter config", REEXPORT)
     if not isinstance(raw, dict):
         raise refuse("config", "a JSON object", type(raw).__name__)
     unknown = sorted(set(raw) - {f.name for f in fields(IDAdapterConfig)})

@@ -7,13 +7,15 @@ from here, never from each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ModelFileError
 from .transfer import host_to_device
 
 # Each base family's text encoders (ComfyUI's token-dict keys, in the base model's order: text_encoder,
@@ -33,6 +35,26 @@ class BlockSpec:
     channels: int
     heads: int
     context_dim: int
+
+
+class FamilyBlocksConfig:
+    """What the adapters' file configs share, for dataclasses with the fields ``family`` (a key of FAMILIES) and
+    ``blocks`` (block name -> BlockSpec, or its dict as read from a file's JSON)."""
+
+    def check_family_and_blocks(self) -> None:
+        if self.family not in FAMILIES:
+            raise ModelFileError(f"unknown base family {self.family!r}; expected one of {sorted(FAMILIES)}")
+        self.blocks = {
+            name: spec if isinstance(spec, BlockSpec) else BlockSpec(**spec) for name, spec in self.blocks.items()
+        }
+
+    @property
+    def context_dim(self) -> int:
+        """The UNet's text width (the width of the tokens its cross-attention reads)."""
+        return FAMILIES[self.family]["context_dim"]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

@@ -33,19 +33,19 @@ with the file's shapes) and refuses NaN or infinite weights.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelFileError
-from .files import (check_shapes, first_few, looks_like_safetensors, materialized, open_safetensors,
+from .files import (check_shapes, first_few, looks_like_safetensors, materialized, metadata_json, open_safetensors,
                     read_tensors_only, write_safetensors)
-from .unet_blocks import FAMILIES, Attention, BlockKey, BlockSpec, CastLayerNorm, CastLinear, block_name, sdpa_attention
+from .unet_blocks import (FAMILIES, Attention, BlockKey, BlockSpec, CastLayerNorm, CastLinear, FamilyBlocksConfig,
+                          block_name, sdpa_attention)
 
 FORMAT = "wplus/1"
 W_ROWS, W_DIM = 18, 512  # StyleGAN2 FFHQ 1024: 18 style rows of 512 (what e4e gives)
@@ -80,24 +80,12 @@ BLOCK_TO_OFFICIAL_INDEX: dict[str, int] = {name: index for index, name, _ in OFF
 
 
 @dataclass
-class WPlusAdapterConfig:
+class WPlusAdapterConfig(FamilyBlocksConfig):
     family: str
     blocks: dict[str, BlockSpec]  # block name -> dims of that UNet cross-attention layer
 
-    def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ModelFileError(f"unknown base family {self.family!r}; expected one of {sorted(FAMILIES)}")
-        self.blocks = {
-            name: spec if isinstance(spec, BlockSpec) else BlockSpec(**spec) for name, spec in self.blocks.items()
-        }
-
-    @property
-    def context_dim(self) -> int:
-        """The text width: the width of the W+ tokens and the input of to_k_wplus / to_v_wplus."""
-        return FAMILIES[self.family]["context_dim"]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+    def __post_init__(self):  # context_dim: the width of the W+ tokens and the input of to_k_wplus / to_v_wplus
+        self.check_family_and_blocks()
 
 
 def official_sd15_config() -> WPlusAdapterConfig:
@@ -264,14 +252,7 @@ def checked_config(raw, path: str, fix: str = _REWRITE) -> WPlusAdapterConfig:
 
 def config_from_metadata(meta: dict[str, str], path: str) -> WPlusAdapterConfig:
     """The config in a ``wplus/1`` file's metadata; the ``family`` field must agree with it."""
-    if "config" not in meta:
-        raise ModelFileError(f"{path}: the metadata has no 'config' field (the JSON W+ adapter config). {_REWRITE}")
-    try:
-        raw = json.loads(meta["config"])
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
-        raise ModelFileError(f"{path}: the metadata field 'config' is not JSON ({type(exc).__name__}). "
-                             f"{_REWRITE}") from exc
-    cfg = checked_config(raw, path)
+    cfg = checked_config(metadata_json(meta, path, "config", "the JSON W+ adapter config", _REWRITE), path)
     if meta.get("family") != cfg.family:
         raise ModelFileError(f"{path}: the metadata says family {meta.get('family')!r}, its config says "
                              f"{cfg.family!r}. {_REWRITE}")

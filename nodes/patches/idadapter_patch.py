@@ -6,15 +6,13 @@ as weight patches (:func:`add_kv_patches`: they stack with LoRAs).
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..arch.idadapter import IDAdapter
 from ..arch.unet_blocks import add_on_rows, block_name
 from ..errors import PackError
-from .memory import PerDeviceMemo, StepSigma, module_patcher
-from .shared import BlockMask, IdentitiesPatch, comfy_attention, conditional_rows, images_per_chunk
+from .memory import StepSigma, module_patcher
+from .shared import IdentitiesPatch, MaskedIdentity, comfy_attention, conditional_rows, images_per_chunk
 from .unet_layout import kv_weight_patches
 
 
@@ -23,23 +21,20 @@ def adapter_patcher(adapter: IDAdapter):
     return module_patcher(adapter.adapters)
 
 
-class IdentityResidual:
+class IdentityResidual(MaskedIdentity):
     """One Apply IDAdapter's identity: its adapter (through the patcher), tokens E_r, weight beta, sigma window,
     mask and block weights, and the gated-attention residual it adds in a block."""
 
     def __init__(self, patcher, tokens: torch.Tensor, weight: float, sigma_start: float, sigma_end: float,
                  mask: torch.Tensor | None, block_weights: dict[str, float] | None):
-        self.patcher = patcher
+        super().__init__(patcher, sigma_start, sigma_end, mask)
         self.tokens = tokens.detach()
         self.weight = float(weight)
         self.block_weights = dict(block_weights or {})
-        self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
-        self.mask = None if mask is None else BlockMask(mask)
-        self._tokens = PerDeviceMemo()
 
     def weight_at(self, name: str, sigma: float | None) -> float:
         """beta x the block's weight; 0 where the adapter has no such block or sigma is outside the window."""
-        if name not in self.patcher.model or (sigma is not None and not self.sigma_end <= sigma <= self.sigma_start):
+        if name not in self.patcher.model or not self.in_window(sigma):
             return 0.0
         return self.weight * self.block_weights.get(name, 1.0)
 
@@ -53,17 +48,6 @@ class IdentityResidual:
         if self.mask is not None:
             out = out * self.mask.for_rows(extra_options, images, y.shape[0], y.shape[1], like)
         return out
-
-    def with_mask(self, mask: BlockMask):
-        """This identity with another mask (this one stays as it is)."""
-        identity = copy.copy(self)
-        identity.mask, identity._tokens = mask, PerDeviceMemo()
-        return identity
-
-    def release_accelerator_values(self) -> None:
-        self._tokens.release_accelerator_values()
-        if self.mask is not None:
-            self.mask.release_accelerator_values()
 
 
 class IDAdapterMiddlePatch(IdentitiesPatch):

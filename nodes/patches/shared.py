@@ -144,6 +144,31 @@ class BlockMask:
         self._resized.release_accelerator_values()
 
 
+class MaskedIdentity:
+    """What an identity of either patch keeps besides its own values: the adapter's ``patcher``, its sigma window,
+    its mask and its tokens per device."""
+
+    def __init__(self, patcher, sigma_start: float, sigma_end: float, mask: torch.Tensor | None):
+        self.patcher = patcher
+        self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
+        self.mask = None if mask is None else BlockMask(mask)
+        self._tokens = PerDeviceMemo()
+
+    def in_window(self, sigma: float | None) -> bool:
+        return sigma is None or self.sigma_end <= sigma <= self.sigma_start
+
+    def with_mask(self, mask: BlockMask):
+        """This identity with another mask (this one stays as it is)."""
+        identity = copy.copy(self)
+        identity.mask, identity._tokens = mask, PerDeviceMemo()
+        return identity
+
+    def release_accelerator_values(self) -> None:
+        self._tokens.release_accelerator_values()
+        if self.mask is not None:
+            self.mask.release_accelerator_values()
+
+
 class IdentitiesPatch:
     """What the IDAdapter and W+ patches share: a tuple of identities (each with its ``patcher``, per-device values
     and ``release_accelerator_values``), joined by later apply nodes into a new patch, never changed once attached."""

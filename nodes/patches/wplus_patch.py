@@ -5,13 +5,11 @@ there before), and :func:`add_wplus`, which installs it.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from ..errors import PackError
-from .memory import PerDeviceMemo, StepSigma
-from .shared import BlockMask, IdentitiesPatch, comfy_attention, images_per_chunk
+from .memory import StepSigma
+from .shared import IdentitiesPatch, MaskedIdentity, comfy_attention, images_per_chunk
 from .unet_layout import block_key
 
 
@@ -21,21 +19,18 @@ def previous_attn2_replace(model, key: tuple[str, int, int]):
     return replaces.get(key, replaces.get(key[:2]))
 
 
-class WPlusIdentity:
+class WPlusIdentity(MaskedIdentity):
     """One Apply W+ Adapter's code: the adapter (through the patcher), the code's tokens and the zero code's, the
     scale for this block, the sigma window and the mask, and the residual it adds to one block's text attention."""
 
     def __init__(self, patcher, tokens: torch.Tensor, uncond_tokens: torch.Tensor, scale: float, sigma_start: float,
                  sigma_end: float, mask: torch.Tensor | None):
-        self.patcher = patcher
+        super().__init__(patcher, sigma_start, sigma_end, mask)
         self.tokens, self.uncond_tokens = tokens.detach(), uncond_tokens.detach()
         self.scale = float(scale)
-        self.sigma_start, self.sigma_end = float(sigma_start), float(sigma_end)
-        self.mask = None if mask is None else BlockMask(mask)
-        self._tokens = PerDeviceMemo()
 
     def active_at(self, sigma: float | None) -> bool:
-        return self.scale != 0 and (sigma is None or self.sigma_end <= sigma <= self.sigma_start)
+        return self.scale != 0 and self.in_window(sigma)
 
     def residual(self, block: str, h: torch.Tensor, extra_options: dict, attention, heads: int) -> torch.Tensor:
         chunks = extra_options.get("cond_or_uncond") or [0]
@@ -58,17 +53,6 @@ class WPlusIdentity:
 
         return torch.cat([rows(self.uncond_tokens if c == 1 else self.tokens) for c in chunks]).to(like.device,
                                                                                                   like.dtype)
-
-    def with_mask(self, mask: BlockMask):
-        """This identity with another mask (this one stays as it is)."""
-        identity = copy.copy(self)
-        identity.mask, identity._tokens = mask, PerDeviceMemo()
-        return identity
-
-    def release_accelerator_values(self) -> None:
-        self._tokens.release_accelerator_values()
-        if self.mask is not None:
-            self.mask.release_accelerator_values()
 
 
 class WPlusAttn2Replace(IdentitiesPatch):
