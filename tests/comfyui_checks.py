@@ -210,7 +210,7 @@ def mff_clip_input_matches_trainer(work, payload):
         nodes.NODE_CLASS_MAPPINGS["IDA_IDAdapterMFFEmbed"].execute(loaded, Capturing(), image, 0, False, 0,
                                                                    insightface=insightface)
         trainer_side = types.SimpleNamespace(adapter=loaded.adapter, vision_size=clip_vision.image_size)
-        ours = IDAdapterTask.reference_pixels(trainer_side, photo)
+        ours = IDAdapterTask.load_reference(trainer_side, photo)  # the crop reference_pixels caches
         theirs = seen["pixels"]
         out[name] = {"margin": loaded.config.face_crop_margin, "shape": list(theirs.shape),
                      "copies_equal": all(torch.equal(theirs[0], t) for t in theirs),  # augment off: plain copies
