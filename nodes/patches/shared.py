@@ -170,8 +170,8 @@ class MaskedIdentity:
 
 
 class IdentitiesPatch:
-    """What the IDAdapter and W+ patches share: a tuple of identities (each with its ``patcher``, per-device values
-    and ``release_accelerator_values``), joined by later apply nodes into a new patch, never changed once attached."""
+    """What the IDAdapter and W+ patches share: a tuple of identities (:class:`MaskedIdentity`), joined by later
+    apply nodes into a new patch, never changed once attached."""
 
     identities: tuple
 
