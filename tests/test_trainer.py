@@ -207,7 +207,7 @@ SPEED_SETTINGS = {  # torch.compile's aot_eager backend traces as inductor does,
 def test_compiled_and_channels_last_steps_give_the_eager_step(tmp_path, tiny_assets):
     """--compile (the UNet with the adapter inside it, the VAE decoder and the identity loss's ArcFace) and
     --channels_last give the eager step's loss and gradients within fp32 tolerance (with gradient checkpointing, as
-    the README's command trains), and leave the parameter names, and so checkpoints and the export, as they are."""
+    docs/idadapter.md's command trains), and leave the parameter names, and so checkpoints and the export, as they are."""
     from accelerate import Accelerator
     from torch._dynamo.utils import counters
 

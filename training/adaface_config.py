@@ -61,7 +61,8 @@ class AdaFaceTrainConfig(TrainConfig):
     # which is CLIP ViT-L/14's, as in the paper
     inverter_init: str = ""
     insightface_pack: str = ""  # detector + ArcFace .onnx (antelopev2 with Arc2Face's arcface.onnx, as Arc2Face)
-    dataset: str = ""  # face photos in identity folders (README "Training data"); only their ArcFace vectors are used
+    # face photos in identity folders (docs/training.md "Training data"); only their ArcFace vectors are used
+    dataset: str = ""
     output_dir: str = "runs/adaface"
     # face: the paper's stage 1 (face distillation); composition: its stage 2 (composition distillation, usually
     # from a face-stage export given as --inverter_init; set --prodigy_d_coef 0.5 --batch_size 3 --max_steps 120000

@@ -7,7 +7,7 @@ pitch and yaw, and CLIP-T with --clip_model.
         --references photos/person1 --prompts prompts.txt --clip_model path/to/clip-vit-large-patch14
 
 Writes <output_dir>/metrics.json, metrics.md and the images (images/). Every option: --help; what each metric
-measures: the README ("Evaluating IDAdapter").
+measures: docs/idadapter.md ("Evaluating an IDAdapter").
 """
 
 import sys

@@ -1,6 +1,6 @@
 """What the identity loss decodes of x0_hat (--id_decode): the whole latent ("full", the paper's way) or, per row,
 the latent window around the region the aligned 112x112 ArcFace crop reads ("window"), grown by a margin for the
-decoder's receptive field. The decoder is most of a training step's work (README "Measured")."""
+decoder's receptive field. The decoder is most of a training step's work (bench/README.md)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .diffusion import vae_downscale
 DECODES = ("full", "window")
 # Latent pixels added around the crop's source region. No margin makes the window exact short of the whole latent
 # (GroupNorm statistics and the mid-block attention span the decoded area; SD's decoder convolutions reach 17
-# latent pixels); 8 is the measured compromise in README "Training IDAdapter", held by tests/test_id_decode.py.
+# latent pixels); 8 is the measured compromise in docs/idadapter.md ("Training"), held by tests/test_id_decode.py.
 WINDOW_MARGIN = 8
 
 

@@ -40,7 +40,7 @@ class IDAdapterTrainConfig(TrainConfig):
         "base_model", "clip_vision", "insightface_pack", "arcface", "dataset", "heldout_dataset")
     required_inputs: ClassVar[tuple[str, ...]] = ("base_model", "clip_vision", "insightface_pack", "dataset")
     # tiny: the identity loss on every row (norm gate at ratio 0), since the random tiny VAE's x0_hat shows a face
-    # the detector finds only by chance (README "Training IDAdapter")
+    # the detector finds only by chance (docs/idadapter.md, "Training")
     presets: ClassVar[dict[str, dict]] = {
         "tiny": dict(
             resolution=64, batch_size=2, num_images=2, max_steps=150, learning_rate=3e-3, kv_learning_rate=3e-4,
@@ -55,7 +55,7 @@ class IDAdapterTrainConfig(TrainConfig):
     clip_vision: str = ""  # transformers CLIPVisionModelWithProjection folder (the node side's CLIP_VISION)
     insightface_pack: str = ""  # folder with the detector + ArcFace .onnx (e.g. models/insightface/models/antelopev2)
     arcface: str = ""  # ArcFace weights for the identity loss (.onnx or .pth); default: the pack's recognizer
-    dataset: str = ""  # identity folders, see README "Training data"
+    dataset: str = ""  # identity folders, see docs/training.md "Training data"
     # held-out identities: the denoising loss with the right identity's references must fall below the loss with
     # another identity's (tiny: made for you)
     heldout_dataset: str = ""
@@ -90,7 +90,7 @@ class IDAdapterTrainConfig(TrainConfig):
     id_gate_ratio: float = 0.5
     # what the identity loss decodes of x0_hat: "full" (the paper's way: the whole latent) or "window" (per example the
     # latent window the aligned face crop reads, plus a margin: less decoder work, but an approximation that measured
-    # loose on random VAEs; README "Training IDAdapter")
+    # loose on random VAEs; docs/idadapter.md "Training")
     id_decode: str = "full"
     # torch.compile, in place (the checkpoints' and the export's keys stay as they are): any of unet (with the
     # adapter's gated attention inside it), vae_decoder and arcface (the identity loss's), or none (eager).
@@ -195,7 +195,7 @@ class IDAdapterEvalConfig(CommandOptions):
     clip_vision: str = ""  # the CLIPVisionModelWithProjection folder it was trained with
     insightface_pack: str = ""  # detector + ArcFace .onnx: the references' and the generated faces
     references: str = ""  # a folder of one identity's photos (the paper: one photo, replicated to N)
-    prompts: str = ""  # a UTF-8 text file, one prompt per line ("sks" where the person goes; see README)
+    prompts: str = ""  # a UTF-8 text file, one prompt per line ("sks" where the person goes; see docs/idadapter.md)
     clip_model: str = ""  # a transformers CLIPModel folder (with its tokenizer) for CLIP-T; without it no CLIP-T
     output_dir: str = "runs/idadapter_eval"
     # generation: diffusers' pipeline with DDIM, classifier-free guidance, the adapter on the conditional half

@@ -5,7 +5,7 @@
         --insightface_pack ComfyUI/models/insightface/models/antelopev2 --dataset path/to/identities \\
         --mixed_precision bf16 --gradient_checkpointing true
 
-Every option: --help. The dataset layout is in the README ("Training data"). The export,
+Every option: --help. The dataset layout: docs/training.md ("Training data"). The export,
 <output_dir>/idadapter.safetensors, goes into ComfyUI/models/idadapter/.
 """
 

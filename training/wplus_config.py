@@ -41,7 +41,8 @@ class WPlusTrainConfig(TrainConfig):
     base_model: str = ""  # SD1.5 (the official adapter's base): diffusers folder or single-file checkpoint
     e4e: str = ""  # the e4e encoder: the official e4e_ffhq_encode.pt or an e4e/1 .safetensors
     insightface_pack: str = ""  # detector (+ recognizer) .onnx: each photo's landmarks, for the FFHQ alignment
-    dataset: str = ""  # photos in identity folders (README "Training data"); stage 2 also reads captions and masks
+    # photos in identity folders (docs/training.md "Training data"); stage 2 also reads captions and masks
+    dataset: str = ""
     # where the adapter starts: a wplus/1 file or an official wplus_adapter*.bin. Stage 2 needs stage I's (its
     # mapping is kept frozen); stage 1 starts from copies of the UNet's own to_q/to_k/to_v without it
     adapter_init: str = ""
