@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 
 from ..nodes.arch.adaface import MAX_KV_MULTIPLIER, CLIPTextTransformer
 from ..nodes.errors import ConfigError
+from .task import Grow
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def parse_expansion(text: str, num_layers: int | None = None) -> dict[int, int]:
 
 
 def expand_kv(model: CLIPTextTransformer, factors: dict[int, int], noise_std: float = 0.0,
-              generator: torch.Generator | None = None) -> dict[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]:
+              generator: torch.Generator | None = None) -> dict[nn.Parameter, Grow]:
     """Multiplies layer i's K/V multiplier by ``factors[i]`` (dynamic model expansion), in place.
 
     For each layer with a factor f >= 2 (1 leaves a layer as it is), the k_proj and v_proj weights [D*m, D] become
@@ -98,7 +98,7 @@ def expand_kv(model: CLIPTextTransformer, factors: dict[int, int], noise_std: fl
     changes.
 
     Returns, for every parameter whose shape changed, a :class:`RowTiling` that maps a tensor of its old shape to
-    its new one the same way (copies, no noise): what :func:`expand_optimizer_state` applies to optimizer state.
+    its new one the same way (copies, no noise): what ``training.loop.expand_optimizer_state`` applies to optimizer state.
     """
     layers = model.text_model.encoder.layers
     n = len(layers)
@@ -125,7 +125,7 @@ def expand_kv(model: CLIPTextTransformer, factors: dict[int, int], noise_std: fl
         if f > 1:
             plan.append((i, f))
 
-    mapping: dict[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]] = {}
+    mapping: dict[nn.Parameter, Grow] = {}
     with torch.no_grad():
         for i, f in sorted(plan):
             attn = layers[i].self_attn
@@ -151,9 +151,9 @@ def expand_kv(model: CLIPTextTransformer, factors: dict[int, int], noise_std: fl
 
 
 def expand_to_multipliers(model: CLIPTextTransformer,
-                          multipliers: list[int]) -> dict[nn.Parameter, Callable[[torch.Tensor], torch.Tensor]]:
+                          multipliers: list[int]) -> dict[nn.Parameter, Grow]:
     """Grows ``model`` (freshly built, e.g. on the ``meta`` device) to the per-layer K/V ``multipliers``, each a
-    multiple of the layer's current one, with exact copies (no noise): what a resumed run or a loader does before
+    multiple of the layer's current one, with exact copies (no noise): what a resumed run does before
     ``load_state_dict`` of a checkpoint whose k/v weights were expanded. Returns :func:`expand_kv`'s mapping."""
     current = list(model.config.kv_multipliers)
     if not isinstance(multipliers, (list, tuple)) or len(multipliers) != len(current):

@@ -2,7 +2,7 @@
 run is also a ``GrowingTask``), and the seeded generator every task draws its randomness from.
 
 The tasks: ``idadapter_task.IDAdapterTask``, ``wplus_task.WPlusTask``, ``adaface_task.AdaFaceTask``; each trainer
-script hands its task's class to ``cli.trainer_command_line``.
+script hands ``cli.trainer_command_line`` a function that imports and returns its task's class.
 """
 
 from __future__ import annotations
