@@ -11,7 +11,7 @@ import torch
 from comfyui_idadapter.nodes import errors
 from comfyui_idadapter.nodes.arch import idadapter as ida
 from comfyui_idadapter.nodes.arch.face_embeds import mean_identity_vector
-from comfyui_idadapter.nodes.arch.unet_blocks import FAMILIES
+from comfyui_idadapter.nodes.arch.unet_blocks import FAMILIES, family_of_unet
 from idadapter_helpers import tiny_adapter
 from tiny_face_models import make_pack
 
@@ -53,9 +53,9 @@ def test_identifier_must_be_one_token():
 
 
 def test_base_families_are_one_table():
-    assert [ida.family_of_unet(c, p) for c, p in ((768, False), (1024, False), (2048, True))] == ["sd15", "sd21", "sdxl"]
+    assert [family_of_unet(c, p) for c, p in ((768, False), (1024, False), (2048, True))] == ["sd15", "sd21", "sdxl"]
     with pytest.raises(errors.ConfigError, match="supports SD1.5 \\(768\\), SD2.x \\(1024\\) and SDXL"):
-        ida.family_of_unet(2048, False)
+        family_of_unet(2048, False)
     assert tuple(FAMILIES["sdxl"]["text_dims"]) == ("l", "g")  # diffusers' text_encoder, text_encoder_2
 
 

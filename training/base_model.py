@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..nodes.arch.idadapter import family_of_unet
+from ..nodes.arch.unet_blocks import family_of_unet
 from ..nodes.errors import ConfigError
 from .model_folders import base_model_problems
 

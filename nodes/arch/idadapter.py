@@ -37,16 +37,6 @@ log = logging.getLogger(__name__)
 DEFAULT_IDENTIFIER = "sks"
 
 
-def family_of_unet(context_dim: int, pooled_text: bool) -> str:
-    """The base family of a UNet from its cross-attention width and whether it takes pooled text."""
-    for family, spec in FAMILIES.items():
-        if spec["context_dim"] == context_dim and spec["pooled_text"] == pooled_text:
-            return family
-    raise ConfigError(f"the base UNet has cross-attention width {context_dim}"
-                      f"{' with' if pooled_text else ' without'} pooled-text conditioning; IDAdapter supports "
-                      "SD1.5 (768), SD2.x (1024) and SDXL base (2048 with pooled text) UNets")
-
-
 class _Attention(nn.Module):
     """Multi-head attention with separate q/k/v/out projections (the layout of the UNet's own attention)."""
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelFileError
+from ..errors import ConfigError, ModelFileError
 from .transfer import host_to_device
 
 # Each base family's text encoders (ComfyUI's token-dict keys, in the base model's order: text_encoder,
@@ -26,6 +26,18 @@ FAMILIES = {
     "sd21": {"text_dims": {"h": 1024}, "context_dim": 1024, "pooled_text": False},
     "sdxl": {"text_dims": {"l": 768, "g": 1280}, "context_dim": 2048, "pooled_text": True},
 }
+
+
+def family_of_unet(context_dim: int, pooled_text: bool) -> str:
+    """The base family of a UNet from its cross-attention width and whether it takes pooled text."""
+    for family, spec in FAMILIES.items():
+        if spec["context_dim"] == context_dim and spec["pooled_text"] == pooled_text:
+            return family
+    raise ConfigError(f"the base UNet has cross-attention width {context_dim}"
+                      f"{' with' if pooled_text else ' without'} pooled-text conditioning; this pack supports "
+                      "SD1.5 (768), SD2.x (1024) and SDXL base (2048 with pooled text) UNets")
+
+
 BlockKey = tuple  # ("input" | "middle" | "output", block id, index inside the SpatialTransformer)
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
