@@ -6,12 +6,12 @@ Importing this module imports the checkout as the package ``comfyui_idadapter`` 
 """
 
 import datetime
-import importlib.util
 import json
 import os
 import pathlib
 import platform
 import re
+import runpy
 import shlex
 import statistics
 import sys
@@ -23,11 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 START_DIR = pathlib.Path.cwd()
 
-if "comfyui_idadapter" not in sys.modules:
-    _spec = importlib.util.spec_from_file_location("comfyui_idadapter", ROOT / "__init__.py",
-                                                   submodule_search_locations=[str(ROOT)])
-    sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_pack)
+runpy.run_path(str(ROOT / "training" / "_bootstrap.py"))  # the trainers' import of the checkout
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),

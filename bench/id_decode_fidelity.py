@@ -11,17 +11,13 @@ losses' gradients with respect to the latents.
 """
 
 import argparse
-import importlib.util
 import pathlib
-import sys
+import runpy
 
 import torch
 
 # Run as a script: import this checkout as the package `comfyui_idadapter` (ComfyUI owns the top-level name `nodes`).
-_root = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("comfyui_idadapter", _root / "__init__.py", submodule_search_locations=[str(_root)])
-sys.modules["comfyui_idadapter"] = _pack = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_pack)
+runpy.run_path(str(pathlib.Path(__file__).resolve().parents[1] / "training" / "_bootstrap.py"))
 
 from comfyui_idadapter.nodes.arch.iresnet import align_faces  # noqa: E402
 from comfyui_idadapter.training import tiny  # noqa: E402
