@@ -36,7 +36,7 @@ from .adaface_compos import (CompositionBatch, CompositionPrompts, capturing_cro
 from .adaface_config import COMPOSITION_STAGE_SETTINGS, AdaFaceTrainConfig
 from .adaface_losses import delta_loss_over, face_preserving_loss, mask_to_token_grid
 from .adaface_models import AdaFaceModels, load_models
-from .base_model import sd_pipelines
+from .base_model import sampling_pipeline
 from .diffusion import ddim_step
 from .prompts import placed_tokens
 from .task import step_generator
@@ -419,14 +419,9 @@ class AdaFaceTask:
     @torch.no_grad()
     def validate(self, model, step: int):
         """Images of the first held-out face (else a dataset face) for each validation prompt, with CFG."""
-        from diffusers import DDIMScheduler
         from PIL import Image
 
-        pipeline_class = sd_pipelines()[0]
-        pipe = pipeline_class(vae=self.m.vae, text_encoder=self.m.text_encoder, tokenizer=self.m.tokenizer,
-                              unet=self.m.unet, scheduler=DDIMScheduler.from_config(self.m.noise_scheduler.config),
-                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = sampling_pipeline(self.m, self.m.unet)
         face = (self.heldout_faces if self.heldout_faces is not None else self.real_faces)[:1].to(self.device)
         context = ada.arc2face_context(self.m.arc2face, face.to(self.weight_dtype))
         tokens = self.accelerator.unwrap_model(model)(context[:, ada.ID_START:ada.ID_START + ada.NUM_ID_VECS].float())

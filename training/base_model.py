@@ -64,6 +64,26 @@ def sd_pipelines():
     return StableDiffusionPipeline, StableDiffusionXLPipeline
 
 
+def sampling_pipeline(models, unet, sdxl: bool = False):
+    """diffusers' SD (or, with ``sdxl``, SDXL) pipeline with DDIM over ``models``' VAE, text encoder(s), tokenizer(s)
+    and training scheduler's config, and ``unet`` (no safety checker, no watermark): how validation and the
+    evaluation generate images."""
+    from diffusers import DDIMScheduler
+
+    sd_pipeline, sdxl_pipeline = sd_pipelines()
+    scheduler = DDIMScheduler.from_config(models.noise_scheduler.config)
+    if sdxl:
+        pipe = sdxl_pipeline(vae=models.vae, text_encoder=models.text_encoder, text_encoder_2=models.text_encoder_2,
+                             tokenizer=models.tokenizer, tokenizer_2=models.tokenizer_2, unet=unet, scheduler=scheduler,
+                             add_watermarker=False)
+    else:
+        pipe = sd_pipeline(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=unet,
+                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                           requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def is_sdxl_checkpoint(path: str) -> bool:
     """Whether a single-file checkpoint holds SDXL's two text encoders (read from the safetensors header only)."""
     if not path.endswith(".safetensors"):

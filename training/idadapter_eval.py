@@ -29,9 +29,9 @@ from ..nodes.errors import DatasetError
 from ..nodes.face.insightface_backend import embed_faces, recognizer_fingerprint
 from . import data as dataset
 from . import diffusers_binding, tiny
-from .base_model import base_family
+from .base_model import base_family, sampling_pipeline
 from .idadapter_config import IDAdapterEvalConfig, IDAdapterTrainConfig, read_prompts
-from .idadapter_models import adapter_config, clip_vision_features, generate_image, load_components, make_pipeline
+from .idadapter_models import adapter_config, clip_vision_features, generate_image, load_components
 from .prompts import PromptEncoder
 
 # an identity prompt and one with an expression word, as the paper's ID and diversity prompts are
@@ -123,7 +123,7 @@ def generate(config: IDAdapterEvalConfig, c, weights: ida.IDAdapterWeights, refe
     e_c = {key: vector[None].to(device) for key, vector in embeds.text.items()}
     family = base_family(c.unet)
     encoder = PromptEncoder(family, c.tokenizers, c.text_encoders, config.identifier, config.resolution)
-    pipe = make_pipeline(c, c.unet, family)
+    pipe = sampling_pipeline(c, c.unet, sdxl=family == "sdxl")
     os.makedirs(os.path.join(config.output_dir, "images"), exist_ok=True)
     runs = [(p, prompt, seed) for p, prompt in enumerate(prompts) for seed in config.seeds]
     images, generated = [], []

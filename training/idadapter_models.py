@@ -15,7 +15,7 @@ from ..nodes.arch.iresnet import load_arcface, same_features
 from ..nodes.errors import ConfigError
 from ..nodes.face import insightface_backend
 from . import diffusers_binding
-from .base_model import base_family, load_base_model, sd_pipelines
+from .base_model import base_family, load_base_model
 from .idadapter_config import IDAdapterTrainConfig
 from .prompts import PromptEncoder
 
@@ -102,26 +102,6 @@ def clip_vision_features(clip_vision, images: torch.Tensor, device, dtype) -> tu
     pixel = ida.clip_vision_preprocess(images, clip_vision.config.image_size).to(device, dtype)
     out = clip_vision(pixel_values=pixel, output_hidden_states=True)
     return out.hidden_states[-2], out.last_hidden_state[:, 0]
-
-
-def make_pipeline(components: Components, unet, family: str):
-    """diffusers' SD or SDXL pipeline over these models with DDIM (no safety checker, no watermark): how validation
-    and the evaluation generate images."""
-    from diffusers import DDIMScheduler
-
-    StableDiffusionPipeline, StableDiffusionXLPipeline = sd_pipelines()
-    c = components
-    scheduler = DDIMScheduler.from_config(c.noise_scheduler.config)
-    if family == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
-                                         tokenizer=c.tokenizer, tokenizer_2=c.tokenizer_2, unet=unet,
-                                         scheduler=scheduler, add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @torch.no_grad()

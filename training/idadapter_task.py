@@ -26,11 +26,11 @@ from ..nodes.errors import ConfigError
 from ..nodes.face import insightface_backend
 from . import data as dataset
 from . import diffusers_binding, face_gate, id_decode
-from .base_model import PerImageCache, base_family
+from .base_model import PerImageCache, base_family, sampling_pipeline
 from .diffusion import predicted_x0, training_target
 from .idadapter_config import IDAdapterTrainConfig
 from .idadapter_models import (Components, TrainableIDAdapter, adapter_config, clip_vision_features, generate_image,
-                               load_components, make_pipeline)
+                               load_components)
 from .prompts import PromptEncoder
 from .task import step_generator
 
@@ -434,7 +434,7 @@ class IDAdapterTask:
         """Images from the fixed validation prompts for the first identity (a held-out face if you keep one
         identity out of training), with CFG; the adapter runs on the conditional half only."""
         unet = self.accelerator.unwrap_model(model).unet
-        pipe = make_pipeline(self.c, unet, self.family)
+        pipe = sampling_pipeline(self.c, unet, sdxl=self.family == "sdxl")
         identity = self.identities[0]
         example = {"identity": identity, "target": identity.images[0], "references": identity.images[:self.config.num_images],
                    "augment_seed": 0}

@@ -37,7 +37,7 @@ from ..nodes.errors import ConfigError
 from . import data as dataset
 from . import diffusers_binding
 from . import wplus_losses as losses
-from .base_model import PerImageCache, base_family, sd_pipelines
+from .base_model import PerImageCache, base_family, sampling_pipeline
 from .diffusion import training_target, vae_downscale
 from .task import step_generator
 from .wplus_config import WPlusTrainConfig
@@ -350,14 +350,8 @@ class WPlusTask:
     def validate(self, model, step: int):
         """Images for each validation prompt x up to two held-out faces (else training faces) x the edits (none, then
         each --validation_directions at -s and +s), DDIM with CFG 7.5 (the paper's evaluation sampler)."""
-        from diffusers import DDIMScheduler
-
-        pipeline_class = sd_pipelines()[0]
         trainable = self.accelerator.unwrap_model(model)
-        pipe = pipeline_class(vae=self.m.vae, text_encoder=self.m.text_encoder, tokenizer=self.m.tokenizer,
-                              unet=trainable.unet, scheduler=DDIMScheduler.from_config(self.m.noise_scheduler.config),
-                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = sampling_pipeline(self.m, trainable.unet)
         codes = self.heldout_codes[:2] if self.heldout else self.codes[:2]
         strength = self.config.validation_edit_strength
         edits = [torch.zeros(wp.W_ROWS, wp.W_DIM)] + [sign * strength * rows for _, rows in self.validation_edits
