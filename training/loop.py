@@ -21,6 +21,7 @@ checkpoint, which the main process renames once all have finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -104,6 +105,7 @@ class Training:
         self.say = main_print(accelerator)
         self.processes, self.rank = accelerator.num_processes, accelerator.process_index
         self.params = [p for p in task.trainable.parameters() if p.requires_grad]
+        self.task_after_step = getattr(task, "after_step", None)  # a GrowingTask's (read every step)
         optimizer = make_optimizer(task, config, accelerator.device)
         scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                   num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
@@ -231,7 +233,7 @@ class Training:
     def after_step(self, logs: dict, bar) -> None:
         """What follows an optimiser step: the loss checked, the EMA, the task's growth, progress and logs, and the
         periodic checkpoint and validation."""
-        config, accelerator, step, task = self.config, self.accelerator, self.step, self.task
+        config, accelerator, step = self.config, self.accelerator, self.step
         logs_now = step % config.log_every == 0
         saves = step % config.checkpoint_every == 0 or step == config.max_steps
         validates = bool(config.validation_every and step % config.validation_every == 0)
@@ -239,14 +241,14 @@ class Training:
         reads_back = logs_now or saves or validates
         # the mean over processes: every process sees the same value, so all stop (and a task's after_step, which
         # reads the loss every step, decides) together
-        if (reads_back or hasattr(task, "after_step")) and self.processes > 1:
+        if (reads_back or self.task_after_step) and self.processes > 1:
             logs["loss"] = accelerator.reduce(logs["loss"].detach().float().reshape(1).to(accelerator.device), "mean")[0]
         if reads_back and not all(math.isfinite(float(v)) for v in logs.values()):
             raise FloatingPointError(f"step {step}: non-finite loss {logs} (read every --log_every steps and before "
                                      "each checkpoint, which is not written); lower --learning_rate or use bf16")
         if self.ema is not None:
             self.ema.step(self.params)
-        grown = task.after_step(step, logs) if hasattr(task, "after_step") else None
+        grown = self.task_after_step(step, logs) if self.task_after_step else None
         if grown:
             self.grow(grown)
         bar.update(1)
@@ -267,17 +269,23 @@ class Training:
             self.ema.shadow_params = [grown[p](s) if p in grown else s for p, s in zip(self.params, shadow)]
         self.prepare_grown()
 
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The trained parameters hold the EMA weights inside the block (when there is an EMA), their own after it."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
+
     def validate(self) -> None:
         """The task's validation images, made with the EMA weights when there are some."""
-        ema = self.ema
-        if ema is not None:
-            ema.store(self.params)
-            ema.copy_to(self.params)
-        try:
+        with self.ema_weights():
             images = self.task.validate(self.model, self.step)
-        finally:
-            if ema is not None:
-                ema.restore(self.params)
         if images:
             save_validation(images, self.step, self.config, self.accelerator)
 
@@ -324,20 +332,16 @@ class Training:
 
     def finish(self, before, first_step: int, started: float) -> str:
         """The export (EMA weights when there are some), the held-out check after training and the summary."""
-        config, accelerator, task, ema = self.config, self.accelerator, self.task, self.ema
+        config, accelerator, task = self.config, self.accelerator, self.task
         export_path = os.path.join(config.output_dir, config.export_name)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if ema is not None:
-                ema.store(self.params)
-                ema.copy_to(self.params)
             last = folder_names(ckpt.checkpoints(config.output_dir)[-1:]) or "no checkpoint"
-            with outdir.writing(config.output_dir, f"writing the export {config.export_name}",
-                                f"the trained weights are in {last}"):
-                task.export(export_path)
-            after = task.heldout_check() if before is not None else None
-            if ema is not None:
-                ema.restore(self.params)
+            with self.ema_weights():
+                with outdir.writing(config.output_dir, f"writing the export {config.export_name}",
+                                    f"the trained weights are in {last}"):
+                    task.export(export_path)
+                after = task.heldout_check() if before is not None else None
             self.say(summary(task, config, export_path, (first_step, self.step), time.monotonic() - started, before,
                              after))
         accelerator.end_training()

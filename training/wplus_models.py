@@ -125,6 +125,3 @@ def cached_codes(photos: list, path: str, encoder_id: str, make_encoder, device,
                           {"format": CODE_CACHE_FORMAT, "encoder": encoder_id,
                            "index": json.dumps({k: [entries[k][0], row] for row, k in enumerate(names)})})
     return torch.stack([entries[key][1] for key in keys])
-
-
-# ---- the trained module
