@@ -15,6 +15,7 @@ from PIL import Image
 
 from comfyui_idadapter.nodes.arch.face_embeds import load_face_embeds
 from comfyui_idadapter.nodes.arch.files import file_fingerprint
+from declared_nodes import declared_nodes
 from tiny_face_models import expected_box, face_image, make_pack
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,12 +23,6 @@ COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 needs_comfyui = pytest.mark.skipif(
     not COMFYUI_PATH, reason="COMFYUI_PATH is not set (point it at a ComfyUI checkout to run this test)"
 )
-NODE_IDS = ["IDA_AdaFaceEncode", "IDA_AdaFaceIdentityWord", "IDA_ApplyIDAdapter", "IDA_ApplyWPlusAdapter",
-            "IDA_FaceEmbed", "IDA_FaceEmbedsCombine", "IDA_IDAdapterIdentityWord", "IDA_IDAdapterMFFEmbed",
-            "IDA_IDAdapterTextEncode", "IDA_LoadAdaFace",
-            "IDA_LoadE4EEncoder", "IDA_LoadFaceEmbeds", "IDA_LoadIDAdapter", "IDA_LoadInsightFace", "IDA_LoadWPlus",
-            "IDA_LoadWPlusAdapter", "IDA_SaveAdaFaceEmbedding", "IDA_SaveFaceEmbeds", "IDA_SaveWPlus",
-            "IDA_WPlusEdit", "IDA_WPlusEncode", "IDA_WPlusInterpolate"]
 
 
 def test_pack_modules_import_without_comfyui_or_insightface():
@@ -136,7 +131,7 @@ def test_nodes_register_and_face_graph_runs_in_comfyui(tmp_path):
         "3": {"class_type": "IDA_SaveFaceEmbeds", "inputs": {"face_embeds": ["2", 0], "filename_prefix": "face_embeds/avg"}},
     }
     result, work = _run_comfyui(tmp_path, [_embed_prompt("empty.png"), _embed_prompt("face.png"), reload_prompt])
-    assert result["registered"] == NODE_IDS
+    assert result["registered"] == sorted(declared_nodes())
     assert str(work / "models" / "insightface") in result["folders"]["insightface"]
     assert str(work / "models" / "idadapter") in result["folders"]["idadapter"]
 

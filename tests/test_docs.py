@@ -1,7 +1,6 @@
 """The documentation: every node has its help page for ComfyUI's node help panel, and every link in the Markdown
 leads to a file (and heading) of this repository."""
 
-import ast
 import pathlib
 import re
 import sys
@@ -9,26 +8,13 @@ import sys
 import pytest
 
 import pack_import
+from declared_nodes import declared_nodes
 
 ROOT = pack_import.ROOT
 HELP_PAGES = ROOT / "web" / "docs"
 MARKDOWN = sorted([ROOT / "README.md", ROOT / "bench" / "README.md", *(ROOT / "docs").glob("*.md"),
                    *HELP_PAGES.glob("*.md")])
 HELP_SECTIONS = ("## Inputs", "## Outputs", "## Common mistake")
-
-
-def declared_nodes() -> dict[str, str]:
-    """{node_id: display_name} of every io.Schema(...) in the pack's node modules, read from the source (the node
-    modules import ComfyUI, which these tests run without)."""
-    nodes = {}
-    for path in sorted((ROOT / "nodes").rglob("*.py")):
-        for call in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if not isinstance(call, ast.Call):
-                continue
-            keywords = {k.arg: k.value for k in call.keywords if isinstance(k.value, ast.Constant)}
-            if "node_id" in keywords:
-                nodes[keywords["node_id"].value] = keywords["display_name"].value
-    return nodes
 
 
 NODES = declared_nodes()
@@ -58,9 +44,11 @@ def test_every_help_page_belongs_to_a_node():
 
 def heading_anchors(path: pathlib.Path) -> set[str]:
     """The anchors GitHub gives the Markdown headings of ``path``."""
-    anchors = set()
+    anchors, in_code = set(), False
     for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
+        if line.startswith("```"):
+            in_code = not in_code  # a fenced block's "# comment" lines are not headings
+        elif line.startswith("#") and not in_code:
             title = line.lstrip("#").strip().lower()
             anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
     return anchors

@@ -3,22 +3,16 @@
 import glob
 import json
 import os
-import re
 
 import pytest
+
+from declared_nodes import declared_nodes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKFLOWS = sorted(glob.glob(os.path.join(REPO, "example_workflows", "*.json")))
 CORE_NODES = {"LoadImage", "PreviewImage", "SaveImage", "CheckpointLoaderSimple", "CLIPTextEncode", "KSampler",
               "EmptyLatentImage", "VAEDecode", "CLIPVisionLoader", "ConditioningConcat", "SolidMask", "MaskComposite",
               "ConditioningSetMask", "ConditioningCombine"}
-
-
-def pack_node_ids():
-    ids = set()
-    for path in glob.glob(os.path.join(REPO, "nodes", "*.py")):
-        ids.update(re.findall(r'node_id="([^"]+)"', open(path).read()))
-    return ids
 
 
 def test_there_are_workflows():
@@ -29,7 +23,7 @@ def test_there_are_workflows():
 def test_workflow_is_consistent(path):
     wf = json.load(open(path))
     assert os.path.isfile(path[:-5] + ".jpg"), "ComfyUI's template browser shows <name>.jpg beside <name>.json"
-    ours = pack_node_ids()
+    ours = declared_nodes()
     nodes = {n["id"]: n for n in wf["nodes"]}
     for node in nodes.values():
         assert node["type"] in CORE_NODES or node["type"] in ours, node["type"]
