@@ -317,7 +317,7 @@ def text_injection_matches_edited_embedding_table(work, payload):
 
     encode = nodes.NODE_CLASS_MAPPINGS["IDA_IDAdapterTextEncode"]
     second_word = nodes.NODE_CLASS_MAPPINGS["IDA_IDAdapterIdentityWord"]
-    ida = __import__("sys").modules[encode.__module__].ida
+    ida = _pack_module("idadapter").ida
     results = {}
     for family in payload["families"]:
         for people in (1, 2):
@@ -505,7 +505,7 @@ def block_weights_leave_zero_blocks_plain(work, payload):
     from comfyui_idadapter.training import diffusers_binding
 
     pack, patches = _pack_modules()
-    wplus = _wplus_module()
+    wplus = _pack_module("wplus")
     model, base, unet_blocks = _tiny_model(work)
     x, text, idadapter, embeds, loaded_wplus, codes = _inputs_for_both_adapters(work, pack, patches, wplus,
                                                                                 unet_blocks, seed=12, wplus_seed=13)
@@ -608,7 +608,7 @@ def node_and_trainer_prompts(work, payload):
     from comfyui_idadapter.training.prompts import PromptEncoder
 
     encode = nodes.NODE_CLASS_MAPPINGS["IDA_IDAdapterTextEncode"]
-    ida = sys.modules[encode.__module__].ida
+    ida = _pack_module("idadapter").ida
     clip = _load_checkpoint(work)[1]
     seen = []
 
@@ -644,12 +644,6 @@ def node_and_trainer_prompts(work, payload):
 # AdaFace: an adaface/1 file sized for the tiny checkpoint's CLIP-L (768 wide, CLIP's vocabulary), few layers
 
 
-def _adaface_module():
-    import nodes
-
-    return __import__("sys").modules[nodes.NODE_CLASS_MAPPINGS["IDA_AdaFaceEncode"].__module__]
-
-
 def _random_text_model(ada, layers, multipliers, seed):
     cfg = ada.TextModelConfig(intermediate_size=64, num_layers=layers, kv_multipliers=multipliers)
     model = ada.CLIPTextTransformer(cfg)
@@ -664,7 +658,7 @@ def _random_text_model(ada, layers, multipliers, seed):
 def make_adafaces(work, payload):
     """tiny_adaface.safetensors (inverter with K/V multipliers [2, 4], padding embeddings, Arc2Face encoder
     bundled) and inverter_only.safetensors (no encoder), in models/adaface/."""
-    ada = _adaface_module().ada
+    ada = _pack_module("adaface").ada
     inverter_cfg, inverter = _random_text_model(ada, 2, [2, 4], seed=7)
     encoder_cfg, encoder = _random_text_model(ada, 1, [1], seed=8)
     pad = torch.randn(77, 768, generator=torch.Generator().manual_seed(9)) * 0.02
@@ -693,7 +687,7 @@ def adaface_encoder_folder(work, payload):
     encoder gives the tokens of the file that bundles the same encoder."""
     import nodes
 
-    module = _adaface_module()
+    module = _pack_module("adaface")
     load = nodes.NODE_CLASS_MAPPINGS["IDA_LoadAdaFace"]
     options = {i.id: i.options for i in load.define_schema().inputs}
     faces = _face_embeds(module)
@@ -721,7 +715,7 @@ def adaface_conditioning_matches_reference(work, payload):
     vectors: placeholder present, absent (appended) and in a prompt longer than 77 tokens."""
     import nodes
 
-    module = _adaface_module()
+    module = _pack_module("adaface")
     ada = module.ada
     _, clip = _load_checkpoint(work)
     adaface = nodes.NODE_CLASS_MAPPINGS["IDA_LoadAdaFace"].execute("tiny_adaface.safetensors",
@@ -765,7 +759,7 @@ def saved_embedding_matches_encode(work, payload):
     import folder_paths
     import nodes
 
-    module = _adaface_module()
+    module = _pack_module("adaface")
     adaface = nodes.NODE_CLASS_MAPPINGS["IDA_LoadAdaFace"].execute("tiny_adaface.safetensors",
                                                                    module.BUNDLED_ENCODER).result[0]
     faces = _face_embeds(module)
@@ -803,7 +797,7 @@ def adaface_refuses_other_families(work, payload):
     """AdaFace Encode with an SD2.x or SDXL CLIP: the pack's error, naming both families."""
     import nodes
 
-    module = _adaface_module()
+    module = _pack_module("adaface")
     adaface = nodes.NODE_CLASS_MAPPINGS["IDA_LoadAdaFace"].execute("tiny_adaface.safetensors",
                                                                    module.BUNDLED_ENCODER).result[0]
     encode = nodes.NODE_CLASS_MAPPINGS["IDA_AdaFaceEncode"]
@@ -823,7 +817,7 @@ def adaface_tokens_of_file(work, payload):
     import nodes
     from safetensors.torch import load_file
 
-    module = _adaface_module()
+    module = _pack_module("adaface")
     adaface = nodes.NODE_CLASS_MAPPINGS["IDA_LoadAdaFace"].execute(payload["file"], module.BUNDLED_ENCODER).result[0]
     expected = load_file(payload["expected"])
     diffs = [float((module.identity_vectors(adaface, module.FaceEmbedsValue(face[None]), 1.0) - tokens).abs().max())
@@ -834,12 +828,6 @@ def adaface_tokens_of_file(work, payload):
 # ---------------------------------------------------------------------------------------------------------
 # W+ adapter: an adapter fitted to the tiny checkpoint's UNet, a full-size e4e encoder with random weights and two
 # direction files, in models/wplus/
-
-
-def _wplus_module():
-    import nodes
-
-    return __import__("sys").modules[nodes.NODE_CLASS_MAPPINGS["IDA_ApplyWPlusAdapter"].__module__]
 
 
 def _random_wplus(module, blocks, seed: int):
@@ -855,7 +843,7 @@ def _random_wplus(module, blocks, seed: int):
 def make_wplus_assets(work, payload):
     import numpy as np
 
-    module = _wplus_module()
+    module = _pack_module("wplus")
     _, patches = _pack_modules()
     model, _ = _load_checkpoint(work)
     blocks = patches.unet_layout.unet_transformer_blocks(model.get_model_object("diffusion_model"))
@@ -885,7 +873,6 @@ def wplus_patch_wiring(work, payload):
     it, the input MODEL keeps exactly its own patch, and ComfyUI's memory manager sees the adapter's patcher."""
     import nodes
 
-    module = _wplus_module()
     model, _ = _load_checkpoint(work)
     other = model.clone()
 
@@ -915,7 +902,7 @@ def wplus_named_ganspace_edit(work, payload):
     strength; a call without the newer ``ganspace_edit`` input (a workflow saved before it) edits as before."""
     import nodes
 
-    edits = _wplus_module().wplus_edits
+    edits = _pack_module("wplus").wplus_edits
     gen = torch.Generator().manual_seed(7)
     components, _ = torch.linalg.qr(torch.randn(512, 80, generator=gen, dtype=torch.float64))
     path = os.path.join(work, "models", "wplus", "directions", "ffhq_pca.pt")
@@ -955,7 +942,7 @@ def wplus_trainer_parity_sd15(work, payload):
     from comfyui_idadapter.training import diffusers_binding
     from comfyui_idadapter.training.wplus_task import TrainableWPlus
 
-    module = _wplus_module()
+    module = _pack_module("wplus")
     _, patches = _pack_modules()
     model, _ = _load_checkpoint(work)
     blocks = patches.unet_layout.unet_transformer_blocks(model.get_model_object("diffusion_model"))
@@ -1020,7 +1007,7 @@ def two_identities_add_up(work, payload):
 
     pack, patches = _pack_modules()
     layout, shared, unet_blocks_arch = patches.unet_layout, patches.shared, _pack_module("arch.unet_blocks")
-    wplus = _wplus_module()
+    wplus = _pack_module("wplus")
     model, base, unet_blocks = _tiny_model(work)
     gen = torch.Generator().manual_seed(21)
     x, text = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen)
@@ -1122,14 +1109,10 @@ def attn_masks_checked_at_apply(work, payload):
     import nodes
 
     pack, patches = _pack_modules()
-    wplus = _wplus_module()
+    wplus = _pack_module("wplus")
     model, _, unet_blocks = _tiny_model(work)
-    gen = torch.Generator().manual_seed(31)
-    idadapter = pack.load_cached(os.path.join(work, "models", "idadapter", "tiny.safetensors"))
-    embeds = pack.ida.IDAdapterEmbeds(torch.randn(1, 4, 64, generator=gen), {"l": torch.zeros(768)}, "sd15")
-    adapter = _random_wplus(wplus, unet_blocks, 32)
-    loaded_wplus = wplus.LoadedModel(patches.memory.module_patcher(adapter), adapter.config)
-    codes = torch.randn(1, 18, 512, generator=gen)
+    _, _, idadapter, embeds, loaded_wplus, codes = _inputs_for_both_adapters(work, pack, patches, wplus, unet_blocks,
+                                                                             seed=31, wplus_seed=32)
     methods = {
         "idadapter": lambda mask: nodes.NODE_CLASS_MAPPINGS["IDA_ApplyIDAdapter"].execute(
             model, idadapter, embeds, 0.7, 0.0, 1.0, mask).result[0],
@@ -1164,7 +1147,7 @@ def attention_options_reach_the_kernel(work, payload):
     import nodes
 
     pack, patches = _pack_modules()
-    wplus = _wplus_module()
+    wplus = _pack_module("wplus")
     model, _, unet_blocks = _tiny_model(work)
     for module in model.get_model_object("diffusion_model").modules():  # each block and its two attentions
         if hasattr(module, "attn_precision"):

@@ -469,19 +469,12 @@ def test_kv_deltas_that_do_not_land_on_the_model_are_an_error():
         idadapter_patch.add_idadapter(StandInModel(weight_keys=set(keys[2:])), patch, weights.kv_deltas, 0.8)
 
 
-def halves_mask(side=64):
-    """One MASK [1, side, side]: the left half."""
-    mask = torch.zeros(1, side, side)
-    mask[..., : side // 2] = 1
-    return mask
-
-
 def test_tiled_sampling_gets_each_tiles_part_of_the_mask():
     """ComfyUI's spatial_crop_inputs: the left and right halves of a 64x64 image sampled as a batch of two 32x64
     tiles; the left-half mask becomes all ones on tile 0 and all zeros on tile 1, and the cropped patch gives tile 0
     the whole residual and tile 1 none. The attached patch stays as it was."""
     plain, _ = make_patch()
-    patch = masked_like(plain, halves_mask())
+    patch = masked_like(plain, halves()[0])
     (identity,) = patch.identities
     tiled = patch.spatial_crop_inputs(regions=[(0, 0, 32, 64), (32, 0, 64, 64)], source_width=64, source_height=64,
                                       target_width=32, target_height=64)
@@ -508,4 +501,4 @@ def test_tiled_sampling_refuses_a_mask_batch_and_bad_regions():
         masked_like(plain, image_masks([0.5, 1.0])).spatial_crop_inputs(regions=[(0, 0, 32, 64)], **crop)
     for regions in ([], [(32, 0, 0, 64)], [(0, 0, 32)], [(0.5, 0, 32, 64)]):
         with pytest.raises(PackError, match="expected \\(left, top, right, bottom\\) pixel rectangles"):
-            masked_like(plain, halves_mask()).spatial_crop_inputs(regions=regions, **crop)
+            masked_like(plain, halves()[0]).spatial_crop_inputs(regions=regions, **crop)
