@@ -153,11 +153,11 @@ class Training:
             say(f"no checkpoint in {config.output_dir}: starting from step 0")
         if not resume_from:
             return
-        changed = check_resume_config(config, resume_from)
-        if changed:
-            say(f"resuming with changed options; the new values apply from step {ckpt.read_state(resume_from)['step']} "
-                f"on (learning rates and weight decay included, the optimiser's moments are kept): {', '.join(changed)}")
+        changed = check_resume_config(config, resume_from)  # before loading: another adapter shape is refused
         saved, has_rng = self.load(resume_from)
+        if changed:
+            say(f"resuming with changed options; the new values apply from step {self.step} on (learning rates and "
+                f"weight decay included, the optimiser's moments are kept): {', '.join(changed)}")
         ignored = sorted(f for f in os.listdir(resume_from) if f.endswith((".pkl", ".bin", ".pt", ".pth")))
         if ignored:
             say(f"ignored in {resume_from} (pickles are never loaded): {', '.join(ignored)}")
